@@ -19,7 +19,7 @@ from .layouts import LLAMA_TYPE, Plan, shard_file_name
 from .outdir import atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import Progress, progress_bar
 from .sources import Checkpoint, open_checkpoint, tokenizer_pieces
-from .torchfile import TensorSpec, tensor_bytes, write_checkpoint
+from .torchfile import TensorSpec, fsync_all, tensor_bytes, write_checkpoint
 
 DEFAULT_OUT = {"base": "converted", "sparse": "converted_sparse"}
 
@@ -70,6 +70,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
                                         lambda s, r=r: stream(plan.shard_tensor(r, s.name, ck.canonical), prog),
                                         hasher=h)
                 files[name] = {"size": size, "sha256": h.hexdigest(), "rank": r}
+            fsync_all(tmp / n for n in files)
         files["config.json"] = write_small(tmp / "config.json", json_bytes(ck.cfg.to_accessory()))
         files["meta.json"] = write_small(tmp / "meta.json", json_bytes({"llama_type": LLAMA_TYPE[layout]}))
         files["tokenizer.model"] = copy_file(tokenizer, tmp / "tokenizer.model")

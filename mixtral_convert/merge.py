@@ -17,7 +17,7 @@ from .errors import ConvertError
 from .outdir import atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import progress_bar
 from .sources import TORRENT_FILE, open_checkpoint
-from .torchfile import TensorSpec, write_checkpoint
+from .torchfile import TensorSpec, fsync_all, write_checkpoint
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False) -> Result:
@@ -33,6 +33,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
         with progress_bar(f"merge {ck.kind} N={ck.N}", total, quiet) as prog:
             size = write_checkpoint(tmp / TORRENT_FILE, specs, lambda s: stream(ck.canonical[s.name], prog),
                                     hasher=h)
+            fsync_all([tmp / TORRENT_FILE])
         files = {TORRENT_FILE: {"size": size, "sha256": h.hexdigest()}}
         files["params.json"] = write_small(tmp / "params.json", json_bytes(ck.cfg.to_params()))
         if ck.tokenizer is not None:

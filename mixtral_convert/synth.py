@@ -68,9 +68,10 @@ def train_tokenizer(vocab_size: int, seed: int = 0) -> bytes:
     """A SentencePiece BPE model with exactly vocab_size pieces (vocab_size >= 24)."""
     import sentencepiece as spm
     rng = random.Random(seed)
-    letters = "etaoinshrdlucmfw"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(4000)]
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)]
+    letters = "etaoinshrdlucmfwypvbgkjqxz"[: 16 if vocab_size < 2000 else 26]
+    n_words = max(4000, 3 * vocab_size)  # BPE needs enough distinct text to reach vocab_size
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(n_words)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(max(3000, n_words // 2))]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",

@@ -18,7 +18,9 @@ import collections
 import io
 import os
 import pickle
+import queue
 import struct
+import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -149,17 +151,60 @@ def checkpoint_pickle(specs: list[TensorSpec]) -> bytes:
     return buf.getvalue()
 
 
+class _Checksums(threading.Thread):
+    """CRC-32 of the current record and an optional whole-file hash, computed on a second core
+    while the main thread writes (zlib and hashlib release the GIL on large buffers). Buffers
+    are handed over in file order and kept alive by the queue until hashed."""
+
+    def __init__(self, hasher=None):
+        super().__init__(daemon=True)
+        self.hasher, self.crc, self.error = hasher, 0, None
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:
+                    return
+                view, is_data = item
+                if self.error is None:
+                    if is_data:
+                        self.crc = zlib.crc32(view, self.crc)
+                    if self.hasher is not None:
+                        self.hasher.update(view)
+            except BaseException as e:  # surfaced to the writer by take_crc()
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def feed(self, view, is_data: bool) -> None:
+        self.q.put((view, is_data))
+
+    def take_crc(self) -> int:
+        self.q.join()
+        if self.error is not None:
+            raise self.error
+        crc, self.crc = self.crc, 0
+        return crc
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+
+
 class _ZipWriter:
     """Sequential writer of a stored (uncompressed) zip with aligned data and zip64 support."""
 
     def __init__(self, fd: int, prefix: str, hasher=None):
-        self.fd, self.prefix, self.pos, self.hasher = fd, prefix, 0, hasher
+        self.fd, self.prefix, self.pos = fd, prefix, 0
+        self.sums = _Checksums(hasher)
         self.central: list[bytes] = []
 
-    def _write(self, data) -> None:
+    def _write(self, data, is_data: bool = False) -> None:
         view = memoryview(data).cast("B")
-        if self.hasher is not None:
-            self.hasher.update(view)
+        self.sums.feed(view, is_data)
         while view.nbytes:
             n = os.write(self.fd, view)
             view = view[n:]
@@ -179,12 +224,12 @@ class _ZipWriter:
         version = 45 if zip64 else 20
         self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, version, 0x08, 0, 0, _DOS_DATE, 0,
                                 small, small, len(fname), len(extra)) + fname + extra)
-        crc, written = 0, 0
+        written = 0
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
-            crc = zlib.crc32(view, crc)
             written += view.nbytes
-            self._write(view)
+            self._write(view, is_data=True)
+        crc = self.sums.take_crc()
         if written != size:
             raise AssertionError(f"record {name}: produced {written} bytes, expected {size}")
         if zip64:
@@ -227,12 +272,13 @@ def checkpoint_size(specs: list[TensorSpec]) -> int:
 
 
 def write_checkpoint(path: Path, specs: list[TensorSpec],
-                     produce: Callable[[TensorSpec], Iterator], fsync: bool = True, hasher=None) -> int:
+                     produce: Callable[[TensorSpec], Iterator], fsync: bool = False, hasher=None) -> int:
     """Write a torch zip checkpoint of `specs`; `produce(spec)` yields the tensor's bytes in order.
-    `hasher` (hashlib-like) sees every byte of the file in order. Returns the file size."""
+    `hasher` (hashlib-like) sees every byte of the file in order. Returns the file size.
+    Not fsynced unless asked: callers flush all their files once, at the end (`fsync_all`)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    zw = _ZipWriter(fd, "archive/", hasher)
     try:
-        zw = _ZipWriter(fd, "archive/", hasher)
         pkl = checkpoint_pickle(specs)
         zw.record("data.pkl", len(pkl), [pkl])
         zw.record(".format_version", 1, [b"1"])
@@ -244,10 +290,12 @@ def write_checkpoint(path: Path, specs: list[TensorSpec],
         sid = os.urandom(10).hex().encode()[:20]
         zw.record(".data/serialization_id", len(sid), [sid])
         zw.finish()
+        zw.sums.take_crc()  # every byte hashed
         if fsync:
             os.fsync(fd)
         return zw.pos
     finally:
+        zw.sums.close()
         os.close(fd)
 
 
@@ -257,3 +305,13 @@ def tensor_bytes(t: torch.Tensor):
     if t.dim() == 0:
         t = t.reshape(1)
     return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+def fsync_all(paths) -> None:
+    """Flush files written without fsync; the kernel has been writing them back meanwhile."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
