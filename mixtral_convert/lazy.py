@@ -1,0 +1,114 @@
+"""Tensors that are read a block at a time.
+
+A `Lazy` tensor has a shape and a dtype and gives any block of rows (and optionally a column
+range) on demand. `Stored` wraps a tensor mapped from a file (reading touches only those
+pages). `Assembled` is a tensor defined as placements of regions of other lazy tensors,
+optionally transposed: a shard tensor is assembled from canonical tensors (split), a
+canonical tensor from shard tensors (merge), and the two compose (reshard). The writer and
+the verifier only ever ask for bounded blocks, so nothing holds a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+BLOCK_BYTES = 32 << 20  # bytes per block handed to the writer or the comparer
+
+Region = tuple[int, int, Optional[int], Optional[int]]  # rows [r0, r1), cols [c0, c1) or None for 1-D
+
+
+class Lazy:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    name: str = "?"
+
+    def read(self, r0: int, r1: int, c0: Optional[int] = None, c1: Optional[int] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+    def row_blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+        """Row ranges [r0, r1) of about block_bytes each, covering the tensor."""
+        rows = self.shape[0] if self.shape else 1
+        row_bytes = max(1, self.nbytes // max(rows, 1))
+        step = max(1, block_bytes // row_bytes)
+        for r0 in range(0, rows, step):
+            yield r0, min(rows, r0 + step)
+
+    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
+        if not self.shape:
+            yield self.read(0, 1)
+            return
+        for r0, r1 in self.row_blocks(block_bytes):
+            yield self.read(r0, r1)
+
+
+class Stored(Lazy):
+    """A tensor that exists as such in a file (typically an mmap view from torch.load)."""
+
+    def __init__(self, tensor: torch.Tensor, name: str = "?"):
+        self.t, self.name = tensor, name
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+    def read(self, r0, r1, c0=None, c1=None):
+        if not self.shape:
+            return self.t.reshape(1)
+        block = self.t[r0:r1]
+        return block if c0 is None else block[:, c0:c1]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """dst[dst_region] = src[src_region] (transposed when `transpose`)."""
+
+    dst: Region
+    src: Lazy
+    src_region: Region
+    transpose: bool = False
+
+
+class Assembled(Lazy):
+    def __init__(self, shape, dtype, placements: list[Placement], name: str = "?"):
+        self.shape, self.dtype, self.placements, self.name = tuple(shape), dtype, placements, name
+
+    def read(self, r0, r1, c0=None, c1=None):
+        two_d = len(self.shape) == 2
+        if two_d and c0 is None:
+            c0, c1 = 0, self.shape[1]
+        out = None
+        for p in self.placements:
+            dr0, dr1, dc0, dc1 = p.dst
+            a, b = max(r0, dr0), min(r1, dr1)
+            if a >= b:
+                continue
+            if two_d:
+                c, d = max(c0, dc0), min(c1, dc1)
+                if c >= d:
+                    continue
+            sr0, _, sc0, _ = p.src_region
+            if not p.transpose:
+                if two_d:
+                    data = p.src.read(sr0 + a - dr0, sr0 + b - dr0, sc0 + c - dc0, sc0 + d - dc0)
+                else:
+                    data = p.src.read(sr0 + a - dr0, sr0 + b - dr0)
+            else:  # dst rows are src columns
+                data = p.src.read(sr0 + c - dc0, sr0 + d - dc0, sc0 + a - dr0, sc0 + b - dr0).t()
+            if (a, b) == (r0, r1) and (not two_d or (c, d) == (c0, c1)):
+                return data  # one placement covers the whole request: no copy here
+            if out is None:
+                out = torch.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), dtype=self.dtype)
+            if two_d:
+                out[a - r0:b - r0, c - c0:d - c0] = data
+            else:
+                out[a - r0:b - r0] = data
+        if out is None:
+            raise AssertionError(f"{self.name}: rows {r0}:{r1} are covered by no placement")
+        return out

@@ -1,0 +1,250 @@
+"""Reading and writing torch's zip checkpoint format without holding tensors in memory.
+
+Reading: `load_lazy` maps the file (torch.load with mmap=True, weights_only=True): tensors are
+views of the page cache, read only when touched; nothing but tensors is ever unpickled.
+
+Writing: `write_checkpoint` streams a `{name: tensor}` file record by record. The small
+`data.pkl` (the dict of tensor descriptions) is pickled from stubs that reduce exactly as
+torch's own pickler reduces a tensor (`torch._utils._rebuild_tensor_v2` over a persistent
+storage id), so `torch.load(..., weights_only=True)` reads it. Each tensor's bytes then come
+from a producer in bounded blocks and go to disk at once; the CRC-32 of every record is
+computed on the way, data is 64-byte aligned like torch's own writer, and zip64 records are
+used where sizes or offsets pass 4 GiB.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .errors import ConvertError
+
+ALIGN = 64
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01
+_U32 = 0xFFFFFFFF  # the "see zip64 extra" sentinel
+ZIP64_LIMIT = _U32  # sizes/offsets at or past this use zip64 records (tests lower it)
+
+
+# ----------------------------------------------------------------------------- reading
+def load_lazy(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch zip checkpoint, as mmap-backed views; refuses anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path}: not found")
+    if not zipfile.is_zipfile(path):
+        raise ConvertError(f"{path}: not a torch zip checkpoint (no zip end record: truncated, "
+                           "or saved in torch's legacy format); re-download or re-save it with torch.save")
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
+        raise ConvertError(f"{path}: refused to load: it holds objects other than tensors "
+                           f"({first[:160]}); only plain tensor checkpoints are accepted") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: unreadable torch checkpoint ({msg[:200]}); "
+                           "the file may be truncated or corrupt") from None
+    if isinstance(obj, dict) and set(obj) == {"model"} and isinstance(obj["model"], dict):
+        obj = obj["model"]  # Accessory also writes {"model": state_dict}
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ConvertError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
+                               "expected a flat dict of tensors")
+    return obj
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str
+    data_offset: int  # where the record's bytes start in the file
+    size: int
+    crc: int
+
+
+def zip_records(path: Path) -> list[Record]:
+    """The records of a zip file with the byte offset of their data (from the local headers)."""
+    out = []
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                raise ConvertError(f"{path}: bad local header for record {info.filename}; file corrupt")
+            n, m = struct.unpack("<HH", head[26:30])
+            out.append(Record(info.filename, info.header_offset + 30 + n + m, info.file_size, info.CRC))
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _StorageStub:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    """Pickles as torch pickles a contiguous tensor that owns its storage."""
+
+    def __init__(self, storage: _StorageStub, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce__(self):
+        stride, acc = [], 1
+        for s in reversed(self.shape):
+            stride.append(acc)
+            acc *= s
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+def _storage_type(dtype: torch.dtype):
+    name = torch.storage._dtype_to_storage_type_map()[dtype]
+    return getattr(torch, name)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageStub):
+            return ("storage", _storage_type(obj.dtype), obj.key, "cpu", obj.numel)
+        return None
+
+
+def checkpoint_pickle(specs: list[TensorSpec]) -> bytes:
+    """data.pkl for a flat {name: tensor} dict, storages keyed '0', '1', ... in order."""
+    obj = {}
+    for i, s in enumerate(specs):
+        numel = s.nbytes // _itemsize(s.dtype)
+        obj[s.name] = _TensorStub(_StorageStub(str(i), s.dtype, numel), s.shape)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+class _ZipWriter:
+    """Sequential writer of a stored (uncompressed) zip with aligned data and zip64 support."""
+
+    def __init__(self, fd: int, prefix: str):
+        self.fd, self.prefix, self.pos = fd, prefix, 0
+        self.central: list[bytes] = []
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.pos += n
+
+    def record(self, name: str, size: int, chunks: Iterable) -> None:
+        fname = (self.prefix + name).encode()
+        offset = self.pos
+        zip64 = size >= ZIP64_LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        base = 30 + len(fname) + len(extra)
+        pad = (-(offset + base + 4)) % ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        small = _U32 if zip64 else size
+        version = 45 if zip64 else 20
+        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, version, 0, 0, 0, _DOS_DATE, 0,
+                             small, small, len(fname), len(extra))
+        self._write(header + fname + extra)
+        crc, written = 0, 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            crc = zlib.crc32(view, crc)
+            written += view.nbytes
+            self._write(view)
+        if written != size:
+            raise AssertionError(f"record {name}: produced {written} bytes, expected {size}")
+        os.pwrite(self.fd, struct.pack("<I", crc), offset + 14)
+        cextra_vals = []
+        csize = size
+        if zip64:
+            cextra_vals += [size, size]
+            csize = _U32
+        coff = offset
+        if offset >= ZIP64_LIMIT:
+            cextra_vals.append(offset)
+            coff = _U32
+        cextra = struct.pack("<HH", 1, 8 * len(cextra_vals)) + struct.pack(f"<{len(cextra_vals)}Q", *cextra_vals) if cextra_vals else b""
+        self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, version, 0, 0, 0, _DOS_DATE,
+                                        crc, csize, csize, len(fname), len(cextra), 0, 0, 0, 0, coff)
+                            + fname + cextra)
+
+    def finish(self) -> None:
+        cd_offset = self.pos
+        for entry in self.central:
+            self._write(entry)
+        cd_size = self.pos - cd_offset
+        n = len(self.central)
+        if n >= 0xFFFF or cd_offset >= ZIP64_LIMIT or cd_size >= ZIP64_LIMIT:
+            eocd64 = self.pos
+            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_offset))
+            self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+            self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _U32, _U32, 0))
+        else:
+            self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_offset, 0))
+
+
+def checkpoint_size(specs: list[TensorSpec]) -> int:
+    """Bytes of tensor data the file will hold (headers and pickle excluded)."""
+    return sum(s.nbytes for s in specs)
+
+
+def write_checkpoint(path: Path, specs: list[TensorSpec],
+                     produce: Callable[[TensorSpec], Iterator], fsync: bool = True) -> None:
+    """Write a torch zip checkpoint of `specs`; `produce(spec)` yields the tensor's bytes in order."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        zw = _ZipWriter(fd, "archive/")
+        pkl = checkpoint_pickle(specs)
+        zw.record("data.pkl", len(pkl), [pkl])
+        zw.record(".format_version", 1, [b"1"])
+        zw.record(".storage_alignment", 2, [b"64"])
+        zw.record("byteorder", 6, [b"little"])
+        for i, spec in enumerate(specs):
+            zw.record(f"data/{i}", spec.nbytes, produce(spec))
+        zw.record("version", 2, [b"3\n"])
+        sid = os.urandom(10).hex().encode()[:20]
+        zw.record(".data/serialization_id", len(sid), [sid])
+        zw.finish()
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tensor_bytes(t: torch.Tensor):
+    """A contiguous tensor's bytes as a buffer, without copying when already contiguous."""
+    t = t.contiguous()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
