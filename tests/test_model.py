@@ -4,7 +4,7 @@ the partial (tensor-parallel) computations against the full ones.
 transformers 5.x keeps Mixtral's experts fused in memory: `model.layers.{L}.mlp.gate.weight`,
 `mlp.experts.gate_up_proj` [E, 2H, D] (w1 rows then w3 rows) and `mlp.experts.down_proj`
 [E, D, H] (= w2); its loader renames the hub's `block_sparse_moe.experts.{e}.w1/w2/w3.weight`
-into those. `hub_state_dict` below undoes that, so the test goes through the hub names that
+into those. `hf_tiny.hub_state_dict` undoes that, so the test goes through the hub names that
 mixtral_convert.hfnames maps.
 """
 
@@ -20,67 +20,9 @@ from mixtral_convert.model import (attention, expert_name, forward, moe, rms_nor
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tiny import canonical_from_hub, hf_model, hub_state_dict, tiny_cfg  # noqa: E402
+
 B, S = 2, 9
-
-
-def tiny_cfg(**over) -> ModelConfig:
-    base = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2,
-                vocab_size=101, num_experts=4, experts_per_tok=2, norm_eps=1e-5, rope_theta=1e6)
-    base.update(over)
-    return ModelConfig(**base)
-
-
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    """A random MixtralForCausalLM for cfg, weights scaled so attention and routing are not flat."""
-    hcfg = transformers.MixtralConfig(
-        hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size, num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.experts_per_tok, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=False,
-    )
-    hcfg._attn_implementation = "eager"
-    model = transformers.MixtralForCausalLM(hcfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:        # norms: around 1, not exactly 1, so a misplaced norm shows
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:                   # fan-in scaling; the router a bit sharper
-                scale = 3.0 if name.endswith("mlp.gate.weight") else 1.0
-                p.copy_(scale * torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return model
-
-
-def hub_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The in-memory (5.x fused-expert) state dict under the hub checkpoint's names."""
-    H = cfg.hidden_dim
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.endswith("mlp.experts.gate_up_proj"):
-            p = k[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts."
-            for e in range(v.shape[0]):
-                out[p + f"{e}.w1.weight"] = v[e, :H]
-                out[p + f"{e}.w3.weight"] = v[e, H:]
-        elif k.endswith("mlp.experts.down_proj"):
-            p = k[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts."
-            for e in range(v.shape[0]):
-                out[p + f"{e}.w2.weight"] = v[e]
-        else:
-            out[k.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = v
-    return out
-
-
-def canonical_from_hub(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {}
-    for hf_name, W in sd.items():
-        name = hfnames.hf_to_canonical(hf_name)
-        assert name is not None, hf_name
-        out[name] = hfnames.from_hf_tensor(name, W, cfg).contiguous()
-    return out
 
 
 def tokens_for(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
@@ -90,7 +32,7 @@ def tokens_for(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
 _CACHE: dict = {}
 
 
-def setup(cfg: ModelConfig):
+def reference(cfg: ModelConfig):
     """(canonical weights, tokens, HF logits) for cfg, cached per config."""
     if cfg not in _CACHE:
         model = hf_model(cfg)
@@ -144,7 +86,7 @@ def test_name_table_covers_every_tensor_both_ways():
 
 @pytest.mark.parametrize("cfg", GQA)
 def test_forward_matches_transformers(cfg):
-    W, toks, ref = setup(cfg)
+    W, toks, ref = reference(cfg)
     out = forward(cfg, W, toks)
     assert out.dtype == torch.float32 and out.shape == (B, S, cfg.vocab_size)
     scale = ref.abs().max().item()
@@ -157,7 +99,7 @@ def test_forward_matches_transformers(cfg):
 def test_forward_bf16_close_to_fp32():
     """bf16 matmuls (norms/softmax in fp32): relative error of the logits below 5e-2."""
     cfg = tiny_cfg()
-    W, toks, ref = setup(cfg)
+    W, toks, ref = reference(cfg)
     bf = forward(cfg, W, toks, dtype=torch.bfloat16)
     fp = forward(cfg, W, toks)
     assert bf.dtype == torch.float32
@@ -172,7 +114,7 @@ def test_forward_bf16_close_to_fp32():
 def test_forward_loads_layer_by_layer():
     """weights may be a callable / .get object; names are asked for in layer order, once each."""
     cfg = tiny_cfg()
-    W, toks, ref = setup(cfg)
+    W, toks, ref = reference(cfg)
     asked: list[str] = []
 
     class Source:
@@ -200,7 +142,7 @@ def _layer0_input(cfg, W, toks):
 @pytest.mark.parametrize("cfg", GQA)
 @pytest.mark.parametrize("groups", [2, 4])
 def test_attention_head_subsets_sum_to_full(cfg, groups):
-    W, toks, _ = setup(cfg)
+    W, toks, _ = reference(cfg)
     x, cos, sin = _layer0_input(cfg, W, toks)
     hd, NH, KV = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     wq, wk, wv, wo = (W[f"layers.0.attention.{m}.weight"] for m in ("wq", "wk", "wv", "wo"))
@@ -220,7 +162,7 @@ def test_attention_head_subsets_sum_to_full(cfg, groups):
 @pytest.mark.parametrize("e_groups,h_slices", [(2, 1), (1, 2), (2, 2), (4, 3)])
 def test_moe_expert_and_ffn_subsets_sum_to_full(e_groups, h_slices):
     cfg = tiny_cfg()
-    W, toks, _ = setup(cfg)
+    W, toks, _ = reference(cfg)
     x = torch.randn(B, S, cfg.dim, generator=torch.Generator().manual_seed(5))
     gate = W["layers.1.feed_forward.gate.weight"]
     E, H, K = cfg.num_experts, cfg.hidden_dim, cfg.experts_per_tok
@@ -245,7 +187,7 @@ def test_moe_expert_and_ffn_subsets_sum_to_full(e_groups, h_slices):
 def test_moe_matches_dense_definition():
     """moe() against a dense per-token loop written straight from FORMATS §7."""
     cfg = tiny_cfg()
-    W, _, _ = setup(cfg)
+    W, _, _ = reference(cfg)
     x = torch.randn(7, cfg.dim, generator=torch.Generator().manual_seed(6))
     gate = W["layers.0.feed_forward.gate.weight"]
     experts = [(e, *(W[expert_name(0, e, m)] for m in ("w1", "w2", "w3"))) for e in range(cfg.num_experts)]
