@@ -73,3 +73,138 @@ def cli(debug: bool) -> None:
 
     Exit codes: 0 ok, 1 verify mismatch, 2 bad usage or input, 130/143 interrupted.
     """
+
+
+def _world_size_option(f):
+    return click.option("-n", "--world-size", "world_size", type=click.IntRange(min=1), default=8,
+                        show_default=True,
+                        help="Number of tensor-parallel ranks (GPUs) the output is for. Must divide the "
+                             "KV heads, vocabulary, dim and (base) experts or (sparse) FFN dim; "
+                             "an invalid N is refused with the list of valid ones.")(f)
+
+
+_out_option = click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+                           help="Output directory (created atomically: a temporary sibling renamed into "
+                                "place at the end).")
+_force_option = click.option("--force", is_flag=True,
+                             help="Replace a non-empty output directory's files that mixtral-convert wrote "
+                                  "(never anything else).")
+_quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+
+
+def _print_result(verb: str, res, quiet: bool) -> None:
+    from .progress import human_bytes
+    if quiet:
+        return
+    rate = res.nbytes / res.seconds if res.seconds > 0 else 0
+    click.echo(f"{verb} {human_bytes(res.nbytes)} in {res.seconds:.1f} s ({human_bytes(rate)}/s) -> {res.out}")
+    for name in res.files:
+        click.echo(f"  {name}")
+
+
+def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str) -> None:
+    from .convert import split
+    res = split(src, layout, world_size, out=out, force=force, quiet=quiet)
+    _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
+
+
+@cli.command("split")
+@click.argument("src", type=click.Path(path_type=Path))
+@_out_option
+@_world_size_option
+@_force_option
+@_quiet_option
+def split_cmd(src, out, world_size, force, quiet):
+    """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
+
+    Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
+    attention heads, embedding columns and output rows, and a copy of the norms and router.
+    SRC is a directory holding consolidated.00.pth, params.json and tokenizer.model (or an
+    Accessory directory to re-shard). Default output: SRC/converted.
+    """
+    _split(src, out, world_size, force, quiet, "base")
+
+
+@cli.command("split-sparse")
+@click.argument("src", type=click.Path(path_type=Path))
+@_out_option
+@_world_size_option
+@_force_option
+@_quiet_option
+def split_sparse_cmd(src, out, world_size, force, quiet):
+    """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
+
+    Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
+    and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
+    Default output: SRC/converted_sparse.
+    """
+    _split(src, out, world_size, force, quiet, "sparse")
+
+
+@cli.command("merge")
+@click.argument("shards", type=click.Path(path_type=Path))
+@_out_option
+@_force_option
+@_quiet_option
+def merge_cmd(shards, out, force, quiet):
+    """Reassemble an Accessory directory (base or sparse, any N) into the torrent layout:
+    consolidated.00.pth, params.json and tokenizer.model. Default output: SHARDS_merged."""
+    from .merge import merge
+    res = merge(shards, out=out, force=force, quiet=quiet)
+    _print_result("merged", res, quiet)
+
+
+@cli.command("verify")
+@click.argument("shards", type=click.Path(path_type=Path))
+@click.option("--source", "-s", type=click.Path(path_type=Path), required=True,
+              help="The checkpoint SHARDS was made from (directory or consolidated.00.pth).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@_quiet_option
+def verify_cmd(shards, source, as_json, quiet):
+    """Prove SHARDS is exactly SOURCE in its layout: structure (a file per rank, meta.json,
+    config.json and tokenizer consistent, every shard's keys, shapes and dtypes) and every
+    byte of every tensor. Exit 0 when all is equal, 1 on the first mismatch (named), 2 on
+    bad usage or unreadable input."""
+    import json
+    from .verify import verify
+    rep = verify(shards, source, quiet=quiet or as_json)
+    if as_json:
+        click.echo(json.dumps(rep.as_dict(), indent=2))
+    elif not quiet:
+        for line in rep.checks:
+            click.echo(f"ok    {line}")
+        for line in rep.problems:
+            click.echo(f"FAIL  {line}")
+        click.echo(f"{'verified' if rep.ok else 'MISMATCH'}: {rep.shards} ({rep.layout}, N={rep.world_size}) "
+                   f"against {rep.source} in {rep.seconds:.1f} s")
+    if not rep.ok:
+        if not as_json:
+            click.echo(f"error: {rep.problems[0]}", err=True)
+        sys.exit(1)
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_cmd(path, as_json):
+    """Tell what PATH is: a checkpoint directory (torrent or Accessory base/sparse, its N,
+    config, dtypes, tensor count and bytes), a single .pth file, a config or a tokenizer.
+    Reads no tensor data and unpickles nothing but tensor descriptions."""
+    import json
+    from .inspect import inspect
+    from .progress import human_bytes
+    info = inspect(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['what']}")
+    for k, v in info.items():
+        if k in ("path", "what"):
+            continue
+        if k in ("bytes", "file_bytes"):
+            v = f"{v} ({human_bytes(v)})"
+        elif k == "files":
+            v = ", ".join(f"{f['name']} ({human_bytes(f['bytes'])})" for f in v)
+        elif k == "parameters":
+            v = f"{v:,}"
+        click.echo(f"  {k}: {v}")

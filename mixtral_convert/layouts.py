@@ -186,6 +186,10 @@ class ShardTensor:
     dtype: torch.dtype
     pieces: list[Piece] = field(default_factory=list)
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 class Plan:
     """The table expanded for one (layout, config, N): every rank's shard tensors and pieces."""

@@ -152,30 +152,33 @@ def checkpoint_pickle(specs: list[TensorSpec]) -> bytes:
 class _ZipWriter:
     """Sequential writer of a stored (uncompressed) zip with aligned data and zip64 support."""
 
-    def __init__(self, fd: int, prefix: str):
-        self.fd, self.prefix, self.pos = fd, prefix, 0
+    def __init__(self, fd: int, prefix: str, hasher=None):
+        self.fd, self.prefix, self.pos, self.hasher = fd, prefix, 0, hasher
         self.central: list[bytes] = []
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
+        if self.hasher is not None:
+            self.hasher.update(view)
         while view.nbytes:
             n = os.write(self.fd, view)
             view = view[n:]
             self.pos += n
 
     def record(self, name: str, size: int, chunks: Iterable) -> None:
+        """One stored record. The CRC-32 follows the data in a data descriptor (flag bit 3),
+        so the file is written strictly in order and can be hashed as it streams."""
         fname = (self.prefix + name).encode()
         offset = self.pos
         zip64 = size >= ZIP64_LIMIT
-        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        extra = struct.pack("<HHQQ", 1, 16, 0, 0) if zip64 else b""
         base = 30 + len(fname) + len(extra)
         pad = (-(offset + base + 4)) % ALIGN
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-        small = _U32 if zip64 else size
+        small = _U32 if zip64 else 0
         version = 45 if zip64 else 20
-        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, version, 0, 0, 0, _DOS_DATE, 0,
-                             small, small, len(fname), len(extra))
-        self._write(header + fname + extra)
+        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, version, 0x08, 0, 0, _DOS_DATE, 0,
+                                small, small, len(fname), len(extra)) + fname + extra)
         crc, written = 0, 0
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
@@ -184,7 +187,10 @@ class _ZipWriter:
             self._write(view)
         if written != size:
             raise AssertionError(f"record {name}: produced {written} bytes, expected {size}")
-        os.pwrite(self.fd, struct.pack("<I", crc), offset + 14)
+        if zip64:
+            self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
+        else:
+            self._write(struct.pack("<IIII", 0x08074B50, crc, size, size))
         cextra_vals = []
         csize = size
         if zip64:
@@ -194,8 +200,9 @@ class _ZipWriter:
         if offset >= ZIP64_LIMIT:
             cextra_vals.append(offset)
             coff = _U32
-        cextra = struct.pack("<HH", 1, 8 * len(cextra_vals)) + struct.pack(f"<{len(cextra_vals)}Q", *cextra_vals) if cextra_vals else b""
-        self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, version, 0, 0, 0, _DOS_DATE,
+        cextra = (struct.pack("<HH", 1, 8 * len(cextra_vals)) + struct.pack(f"<{len(cextra_vals)}Q", *cextra_vals)
+                  if cextra_vals else b"")
+        self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, version, 0x08, 0, 0, _DOS_DATE,
                                         crc, csize, csize, len(fname), len(cextra), 0, 0, 0, 0, coff)
                             + fname + cextra)
 
@@ -220,11 +227,12 @@ def checkpoint_size(specs: list[TensorSpec]) -> int:
 
 
 def write_checkpoint(path: Path, specs: list[TensorSpec],
-                     produce: Callable[[TensorSpec], Iterator], fsync: bool = True) -> None:
-    """Write a torch zip checkpoint of `specs`; `produce(spec)` yields the tensor's bytes in order."""
+                     produce: Callable[[TensorSpec], Iterator], fsync: bool = True, hasher=None) -> int:
+    """Write a torch zip checkpoint of `specs`; `produce(spec)` yields the tensor's bytes in order.
+    `hasher` (hashlib-like) sees every byte of the file in order. Returns the file size."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        zw = _ZipWriter(fd, "archive/")
+        zw = _ZipWriter(fd, "archive/", hasher)
         pkl = checkpoint_pickle(specs)
         zw.record("data.pkl", len(pkl), [pkl])
         zw.record(".format_version", 1, [b"1"])
@@ -238,6 +246,7 @@ def write_checkpoint(path: Path, specs: list[TensorSpec],
         zw.finish()
         if fsync:
             os.fsync(fd)
+        return zw.pos
     finally:
         os.close(fd)
 

@@ -1,0 +1,170 @@
+"""verify: prove an Accessory directory is exactly the source checkpoint in that layout.
+
+Structure: a file for every rank, meta.json / config.json / tokenizer.model consistent with
+the source, each shard's key set, shapes and dtypes exactly as the plan demands. Data: every
+shard tensor is compared byte for byte, a block at a time, with the same tensor assembled from
+the source through the plan. The pieces tile every canonical tensor (a property of the table,
+tested), so this is the same as checking that the reassembly of every source tensor equals it;
+replicated tensors are checked on every rank. Bytes, not values, are compared: NaN payloads
+are data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import ACCESSORY_KEYS, ModelConfig, read_json
+from .errors import ConvertError
+from .layouts import LAYOUT_OF_LLAMA_TYPE, Plan, shard_file_name
+from .lazy import Stored
+from .progress import progress_bar
+from .sources import SHARD_RE, TORRENT_FILE, Checkpoint, open_checkpoint, structure_problems, tokenizer_pieces
+from .torchfile import load_lazy, tensor_bytes
+
+
+@dataclass
+class Report:
+    shards: str
+    source: str
+    layout: Optional[str] = None
+    world_size: Optional[int] = None
+    checks: list[str] = field(default_factory=list)  # what passed
+    problems: list[str] = field(default_factory=list)  # what failed (first is the headline)
+    bytes_compared: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "shards": self.shards, "source": self.source, "layout": self.layout,
+                "world_size": self.world_size, "checks": self.checks, "problems": self.problems,
+                "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
+
+
+def verify(shards: Path, source: Path, quiet: bool = False) -> Report:
+    t0 = time.perf_counter()
+    shards = Path(shards)
+    if not shards.is_dir():
+        raise ConvertError(f"{shards}: not a directory; pass the directory that split wrote")
+    src = open_checkpoint(source)  # a bad source is bad input (exit 2), not a mismatch
+    rep = Report(str(shards), str(src.path))
+    try:
+        _verify(shards, src, rep, quiet)
+    finally:
+        rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
+    bad = rep.problems.append
+    # meta.json -> layout
+    try:
+        meta = read_json(shards / "meta.json")
+        layout = LAYOUT_OF_LLAMA_TYPE.get(meta.get("llama_type") if isinstance(meta, dict) else None)
+        if layout is None:
+            return bad(f"{shards / 'meta.json'}: llama_type {meta.get('llama_type')!r} is not mixtral or mixtral_sparse")
+    except ConvertError as e:
+        return bad(str(e))
+    rep.layout = layout
+    rep.checks.append(f"meta.json: llama_type {meta['llama_type']}")
+    # config.json against the source's config
+    try:
+        raw = read_json(shards / "config.json")
+        unknown = sorted(set(raw) - ACCESSORY_KEYS) if isinstance(raw, dict) else []
+        if unknown:
+            bad(f"{shards / 'config.json'}: key '{unknown[0]}' is not accepted by Accessory's ModelArgs")
+        for k in ("hidden_dim", "rope_theta"):
+            if isinstance(raw, dict) and k not in raw:
+                bad(f"{shards / 'config.json'}: '{k}' is absent (Accessory's default would be wrong)")
+        cfg = ModelConfig.from_params(raw, str(shards / "config.json"))
+        if cfg != src.cfg:
+            diff = [k for k in src.cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(src.cfg, k)]
+            bad(f"{shards / 'config.json'}: '{diff[0]}' is {getattr(cfg, diff[0])}, the source has "
+                f"{getattr(src.cfg, diff[0])}")
+        else:
+            rep.checks.append("config.json: equals the source's config")
+    except ConvertError as e:
+        bad(str(e))
+    # files for every rank
+    names = sorted(p.name for p in shards.iterdir())
+    found = [n for n in names if SHARD_RE.match(n)]
+    if TORRENT_FILE in names:
+        bad(f"{shards}: holds {TORRENT_FILE} beside the shards (Accessory rejects 'multiple formats')")
+    sizes = {int(SHARD_RE.match(n).group(2)) for n in found}
+    if not found:
+        return bad(f"{shards}: no consolidated.RR-of-NN.model.pth shard files")
+    if len(sizes) != 1:
+        return bad(f"{shards}: shard files of several world sizes {sorted(sizes)}")
+    N = sizes.pop()
+    rep.world_size = N
+    expected_files = [shard_file_name(r, N) for r in range(N)]
+    missing = [n for n in expected_files if n not in found]
+    if missing:
+        return bad(f"{shards / missing[0]}: missing (rank {expected_files.index(missing[0])} of {N})")
+    rep.checks.append(f"{N} shard files, one per rank")
+    # tokenizer
+    tok = shards / "tokenizer.model"
+    if not tok.is_file():
+        bad(f"{tok}: missing; Accessory loads the tokenizer from the checkpoint directory")
+    else:
+        try:
+            pieces = tokenizer_pieces(tok)
+            if pieces != src.cfg.vocab_size:
+                bad(f"{tok}: {pieces} pieces, but the embedding has {src.cfg.vocab_size} rows")
+            elif src.tokenizer is not None and tok.read_bytes() != src.tokenizer.read_bytes():
+                bad(f"{tok}: differs from the source's {src.tokenizer}")
+            else:
+                rep.checks.append(f"tokenizer.model: {pieces} pieces = vocab_size")
+        except ConvertError as e:
+            bad(str(e))
+    try:
+        plan = Plan(layout, src.cfg, N, src.dtypes)
+    except ConvertError as e:
+        return bad(f"{shards}: {e}")
+    files = [shards / n for n in expected_files]
+    loaded = []
+    for f in files:
+        try:
+            loaded.append(load_lazy(f))
+        except ConvertError as e:
+            return bad(str(e))
+    structure = structure_problems(plan, files, loaded)
+    if structure:
+        rep.problems.extend(structure)
+        return
+    rep.checks.append("every shard's keys, shapes and dtypes match the layout")
+    if rep.problems:
+        return
+    # data, byte for byte
+    total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
+    with progress_bar("verify", total, quiet) as prog:
+        for r in range(N):
+            for key, st in plan.ranks[r].items():
+                expected = plan.shard_tensor(r, key, src.canonical)
+                actual = Stored(loaded[r][key], key)
+                for r0, r1 in expected.row_blocks():
+                    a = tensor_bytes(actual.read(r0, r1))
+                    e = tensor_bytes(expected.read(r0, r1))
+                    if not np.array_equal(a, e):
+                        return bad(_where(files[r], r, st, r0, a, e))
+                    rep.bytes_compared += len(a)
+                    prog.advance(len(a))
+    rep.checks.append(f"every byte of every shard equals the source's ({rep.bytes_compared} bytes)")
+
+
+def _where(f: Path, r: int, st, r0: int, a, e) -> str:
+    item = st.dtype.itemsize
+    first = int(np.flatnonzero(a != e)[0]) // item
+    row_len = math.prod(st.shape[1:]) if len(st.shape) > 1 else 1
+    idx = [r0 + first // row_len] + ([first % row_len] if len(st.shape) > 1 else [])
+    src = max((p for p in st.pieces if p.row0 <= idx[0]), key=lambda p: p.row0).src
+    return (f"{f.name} (rank {r}): tensor '{st.key}' differs from the source at element {idx} "
+            f"(holds '{src}'); the shard is corrupt or was written from another checkpoint: re-run split")
