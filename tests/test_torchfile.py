@@ -1,0 +1,76 @@
+"""The streaming writer produces files that torch, zipfile and unzip all accept."""
+
+import shutil
+import subprocess
+import zipfile
+
+import pytest
+import torch
+
+import mixtral_convert.torchfile as tf
+
+
+def _write(path, sd):
+    return tf.write_checkpoint(path, [tf.TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()],
+                               lambda s: [tf.tensor_bytes(sd[s.name])])
+
+
+def _sample():
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(33, 7, generator=g).to(torch.bfloat16),
+            "b": torch.randn(5, generator=g), "c": torch.randint(0, 9, (4, 3), generator=g),
+            "d": torch.randn(2, 3, 4, generator=g).half()}
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_written_file_loads_everywhere(tmp_path, monkeypatch, zip64):
+    if zip64:  # force the zip64 records (sizes/offsets >= 4 GiB) on a small file
+        monkeypatch.setattr(tf, "ZIP64_LIMIT", 64)
+    sd = _sample()
+    p = tmp_path / "x.pth"
+    size = _write(p, sd)
+    assert size == p.stat().st_size
+    for mmap in (False, True):
+        back = torch.load(p, weights_only=True, mmap=mmap)
+        assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    with zipfile.ZipFile(p) as z:
+        assert z.testzip() is None  # every CRC-32 is right
+    for r in tf.zip_records(p):
+        assert r.data_offset % 64 == 0
+    if shutil.which("unzip"):
+        assert subprocess.run(["unzip", "-tq", str(p)], capture_output=True).returncode == 0
+
+
+def test_pickle_is_torchs_own(tmp_path):
+    sd = _sample()
+    _write(tmp_path / "ours.pth", sd)
+    torch.save(sd, tmp_path / "theirs.pth")
+    ours = zipfile.ZipFile(tmp_path / "ours.pth").read("archive/data.pkl")
+    theirs = zipfile.ZipFile(tmp_path / "theirs.pth").read("theirs/data.pkl")
+    assert ours == theirs
+
+
+def test_hasher_sees_the_whole_file(tmp_path):
+    import hashlib
+    h = hashlib.sha256()
+    sd = _sample()
+    tf.write_checkpoint(tmp_path / "x.pth", [tf.TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()],
+                        lambda s: [tf.tensor_bytes(sd[s.name])], hasher=h)
+    assert h.hexdigest() == hashlib.sha256((tmp_path / "x.pth").read_bytes()).hexdigest()
+
+
+def test_wrong_byte_count_is_an_error(tmp_path):
+    with pytest.raises(AssertionError):
+        tf.write_checkpoint(tmp_path / "x.pth", [tf.TensorSpec("a", (4,), torch.float32)], lambda s: [b"123"])
+
+
+def test_load_lazy_refuses_non_checkpoints(tmp_path):
+    from mixtral_convert.errors import ConvertError
+    (tmp_path / "t.pth").write_bytes(b"hello")
+    with pytest.raises(ConvertError, match="not a torch zip checkpoint"):
+        tf.load_lazy(tmp_path / "t.pth")
+    torch.save({"a": 1}, tmp_path / "n.pth")
+    with pytest.raises(ConvertError, match="not a tensor"):
+        tf.load_lazy(tmp_path / "n.pth")
+    torch.save({"model": {"x": torch.ones(2)}}, tmp_path / "m.pth")
+    assert list(tf.load_lazy(tmp_path / "m.pth")) == ["x"]
