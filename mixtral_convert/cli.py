@@ -102,9 +102,27 @@ def _print_result(verb: str, res, quiet: bool) -> None:
         click.echo(f"  {name}")
 
 
-def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str) -> None:
+def _parse_ranks(text):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated rank numbers such as 0,3, got {text!r}",
+                                 param_hint="--ranks") from None
+
+
+_ranks_option = click.option(
+    "--ranks", default=None, metavar="R1,R2,...",
+    help="Write only these ranks' shards into OUT (shared with other processes converting the other "
+         "ranks, e.g. on a cluster's shared filesystem); the files equal a single-process run's. "
+         "Under torchrun this is automatic: process RANK of WORLD_SIZE takes ranks RANK, "
+         "RANK+WORLD_SIZE, ...")
+
+
+def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, ranks=None) -> None:
     from .convert import split
-    res = split(src, layout, world_size, out=out, force=force, quiet=quiet)
+    res = split(src, layout, world_size, out=out, force=force, quiet=quiet, ranks=_parse_ranks(ranks))
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
 
 
@@ -113,8 +131,9 @@ def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: st
 @_out_option
 @_world_size_option
 @_force_option
+@_ranks_option
 @_quiet_option
-def split_cmd(src, out, world_size, force, quiet):
+def split_cmd(src, out, world_size, force, ranks, quiet):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -122,7 +141,7 @@ def split_cmd(src, out, world_size, force, quiet):
     SRC is a directory holding consolidated.00.pth, params.json and tokenizer.model (or an
     Accessory directory to re-shard). Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base")
+    _split(src, out, world_size, force, quiet, "base", ranks)
 
 
 @cli.command("split-sparse")
@@ -130,15 +149,16 @@ def split_cmd(src, out, world_size, force, quiet):
 @_out_option
 @_world_size_option
 @_force_option
+@_ranks_option
 @_quiet_option
-def split_sparse_cmd(src, out, world_size, force, quiet):
+def split_sparse_cmd(src, out, world_size, force, ranks, quiet):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
     and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
     Default output: SRC/converted_sparse.
     """
-    _split(src, out, world_size, force, quiet, "sparse")
+    _split(src, out, world_size, force, quiet, "sparse", ranks)
 
 
 @cli.command("merge")

@@ -133,8 +133,20 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def write_manifest(tmp: Path, files: dict[str, dict], **info) -> None:
+def write_manifest(tmp: Path, files: dict[str, dict], _name: str = MANIFEST, **info) -> None:
     manifest = {"tool": "mixtral-convert", "version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **info, "files": files}
-    write_small(tmp / MANIFEST, json_bytes(manifest))
+    write_small(tmp / _name, json_bytes(manifest))
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; it replaces `path` on success and is removed on failure."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}{MARKER}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

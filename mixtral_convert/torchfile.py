@@ -15,6 +15,7 @@ used where sizes or offsets pass 4 GiB.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import os
 import pickle
@@ -151,47 +152,71 @@ def checkpoint_pickle(specs: list[TensorSpec]) -> bytes:
     return buf.getvalue()
 
 
-class _Checksums(threading.Thread):
-    """CRC-32 of the current record and an optional whole-file hash, computed on a second core
-    while the main thread writes (zlib and hashlib release the GIL on large buffers). Buffers
-    are handed over in file order and kept alive by the queue until hashed."""
+class _Digest(threading.Thread):
+    """Feeds buffers, in file order, to `update` on its own thread (zlib and hashlib release
+    the GIL on large buffers, so this runs on the second core while the main thread writes).
+    The queue keeps each buffer alive until it has been digested."""
 
-    def __init__(self, hasher=None):
+    def __init__(self, update):
         super().__init__(daemon=True)
-        self.hasher, self.crc, self.error = hasher, 0, None
+        self.update, self.error = update, None
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.start()
 
     def run(self) -> None:
         while True:
-            item = self.q.get()
+            view = self.q.get()
             try:
-                if item is None:
+                if view is None:
                     return
-                view, is_data = item
                 if self.error is None:
-                    if is_data:
-                        self.crc = zlib.crc32(view, self.crc)
-                    if self.hasher is not None:
-                        self.hasher.update(view)
-            except BaseException as e:  # surfaced to the writer by take_crc()
+                    self.update(view)
+            except BaseException as e:  # surfaced to the writer by wait()
                 self.error = e
             finally:
                 self.q.task_done()
 
-    def feed(self, view, is_data: bool) -> None:
-        self.q.put((view, is_data))
-
-    def take_crc(self) -> int:
+    def wait(self) -> None:
         self.q.join()
         if self.error is not None:
             raise self.error
-        crc, self.crc = self.crc, 0
-        return crc
 
     def close(self) -> None:
         self.q.put(None)
         self.join()
+
+
+class _Checksums:
+    """The current record's CRC-32 and an optional whole-file hash, each on its own thread."""
+
+    def __init__(self, hasher=None):
+        self.crc = 0
+        self._crc = _Digest(self._update_crc)
+        self._file = _Digest(hasher.update) if hasher is not None else None
+
+    def _update_crc(self, view) -> None:
+        self.crc = zlib.crc32(view, self.crc)
+
+    def feed(self, view, is_data: bool) -> None:
+        if is_data:
+            self._crc.q.put(view)
+        if self._file is not None:
+            self._file.q.put(view)
+
+    def take_crc(self) -> int:
+        self._crc.wait()
+        crc, self.crc = self.crc, 0
+        return crc
+
+    def finish(self) -> None:
+        self.take_crc()
+        if self._file is not None:
+            self._file.wait()
+
+    def close(self) -> None:
+        for d in (self._crc, self._file):
+            if d is not None:
+                d.close()
 
 
 class _ZipWriter:
@@ -201,6 +226,7 @@ class _ZipWriter:
         self.fd, self.prefix, self.pos = fd, prefix, 0
         self.sums = _Checksums(hasher)
         self.central: list[bytes] = []
+        self.crcs: list[int] = []
 
     def _write(self, data, is_data: bool = False) -> None:
         view = memoryview(data).cast("B")
@@ -230,6 +256,7 @@ class _ZipWriter:
             written += view.nbytes
             self._write(view, is_data=True)
         crc = self.sums.take_crc()
+        self.crcs.append(crc)
         if written != size:
             raise AssertionError(f"record {name}: produced {written} bytes, expected {size}")
         if zip64:
@@ -287,10 +314,12 @@ def write_checkpoint(path: Path, specs: list[TensorSpec],
         for i, spec in enumerate(specs):
             zw.record(f"data/{i}", spec.nbytes, produce(spec))
         zw.record("version", 2, [b"3\n"])
-        sid = os.urandom(10).hex().encode()[:20]
+        # torch writes a random id; ours derives from the content, so that the same tensors
+        # always give the same file, byte for byte (parallel and repeated runs compare equal)
+        sid = hashlib.sha1(pkl + b"".join(struct.pack("<I", c) for c in zw.crcs)).hexdigest().encode()[:20]
         zw.record(".data/serialization_id", len(sid), [sid])
         zw.finish()
-        zw.sums.take_crc()  # every byte hashed
+        zw.sums.finish()  # every byte hashed
         if fsync:
             os.fsync(fd)
         return zw.pos
