@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import WIDE, ODD, cli, load, same_bytes
+from conftest import ODD, cli, load, same_bytes
 from mixtral_convert import hfnames
 from mixtral_convert.config import ModelConfig
 from mixtral_convert.synth import tiny_config, write_torrent
@@ -348,3 +348,76 @@ def test_hf_uri_honours_hf_home(wide_src, tmp_path, monkeypatch, capsys):
     code, _, err = cli("split", "hf://org/t", "-n", 2, "-o", tmp_path / "o", "-q", capsys=capsys)
     assert code == 0, err
     assert cli("verify", tmp_path / "o", "--source", wide_src, "-q", capsys=capsys)[0] == 0
+
+
+# ----------------------------------------------------------------------------- transformers
+def reference_logits(W: dict, cfg: ModelConfig, tokens: list[int]) -> torch.Tensor:
+    """FORMATS.md section 7 from canonical (Meta-order) weights, float32, no tensor parallelism."""
+    F = torch.nn.functional
+    T, hd = len(tokens), cfg.head_dim
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps))
+
+    freqs = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None]
+    cos, sin = ang.cos().float()[:, None], ang.sin().float()[:, None]
+
+    def rope(x):  # adjacent pairs (2i, 2i+1)
+        x2 = x.reshape(T, x.shape[1], hd // 2, 2)
+        a, b = x2[..., 0], x2[..., 1]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(x.shape)
+
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    h = W["tok_embeddings.weight"][tokens]
+    rep = cfg.n_heads // cfg.n_kv_heads
+    for L in range(cfg.n_layers):
+        p = f"layers.{L}."
+        x = rms(h, W[p + "attention_norm.weight"])
+        q = rope((x @ W[p + "attention.wq.weight"].T).reshape(T, cfg.n_heads, hd))
+        k = rope((x @ W[p + "attention.wk.weight"].T).reshape(T, cfg.n_kv_heads, hd)).repeat_interleave(rep, 1)
+        v = (x @ W[p + "attention.wv.weight"].T).reshape(T, cfg.n_kv_heads, hd).repeat_interleave(rep, 1)
+        att = (torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5 + mask).softmax(-1)
+        h = h + torch.einsum("hqk,khd->qhd", att, v).reshape(T, -1) @ W[p + "attention.wo.weight"].T
+        x = rms(h, W[p + "ffn_norm.weight"])
+        probs = (x @ W[p + "feed_forward.gate.weight"].T).softmax(-1)
+        top, idx = probs.topk(cfg.experts_per_tok, -1)
+        top = top / top.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for t in range(T):
+            for j in range(cfg.experts_per_tok):
+                f = p + f"feed_forward.experts.{int(idx[t, j])}."
+                y[t] += top[t, j] * (W[f + "w2.weight"] @ (F.silu(W[f + "w1.weight"] @ x[t]) * (W[f + "w3.weight"] @ x[t])))
+        h = h + y
+    return rms(h, W["norm.weight"]) @ W["output.weight"].T
+
+
+def test_transformers_loads_merge_to_hf_with_forward_parity(tmp_path, capsys):
+    """The q/k permutation proved by the model itself: transformers' MixtralForCausalLM, loaded
+    from `merge --to hf` of a sharded checkpoint, gives the reference logits of the canonical
+    weights; and an HF directory transformers itself saved reads back as the same canonical model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config(**dict(ODD, n_heads=8, n_kv_heads=2))  # GQA, head_dim 16 != 48/8, top-1
+    src = write_torrent(tmp_path / "src", cfg, seed=5, dtype=torch.float32, params=cfg.to_params())  # theta 5e5 kept
+    assert ModelConfig.from_json_file(src / "params.json") == cfg
+    W = load(src / "consolidated.00.pth")
+    shards, hf = tmp_path / "shards", tmp_path / "hf"
+    assert cli("split-sparse", src, "-n", 2, "-o", shards, "-q", "--format", "safetensors", capsys=capsys)[0] == 0
+    assert cli("merge", shards, "--to", "hf", "-o", hf, "-q", capsys=capsys)[0] == 0
+    model, info = transformers.MixtralForCausalLM.from_pretrained(hf, local_files_only=True, output_loading_info=True,
+                                                                   dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    attn = model.model.layers[1].self_attn
+    assert torch.equal(attn.q_proj.weight.data, to_hf_rows(W["layers.1.attention.wq.weight"], cfg.n_heads))
+    assert torch.equal(attn.k_proj.weight.data, to_hf_rows(W["layers.1.attention.wk.weight"], cfg.n_kv_heads))
+    tokens = [1, 17, 5, 90, 33, 2, 64, 8, 11]
+    with torch.no_grad():
+        got = model(torch.tensor([tokens])).logits[0]
+    want = reference_logits(W, cfg, tokens)
+    assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
+    # transformers' own save_pretrained output (its names, its config.json) is a source: same canonical bytes
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    assert cli("merge", saved, "-o", tmp_path / "back", "-q", capsys=capsys)[0] == 0
+    back = load(tmp_path / "back" / "consolidated.00.pth")
+    assert set(back) == set(W) and all(same_bytes(back[k], W[k]) for k in W)
