@@ -421,3 +421,31 @@ def test_transformers_loads_merge_to_hf_with_forward_parity(tmp_path, capsys):
     assert cli("merge", saved, "-o", tmp_path / "back", "-q", capsys=capsys)[0] == 0
     back = load(tmp_path / "back" / "consolidated.00.pth")
     assert set(back) == set(W) and all(same_bytes(back[k], W[k]) for k in W)
+
+
+def test_hf_qk_permutation_is_read_in_bounded_blocks():
+    """A block of canonical wq/wk rows is gathered from a bounded range of HF rows (the block
+    plus at most one head), never the whole tensor."""
+    from mixtral_convert.hfhub import RowPermuted, qk_perm
+    from mixtral_convert.lazy import Stored
+
+    class Recorder(Stored):
+        def __init__(self, t):
+            super().__init__(t)
+            self.calls = []
+
+        def read(self, r0, r1, c0=None, c1=None):
+            self.calls.append((r0, r1))
+            return super().read(r0, r1, c0, c1)
+
+    n, hd, D = 6, 16, 8
+    W = torch.randn(n * hd, D)
+    base = Recorder(to_hf_rows(W, n))
+    canon = RowPermuted(base, qk_perm(n * hd, n, to_hf=False))
+    for rows in (1, 5, hd, 3 * hd):
+        base.calls.clear()
+        assert torch.equal(torch.cat(list(canon.blocks(block_bytes=rows * D * 4))), W)
+        assert all(r1 - r0 <= rows + hd for r0, r1 in base.calls)
+    assert torch.equal(canon.read(17, 40, 2, 5), W[17:40, 2:5])
+    back = RowPermuted(Stored(W), qk_perm(n * hd, n, to_hf=True))
+    assert torch.equal(back.read(0, n * hd), to_hf_rows(W, n))
