@@ -90,6 +90,13 @@ _force_option = click.option("--force", is_flag=True,
                              help="Replace a non-empty output directory's files that mixtral-convert wrote "
                                   "(never anything else).")
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+_format_option = click.option("--format", "fmt", type=click.Choice(["pth", "safetensors"]), default="pth",
+                              show_default=True,
+                              help="Shard file format: .model.pth (what Accessory loads) or .model.safetensors "
+                                   "(same tensors, for other consumers).")
+_tokenizer_option = click.option("--tokenizer", default=None, metavar="PATH_OR_hf://org/name",
+                                 help="tokenizer.model to use when the source has none (a file, its directory, "
+                                      "or a hub repository).")
 
 
 def _print_result(verb: str, res, quiet: bool) -> None:
@@ -120,9 +127,11 @@ _ranks_option = click.option(
          "RANK+WORLD_SIZE, ...")
 
 
-def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, ranks=None) -> None:
+def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
+           tokenizer=None, ranks=None) -> None:
     from .convert import split
-    res = split(src, layout, world_size, out=out, force=force, quiet=quiet, ranks=_parse_ranks(ranks))
+    res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
+                ranks=_parse_ranks(ranks))
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
 
 
@@ -133,15 +142,18 @@ def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: st
 @_force_option
 @_ranks_option
 @_quiet_option
-def split_cmd(src, out, world_size, force, ranks, quiet):
+@_format_option
+@_tokenizer_option
+def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
     attention heads, embedding columns and output rows, and a copy of the norms and router.
-    SRC is a directory holding consolidated.00.pth, params.json and tokenizer.model (or an
-    Accessory directory to re-shard). Default output: SRC/converted.
+    SRC is any supported checkpoint: the torrent release, Mistral's fused consolidated.NN.pt,
+    an HF hub directory, hf://org/name[@rev], or an Accessory directory to re-shard.
+    Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", ranks)
+    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks)
 
 
 @cli.command("split-sparse")
@@ -151,14 +163,16 @@ def split_cmd(src, out, world_size, force, ranks, quiet):
 @_force_option
 @_ranks_option
 @_quiet_option
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet):
+@_format_option
+@_tokenizer_option
+def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
     and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
     Default output: SRC/converted_sparse.
     """
-    _split(src, out, world_size, force, quiet, "sparse", ranks)
+    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks)
 
 
 @cli.command("merge")
@@ -166,11 +180,20 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet):
 @_out_option
 @_force_option
 @_quiet_option
-def merge_cmd(shards, out, force, quiet):
-    """Reassemble an Accessory directory (base or sparse, any N) into the torrent layout:
-    consolidated.00.pth, params.json and tokenizer.model. Default output: SHARDS_merged."""
+@click.option("--to", "to", type=click.Choice(["torrent", "hf"]), default="torrent", show_default=True,
+              help="torrent: consolidated.00.pth + params.json; hf: the HF hub layout (config.json, "
+                   "safetensors with q/k permuted, an index when several files) that transformers loads.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB).")
+@_tokenizer_option
+def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer):
+    """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
+    torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
+    SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
+    from .hfhub import parse_size
     from .merge import merge
-    res = merge(shards, out=out, force=force, quiet=quiet)
+    res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
+                tokenizer=tokenizer)
     _print_result("merged", res, quiet)
 
 

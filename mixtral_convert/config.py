@@ -42,6 +42,8 @@ class ModelConfig:
         """From a torrent params.json or an Accessory config.json (same key names)."""
         if not isinstance(params, dict):
             raise ConvertError(f"{where}: expected a JSON object, got {type(params).__name__}")
+        if "dim" not in params and "hidden_size" in params:
+            return cls.from_hf_config(params, where)  # a params.json may use HF's names (FORMATS.md 2)
         moe = params.get("moe")
         if not isinstance(moe, dict):
             raise ConvertError(f"{where}: missing the 'moe' object "
@@ -71,6 +73,48 @@ class ModelConfig:
             raise ConvertError(f"{where}: malformed value ({e})") from None
         cfg.check(where)
         return cfg
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """From an HF hub config.json (MixtralConfig names, FORMATS.md section 3); rope_theta at
+        top level or in rope_parameters; head_dim absent or null means hidden_size / heads."""
+        if not isinstance(hf, dict):
+            raise ConvertError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+        if "num_local_experts" not in hf:
+            raise ConvertError(f"{where}: no 'num_local_experts' (model_type {hf.get('model_type')!r}); "
+                               "is this a Mixtral checkpoint?")
+        rope = hf.get("rope_theta")
+        if rope is None and isinstance(hf.get("rope_parameters"), dict):
+            rope = hf["rope_parameters"].get("rope_theta")
+        params = {
+            "dim": hf.get("hidden_size"), "n_layers": hf.get("num_hidden_layers"),
+            "head_dim": hf.get("head_dim"), "hidden_dim": hf.get("intermediate_size"),
+            "n_heads": hf.get("num_attention_heads"), "n_kv_heads": hf.get("num_key_value_heads"),
+            "vocab_size": hf.get("vocab_size"), "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": rope,
+            "moe": {"num_experts": hf.get("num_local_experts"), "num_experts_per_tok": hf.get("num_experts_per_tok")},
+        }
+        for ours, theirs in (("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
+                             ("hidden_dim", "intermediate_size"), ("n_heads", "num_attention_heads"),
+                             ("vocab_size", "vocab_size")):
+            if params[ours] is None:
+                raise ConvertError(f"{where}: missing required key '{theirs}'")
+        if hf.get("num_experts_per_tok") is None:
+            raise ConvertError(f"{where}: missing required key 'num_experts_per_tok'")
+        return cls.from_params(params, where)
+
+    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict:
+        """config.json of the HF hub layout (transformers' MixtralConfig names)."""
+        return {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_tok,
+            "max_position_embeddings": 32768, "sliding_window": None, "hidden_act": "silu",
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": torch_dtype,
+        }
 
     @classmethod
     def from_json_file(cls, path: Path) -> "ModelConfig":

@@ -48,16 +48,87 @@ def stream(lazy, progress: Progress):
         progress.advance(len(buf))
 
 
+def writer_for(fmt: str):
+    """The shard writer for --format (both take (path, specs, produce, hasher=))."""
+    if fmt == "pth":
+        return write_checkpoint
+    if fmt == "safetensors":
+        from .safetensorsfile import write_safetensors
+        return write_safetensors
+    raise ConvertError(f"unknown shard format '{fmt}'; use pth or safetensors")
+
+
+def output_base(ck: Checkpoint) -> Path:
+    """Where default outputs go: beside the source, or the working directory for a hub source
+    (never inside the hub cache)."""
+    if ck.remote is not None:
+        from .hub import repo_name
+        return Path.cwd() / repo_name(ck.remote)
+    return ck.path
+
+
+def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
+    """--tokenizer PATH (a tokenizer.model or a directory holding one) or hf://org/name."""
+    if tokenizer is None:
+        return
+    from . import hub
+    if hub.is_hub(tokenizer):
+        ck.tokenizer = hub.resolve_tokenizer(tokenizer)
+        return
+    tok = Path(tokenizer)
+    if tok.is_dir():
+        tok = tok / "tokenizer.model"
+    if not tok.is_file():
+        raise ConvertError(f"{tok}: --tokenizer not found; pass a tokenizer.model file, its directory, or hf://org/name")
+    ck.tokenizer = tok
+
+
 def check_tokenizer(ck: Checkpoint) -> Path:
     if ck.tokenizer is None:
-        raise ConvertError(f"{ck.path}: no tokenizer.model beside the checkpoint; Accessory needs one in the "
-                           "output: copy the release's tokenizer.model there")
+        raise ConvertError(f"{ck.remote or ck.path}: no tokenizer.model beside the checkpoint; Accessory needs one "
+                           "in the output: pass --tokenizer PATH (or hf://org/name), or copy the release's "
+                           "tokenizer.model there")
     pieces = tokenizer_pieces(ck.tokenizer)
     if pieces != ck.cfg.vocab_size:
         raise ConvertError(f"{ck.tokenizer}: has {pieces} pieces but the model's vocabulary is "
                            f"{ck.cfg.vocab_size} rows; Accessory would mis-size the embedding: use the "
                            "tokenizer.model released with this checkpoint")
     return ck.tokenizer
+
+
+def writer_for(fmt: str):
+    """The shard writer for --format (both take (path, specs, produce, hasher=))."""
+    if fmt == "pth":
+        return write_checkpoint
+    if fmt == "safetensors":
+        from .safetensorsfile import write_safetensors
+        return write_safetensors
+    raise ConvertError(f"unknown shard format '{fmt}'; use pth or safetensors")
+
+
+def output_base(ck: Checkpoint) -> Path:
+    """Where default outputs go: beside the source, or the working directory for a hub source
+    (never inside the hub cache)."""
+    if ck.remote is not None:
+        from .hub import repo_name
+        return Path.cwd() / repo_name(ck.remote)
+    return ck.path
+
+
+def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
+    """--tokenizer PATH (a tokenizer.model or a directory holding one) or hf://org/name."""
+    if tokenizer is None:
+        return
+    from . import hub
+    if hub.is_hub(tokenizer):
+        ck.tokenizer = hub.resolve_tokenizer(tokenizer)
+        return
+    tok = Path(tokenizer)
+    if tok.is_dir():
+        tok = tok / "tokenizer.model"
+    if not tok.is_file():
+        raise ConvertError(f"{tok}: --tokenizer not found; pass a tokenizer.model file, its directory, or hf://org/name")
+    ck.tokenizer = tok
 
 
 def ranks_from_env(N: int) -> Optional[list[int]]:
@@ -69,10 +140,10 @@ def ranks_from_env(N: int) -> Optional[list[int]]:
     return list(range(rank, N, world)) if world > 1 else None
 
 
-def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress) -> dict:
+def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, fmt: str) -> dict:
     specs = [TensorSpec(k, st.shape, st.dtype) for k, st in plan.ranks[r].items()]
     h = hashlib.sha256()
-    size = write_checkpoint(path, specs, lambda s: stream(plan.shard_tensor(r, s.name, ck.canonical), prog),
+    size = writer_for(fmt)(path, specs, lambda s: stream(plan.shard_tensor(r, s.name, ck.canonical), prog),
                             hasher=h)
     return {"size": size, "sha256": h.hexdigest(), "rank": r}
 
@@ -94,45 +165,48 @@ def _side_files(ck: Checkpoint, tokenizer: Path, layout: str, out: Path, atomic:
     return files
 
 
-def _manifest_info(ck: Checkpoint, layout: str, N: int) -> dict:
-    return dict(layout=layout, llama_type=LLAMA_TYPE[layout], world_size=N,
-                source={"path": str(ck.path.resolve()), "format": ck.kind,
+def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
+    return dict(layout=layout, llama_type=LLAMA_TYPE[layout], world_size=N, shard_format=fmt,
+                source={"path": ck.remote or str(ck.path.resolve()), "format": ck.kind,
                         "files": {f.name: f.stat().st_size for f in ck.files}})
 
 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
-          quiet: bool = False, ranks: Optional[Sequence[int]] = None) -> Result:
+          quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
+          tokenizer=None) -> Result:
+    writer_for(fmt)  # an unknown format fails before anything is read
     ck = open_checkpoint(src)
+    use_tokenizer(ck, tokenizer)
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
     tokenizer = check_tokenizer(ck)
-    out = Path(out) if out is not None else ck.path / DEFAULT_OUT[layout]
+    out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
     if ranks is None:
         ranks = ranks_from_env(N)
     if ranks is not None:
-        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet)
+        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt)
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + (64 << 20)) as tmp:
         files = {}
         with progress_bar(f"{layout} N={N}", total, quiet) as prog:
             for r in range(N):
-                name = shard_file_name(r, N)
-                files[name] = _write_rank(plan, r, ck, tmp / name, prog)
+                name = shard_file_name(r, N, fmt)
+                files[name] = _write_rank(plan, r, ck, tmp / name, prog, fmt)
             fsync_all(tmp / n for n in files)
         files.update(_side_files(ck, tokenizer, layout, tmp, atomic=False))
-        write_manifest(tmp, files, **_manifest_info(ck, layout, N))
+        write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
 
 
 def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: list[int], force: bool,
-                 quiet: bool) -> Result:
+                 quiet: bool, fmt: str) -> Result:
     """Cooperative mode: write only `ranks` into a shared `out`, each file atomically."""
     N, layout = plan.N, plan.layout
     bad = [r for r in ranks if not 0 <= r < N]
     if bad or not ranks:
         raise ConvertError(f"--ranks: {bad[0] if bad else 'none'} is not a rank of world size {N} "
                            f"(use numbers 0..{N - 1})")
-    names = {r: shard_file_name(r, N) for r in ranks}
+    names = {r: shard_file_name(r, N, fmt) for r in ranks}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -149,16 +223,16 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     with progress_bar(f"{layout} N={N} ranks {','.join(map(str, ranks))}", total, quiet) as prog:
         for r in ranks:
             with atomic_file(out / names[r]) as tmp:
-                entry = _write_rank(plan, r, ck, tmp, prog)
+                entry = _write_rank(plan, r, ck, tmp, prog, fmt)
                 fsync_all([tmp])
             with atomic_file(out / _PART.format(r)) as tmp:
                 write_small(tmp, json_bytes({names[r]: entry}))
     side = _side_files(ck, tokenizer, layout, out, atomic=True)
-    _combine_manifest(out, ck, layout, N, side)
+    _combine_manifest(out, ck, layout, N, side, fmt)
     return Result(out, sorted(names.values()) + sorted(side), total, time.perf_counter() - t0)
 
 
-def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict) -> None:
+def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict, fmt: str) -> None:
     """Once every rank's part is present (whichever process gets there), write the manifest."""
     parts = [out / _PART.format(r) for r in range(N)]
     if not all(p.exists() for p in parts):
@@ -167,6 +241,6 @@ def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict
     for p in parts:
         files.update(json.loads(p.read_text()))
     with atomic_file(out / MANIFEST) as tmp:
-        write_manifest(tmp.parent, files, **_manifest_info(ck, layout, N), _name=tmp.name)
+        write_manifest(tmp.parent, files, **_manifest_info(ck, layout, N, fmt), _name=tmp.name)
     for p in parts:
         p.unlink(missing_ok=True)

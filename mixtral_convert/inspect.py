@@ -1,8 +1,9 @@
 """inspect: say what a file or directory is without reading tensor data.
 
-A checkpoint directory (torrent or Accessory layout), a single .pth file (its tensors'
-dtypes, count and bytes, and which layout its names belong to), a params.json/config.json,
-or a tokenizer.model. Only the pickled tensor descriptions are read (weights_only).
+A checkpoint directory (torrent, Mistral fused, HF hub or Accessory layout) or hf://org/name,
+a single .pth/.pt/.safetensors file (its tensors' dtypes, count and bytes, and which layout its
+names belong to), a params.json/config.json (either naming), or a tokenizer.model. Only the
+pickled tensor descriptions or safetensors headers are read (weights_only).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from pathlib import Path
 
 from .config import ModelConfig, read_json
 from .errors import ConvertError
-from .sources import SHARD_RE, open_checkpoint, tokenizer_pieces
-from .torchfile import load_lazy
+from .sources import SHARD_RE, load_tensors, open_checkpoint, tokenizer_pieces
 
 
 def inspect(path: Path) -> dict:
+    from .hub import is_hub
+    if is_hub(path):
+        return _directory(path)
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path}: no such file or directory")
@@ -34,9 +37,10 @@ def inspect(path: Path) -> dict:
 
 def _directory(path: Path) -> dict:
     ck = open_checkpoint(path)
+    path = ck.remote or ck.path
     dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in ck.canonical.values())
     info = {
-        "path": str(ck.path), "what": ck.describe(), "format": ck.kind, "world_size": ck.N,
+        "path": str(path), "what": ck.describe(), "format": ck.kind, "world_size": ck.N,
         "config": ck.cfg.to_params(), "parameters": sum(math.prod(t.shape) for t in ck.canonical.values()),
         "tensors": len(ck.canonical), "bytes": ck.nbytes, "dtypes": dict(dtypes),
         "files": [{"name": f.name, "bytes": f.stat().st_size} for f in ck.files],
@@ -48,7 +52,7 @@ def _directory(path: Path) -> dict:
 
 
 def _file(path: Path) -> dict:
-    tensors = load_lazy(path)
+    tensors = load_tensors(path)
     dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
     names = list(tensors)
     m = SHARD_RE.match(path.name)
@@ -58,6 +62,10 @@ def _file(path: Path) -> dict:
             f" (rank {int(m.group(1))} of {int(m.group(2))})" if m else "")
     elif "tok_embeddings.weight" in tensors and any(".feed_forward.experts." in n for n in names):
         what = "torrent-layout Mixtral checkpoint"
+    elif any(".block_sparse_moe.w1" in n and not n.startswith("model.") for n in names):
+        what = "Mistral fused block_sparse_moe checkpoint (or one of its key-split files)"
+    elif any(n.startswith("model.layers.") and ".block_sparse_moe." in n for n in names) or "lm_head.weight" in names:
+        what = "HF hub Mixtral safetensors file (q/k permuted; or one of several)"
     else:
         what = "torch checkpoint (not a recognised Mixtral layout)"
     return {"path": str(path), "what": what, "tensors": len(tensors),

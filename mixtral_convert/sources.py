@@ -1,10 +1,14 @@
 """Opening a checkpoint: detect its format, read its config, validate its tensors, and expose
 every canonical tensor lazily.
 
-Formats: the torrent release (`consolidated.00.pth` + `params.json`, FORMATS.md section 1) and
-LLaMA2-Accessory's base and sparse layouts (`consolidated.RR-of-NN.model.pth` + `config.json` +
-`meta.json`, sections 4 and 5), whose canonical tensors are assembled through the partition
-table. Nothing here reads tensor data; shapes and dtypes come from the pickled descriptions.
+Formats: the torrent release (`consolidated.00.pth` + `params.json`, FORMATS.md section 1);
+Mistral's fused `block_sparse_moe` files (`consolidated.NN.pt`, possibly several split by key,
+section 2, see `fused`); an HF hub directory (`config.json` + safetensors, q/k permuted,
+section 3, see `hfhub`); `hf://org/name[@rev]` (resolved through huggingface_hub, see `hub`);
+and LLaMA2-Accessory's base and sparse layouts (`consolidated.RR-of-NN.model.pth` or
+`.model.safetensors` + `config.json` + `meta.json`, sections 4 and 5), whose canonical tensors
+are assembled through the partition table. Nothing here reads tensor data; shapes and dtypes
+come from the pickled descriptions or the safetensors headers.
 """
 
 from __future__ import annotations
@@ -22,8 +26,19 @@ from .layouts import LAYOUT_OF_LLAMA_TYPE, Plan
 from .lazy import Lazy, Stored
 from .torchfile import load_lazy
 
-SHARD_RE = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.pth\Z")
+SHARD_RE = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.(pth|safetensors)\Z")
 TORRENT_FILE = "consolidated.00.pth"
+CONSOLIDATED_RE = re.compile(r"consolidated\.(\d+)\.pth?\Z")  # torrent and Mistral's fused files
+KIND_NAMES = {"torrent": "torrent layout", "fused": "Mistral fused block_sparse_moe layout",
+              "hf": "HF hub layout (safetensors, q/k permuted)"}
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .pth/.pt (torch zip) or .safetensors file's tensors, lazily mapped."""
+    if Path(path).name.endswith(".safetensors"):
+        from .safetensorsfile import load_lazy as load_st
+        return load_st(path)
+    return load_lazy(path)
 
 
 @dataclass
@@ -37,6 +52,7 @@ class Checkpoint:
     canonical: dict[str, Lazy] = field(default_factory=dict)  # canonical name -> lazy tensor
     shards: list[dict[str, Lazy]] = field(default_factory=list)  # Accessory layouts: per rank
     plan: Optional[Plan] = None  # Accessory layouts: the plan their shards follow
+    remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
 
     @property
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -49,19 +65,27 @@ class Checkpoint:
     def describe(self) -> str:
         if self.kind == "torrent":
             return "torrent layout (consolidated.00.pth)"
+        if self.kind in KIND_NAMES:
+            return f"{KIND_NAMES[self.kind]} ({', '.join(f.name for f in self.files[:3])}" + (
+                f", ... {len(self.files)} files)" if len(self.files) > 3 else ")")
         return f"Accessory {self.kind} layout, {self.N} rank{'s' * (self.N > 1)}"
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
-    """A checkpoint directory (or its single .pth file) of any supported format."""
+    """A checkpoint directory (or one of its files), or hf://org/name[@rev], of any supported format."""
+    from . import hub
+    if hub.is_hub(path):
+        ck = open_checkpoint(hub.resolve_checkpoint(path))
+        ck.remote = str(path).replace("hf:/", "hf://", 1) if not str(path).startswith("hf://") else str(path)
+        return ck
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path}: no such file or directory")
     if path.is_file():
-        if SHARD_RE.match(path.name) or path.name.endswith(".pth"):
+        if SHARD_RE.match(path.name) or path.name.endswith((".pth", ".pt", ".safetensors")):
             path = path.parent
         else:
-            raise ConvertError(f"{path}: expected a checkpoint directory or a .pth file")
+            raise ConvertError(f"{path}: expected a checkpoint directory or a .pth/.pt/.safetensors file")
     names = {p.name for p in path.iterdir()}
     shards = sorted(n for n in names if SHARD_RE.match(n))
     if shards and TORRENT_FILE in names:
@@ -71,10 +95,18 @@ def open_checkpoint(path: Path) -> Checkpoint:
         return _open_accessory(path, shards)
     if TORRENT_FILE in names:
         return _open_torrent(path)
+    if "config.json" in names and ("model.safetensors" in names or "model.safetensors.index.json" in names):
+        from .hfhub import open_hf
+        return open_hf(path, lambda kind, cfg, files, canonical: Checkpoint(
+            path, kind, cfg, files, _tokenizer(path), 1, canonical), check_tensors)
+    consolidated = sorted((n for n in names if CONSOLIDATED_RE.match(n)), key=lambda n: int(CONSOLIDATED_RE.match(n).group(1)))
+    if consolidated:
+        return _open_torrent(path, consolidated)
     if any(n.startswith(TORRENT_FILE + "-split") for n in names):
         raise ConvertError(f"{path}: holds {TORRENT_FILE}-splitK pieces but no {TORRENT_FILE}; "
                            f"join them first: mixtral-convert concat {path}")
-    raise ConvertError(f"{path}: no checkpoint found (expected {TORRENT_FILE} with params.json, or "
+    raise ConvertError(f"{path}: no checkpoint found (expected {TORRENT_FILE} or consolidated.NN.pt with "
+                       "params.json, config.json with model.safetensors[.index.json] (HF hub), or "
                        "consolidated.RR-of-NN.model.pth shards with config.json and meta.json)")
 
 
@@ -83,16 +115,30 @@ def _tokenizer(path: Path) -> Optional[Path]:
     return tok if tok.is_file() else None
 
 
-def _open_torrent(path: Path) -> Checkpoint:
+def _open_torrent(path: Path, names: Optional[list[str]] = None) -> Checkpoint:
+    """consolidated.00.pth (torrent), or Mistral's consolidated.NN.pt files split by key: the
+    union of their dicts, with fused block_sparse_moe tensors unfused into views."""
+    from .fused import is_fused, unfuse
+    names = names or [TORRENT_FILE]
     params = path / "params.json"
     if not params.is_file():
-        raise ConvertError(f"{params}: not found; the torrent release ships params.json beside {TORRENT_FILE}")
+        raise ConvertError(f"{params}: not found; the release ships params.json beside {names[0]}")
     cfg = ModelConfig.from_json_file(params)
-    f = path / TORRENT_FILE
-    tensors = load_lazy(f)
-    check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, str(f))
+    files = [path / n for n in names]
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, v in load_lazy(f).items():
+            if k in tensors:
+                raise ConvertError(f"{f}: tensor '{k}' is also in another consolidated file; "
+                                   "remove the stale copy")
+            tensors[k] = v
+    where = str(files[0]) if len(files) == 1 else f"{path} ({', '.join(names)})"
+    fused = is_fused(tensors)
+    if fused:
+        tensors = unfuse(cfg, tensors, where)
+    check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, where)
     canonical = {k: Stored(tensors[k], k) for k in cfg.canonical_shapes()}
-    return Checkpoint(path, "torrent", cfg, [f], _tokenizer(path), 1, canonical)
+    return Checkpoint(path, "fused" if fused else "torrent", cfg, files, _tokenizer(path), 1, canonical)
 
 
 def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None:
@@ -126,6 +172,9 @@ def _open_accessory(path: Path, shards: list[str]) -> Checkpoint:
                            f"(expected one of {', '.join(LAYOUT_OF_LLAMA_TYPE)})")
     layout = LAYOUT_OF_LLAMA_TYPE[llama_type]
     cfg = ModelConfig.from_json_file(path / "config.json")
+    exts = {SHARD_RE.match(n).group(3) for n in shards}
+    if len(exts) != 1:
+        raise ConvertError(f"{path}: holds both .model.pth and .model.safetensors shards; move one set elsewhere")
     counts = {int(SHARD_RE.match(n).group(2)) for n in shards}
     if len(counts) != 1:
         raise ConvertError(f"{path}: shards of different world sizes ({', '.join(map(str, sorted(counts)))}); "
@@ -137,7 +186,7 @@ def _open_accessory(path: Path, shards: list[str]) -> Checkpoint:
         what = f"rank file(s) {', '.join(f'{r:02d}' for r in missing)} missing" if missing else "unexpected rank files"
         raise ConvertError(f"{path}: {what} for world size {N}")
     files = [path / n for n in shards]
-    loaded = [load_lazy(f) for f in files]
+    loaded = [load_tensors(f) for f in files]
     plan = Plan(layout, cfg, N, {k: torch.bfloat16 for k in cfg.canonical_shapes()})
     dtypes = {}
     for name in cfg.canonical_shapes():

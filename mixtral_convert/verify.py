@@ -24,8 +24,9 @@ from .errors import ConvertError
 from .layouts import LAYOUT_OF_LLAMA_TYPE, Plan, shard_file_name
 from .lazy import Stored
 from .progress import progress_bar
-from .sources import SHARD_RE, TORRENT_FILE, Checkpoint, open_checkpoint, structure_problems, tokenizer_pieces
-from .torchfile import load_lazy, tensor_bytes
+from .sources import (SHARD_RE, TORRENT_FILE, Checkpoint, load_tensors, open_checkpoint, structure_problems,
+                      tokenizer_pieces)
+from .torchfile import tensor_bytes
 
 
 @dataclass
@@ -105,7 +106,10 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
         return bad(f"{shards}: shard files of several world sizes {sorted(sizes)}")
     N = sizes.pop()
     rep.world_size = N
-    expected_files = [shard_file_name(r, N) for r in range(N)]
+    exts = sorted({SHARD_RE.match(n).group(3) for n in found})
+    if len(exts) != 1:
+        return bad(f"{shards}: holds both .model.pth and .model.safetensors shards")
+    expected_files = [shard_file_name(r, N, exts[0]) for r in range(N)]
     missing = [n for n in expected_files if n not in found]
     if missing:
         return bad(f"{shards / missing[0]}: missing (rank {expected_files.index(missing[0])} of {N})")
@@ -133,7 +137,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     loaded = []
     for f in files:
         try:
-            loaded.append(load_lazy(f))
+            loaded.append(load_tensors(f))
         except ConvertError as e:
             return bad(str(e))
     structure = structure_problems(plan, files, loaded)
