@@ -135,15 +135,17 @@ def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: st
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
 
 
+def _split_options(f):
+    """The options split and split-sparse share."""
+    for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
+                            _world_size_option, _force_option, _ranks_option, _quiet_option,
+                            _format_option, _tokenizer_option)):
+        f = option(f)
+    return f
+
+
 @cli.command("split")
-@click.argument("src", type=click.Path(path_type=Path))
-@_out_option
-@_world_size_option
-@_force_option
-@_ranks_option
-@_quiet_option
-@_format_option
-@_tokenizer_option
+@_split_options
 def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
@@ -157,14 +159,7 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
 
 
 @cli.command("split-sparse")
-@click.argument("src", type=click.Path(path_type=Path))
-@_out_option
-@_world_size_option
-@_force_option
-@_ranks_option
-@_quiet_option
-@_format_option
-@_tokenizer_option
+@_split_options
 def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 

@@ -96,41 +96,6 @@ def check_tokenizer(ck: Checkpoint) -> Path:
     return ck.tokenizer
 
 
-def writer_for(fmt: str):
-    """The shard writer for --format (both take (path, specs, produce, hasher=))."""
-    if fmt == "pth":
-        return write_checkpoint
-    if fmt == "safetensors":
-        from .safetensorsfile import write_safetensors
-        return write_safetensors
-    raise ConvertError(f"unknown shard format '{fmt}'; use pth or safetensors")
-
-
-def output_base(ck: Checkpoint) -> Path:
-    """Where default outputs go: beside the source, or the working directory for a hub source
-    (never inside the hub cache)."""
-    if ck.remote is not None:
-        from .hub import repo_name
-        return Path.cwd() / repo_name(ck.remote)
-    return ck.path
-
-
-def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
-    """--tokenizer PATH (a tokenizer.model or a directory holding one) or hf://org/name."""
-    if tokenizer is None:
-        return
-    from . import hub
-    if hub.is_hub(tokenizer):
-        ck.tokenizer = hub.resolve_tokenizer(tokenizer)
-        return
-    tok = Path(tokenizer)
-    if tok.is_dir():
-        tok = tok / "tokenizer.model"
-    if not tok.is_file():
-        raise ConvertError(f"{tok}: --tokenizer not found; pass a tokenizer.model file, its directory, or hf://org/name")
-    ck.tokenizer = tok
-
-
 def ranks_from_env(N: int) -> Optional[list[int]]:
     """Under torchrun (WORLD_SIZE > 1): this process's share of the N ranks."""
     try:
