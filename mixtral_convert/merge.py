@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .convert import Result, stream
+from .convert import Result, check_tokenizer, stream
 from .errors import ConvertError
 from .outdir import atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import progress_bar
@@ -24,6 +24,8 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     ck = open_checkpoint(shards)
     if ck.kind == "torrent":
         raise ConvertError(f"{ck.path}: already in the torrent layout; merge reads Accessory shard directories")
+    if ck.tokenizer is not None:
+        check_tokenizer(ck)  # validated before anything is written, like split
     out = Path(out) if out is not None else ck.path.parent / f"{ck.path.name}_merged"
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
     total = sum(s.nbytes for s in specs)
