@@ -207,6 +207,14 @@ def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> It
     base = _nearest_existing(out.parent)
     if not base.is_dir():
         raise ConvertError(f"{out.parent}: '{base}' is not a directory; choose another -o")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "Permission denied"
+        try:
+            if os.statvfs(base).f_flag & os.ST_RDONLY:
+                why = "Read-only file system"
+        except OSError:
+            pass
+        raise ConvertError(f"{out}: cannot create the output there ({why}); choose another -o")
     free0 = _free(base)
     if need_bytes and free0 is not None and free0 < need_bytes:
         raise ConvertError(f"{out}: not enough free space on {base}: {human_bytes(need_bytes)} needed "
