@@ -130,7 +130,12 @@ def _print_result(verb: str, res, quiet: bool) -> None:
 
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str) -> None:
     from .convert import split
-    res = split(src, layout, world_size, out=out, force=force, quiet=quiet)
+    try:
+        res = split(src, layout, world_size, out=out, force=force, quiet=quiet)
+    except ConvertError as e:
+        if str(e).startswith("world size "):  # name the option (the plan does not know it)
+            raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
+        raise
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
 
 
