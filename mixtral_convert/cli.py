@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -20,40 +21,65 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def main(argv=None) -> None:
-    """Entry point: maps failures to one line on stderr and an exit code a CI can use.
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
-    0 success; 1 verify found a mismatch; 2 bad usage or input; 130 SIGINT; 143 SIGTERM.
+
+def _line(msg) -> str:
+    """Any message as a single line."""
+    return " ".join(str(msg).split())
+
+
+def _fail(msg: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {_line(msg)}", err=True)
+    sys.exit(code)
+
+
+def main(argv=None) -> None:
+    """Entry point: maps every failure to one line on stderr and an exit code a CI can use.
+
+    0 success; 1 verify found a mismatch; 2 bad usage, bad input or any other failure (one
+    line `error: ...`; the traceback only with --debug); 130 SIGINT; 143 SIGTERM.
     """
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
+    debug = "--debug" in args
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli.main(args=argv, prog_name="mixtral-convert", standalone_mode=False)
+        # not cli.main(): click would turn Ctrl-C into Abort and print a blank line first
+        with cli.make_context("mixtral-convert", args) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        click.echo("error: interrupted; nothing was left half-written", err=True)
+        click.echo("error: interrupted (SIGINT); nothing was left half-written", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()} (see 'mixtral-convert --help')", err=True)
+    except _NoArgsIsHelp as e:  # bare `mixtral-convert` (or a bare group): the help, as click shows it
+        click.echo(e.ctx.get_help(), err=True)
         sys.exit(2)
-    except (ConvertError, Mismatch) as e:
-        if debug:
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        _fail(f"{e.format_message()} (see 'mixtral-convert --help')", 2, debug)
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         click.echo("error: interrupted (SIGINT); nothing was left half-written", err=True)
         sys.exit(130)
     except Terminated:
+        if debug:
+            traceback.print_exc()
         click.echo("error: terminated (SIGTERM); nothing was left half-written", err=True)
         sys.exit(143)
+    except (ConvertError, Mismatch) as e:
+        _fail(str(e), e.exit_code, debug)
     except OSError as e:
-        if debug:
-            raise
         where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e}", err=True)
-        sys.exit(2)
+        _fail(f"{where}{e.strerror or e}; check the path, its permissions and the disk", 2, debug)
+    except MemoryError:
+        _fail("out of memory; close other programs or use a machine with more memory (re-run with --debug "
+              "and report it if this is a small checkpoint)", 2, debug)
+    except Exception as e:  # a bug: still one line, never a half-written output (the output dir cleans up)
+        _fail(f"internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback and report it)",
+              2, debug)
     sys.exit(0)
 
 
@@ -130,8 +156,13 @@ _ranks_option = click.option(
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
            tokenizer=None, ranks=None) -> None:
     from .convert import split
-    res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
-                ranks=_parse_ranks(ranks))
+    try:
+        res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
+                    ranks=_parse_ranks(ranks))
+    except ConvertError as e:
+        if str(e).startswith("world size "):  # name the option (the plan does not know it)
+            raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
+        raise
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
 
 
@@ -194,15 +225,18 @@ def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer):
 
 @cli.command("verify")
 @click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--source", "-s", type=click.Path(path_type=Path), required=True,
-              help="The checkpoint SHARDS was made from (directory or consolidated.00.pth).")
+@click.option("--source", "-s", type=click.Path(path_type=Path), default=None,
+              help="The checkpoint SHARDS was made from (directory or consolidated.00.pth). Without it, "
+                   "every file is checked against the manifest the conversion wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_quiet_option
 def verify_cmd(shards, source, as_json, quiet):
     """Prove SHARDS is exactly SOURCE in its layout: structure (a file per rank, meta.json,
     config.json and tokenizer consistent, every shard's keys, shapes and dtypes) and every
-    byte of every tensor. Exit 0 when all is equal, 1 on the first mismatch (named), 2 on
-    bad usage or unreadable input."""
+    byte of every tensor. Without --source: the same structure checks, then every file's size
+    and sha256 against SHARDS/mixtral-convert-manifest.json (no source needed). Exit 0 when all
+    is equal, 1 on the first mismatch (named), 2 on bad usage or unreadable input (or no
+    manifest and no --source)."""
     import json
     from .verify import verify
     rep = verify(shards, source, quiet=quiet or as_json)

@@ -174,10 +174,11 @@ class ModelConfig:
 
 def _int(d: dict, key: str, where: str) -> int:
     if key not in d or d[key] is None:
-        raise ConvertError(f"{where}: missing required key '{key}'")
+        raise ConvertError(f"{where}: missing required key '{key}'; restore the file released with the checkpoint")
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-        raise ConvertError(f"{where}: '{key}' must be an integer, got {v!r}")
+        raise ConvertError(f"{where}: '{key}' must be an integer, got {v!r}; restore the file released with "
+                           "the checkpoint")
     return int(v)
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .convert import Result, output_base, stream, use_tokenizer
+from .convert import Result, check_tokenizer, output_base, stream, use_tokenizer
 from .errors import ConvertError
 from .outdir import atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import progress_bar
@@ -38,6 +38,8 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
                            "(or other sources); for the HF layout pass --to hf")
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}_merged"
+    if ck.tokenizer is not None:
+        check_tokenizer(ck)  # validated before anything is written, like split
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
     total = sum(s.nbytes for s in specs)
     t0 = time.perf_counter()

@@ -228,4 +228,5 @@ def tokenizer_pieces(path: Path) -> int:
     try:
         return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except (OSError, RuntimeError) as e:
-        raise ConvertError(f"{path}: not a SentencePiece model ({str(e).strip()[:120]})") from None
+        raise ConvertError(f"{path}: not a SentencePiece model ({str(e).strip()[:120]}); use the "
+                           "tokenizer.model released with this checkpoint") from None

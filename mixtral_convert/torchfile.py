@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import queue
+import re
 import struct
 import threading
 import zipfile
@@ -50,7 +51,11 @@ def load_lazy(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
+        # torch's message is a page of advice; keep what names the refused object
+        m = re.search(r"(?:unsupported|Unsupported) (?:global|GLOBAL|operand) ?:? ?(?:GLOBAL )?([\w.]+)", str(e))
+        first = (f"it would call {m.group(1)}" if m and "." in m.group(1) else
+                 next((ln for ln in str(e).splitlines() if ln.strip() and "Weights only load failed" not in ln),
+                      "not allowed by weights_only"))
         raise ConvertError(f"{path}: refused to load: it holds objects other than tensors "
                            f"({first[:160]}); only plain tensor checkpoints are accepted") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:

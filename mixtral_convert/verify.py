@@ -7,6 +7,10 @@ the source through the plan. The pieces tile every canonical tensor (a property 
 tested), so this is the same as checking that the reassembly of every source tensor equals it;
 replicated tensors are checked on every rank. Bytes, not values, are compared: NaN payloads
 are data.
+
+Without a source, the same structure checks run with the directory's own config.json and the
+shards' dtypes, and then every file's size and sha256 is checked against the manifest the
+conversion wrote (manifest.py): corruption after conversion is caught without the source.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Optional
 import numpy as np
 
 from .config import ACCESSORY_KEYS, ModelConfig, read_json
+from . import manifest
 from .errors import ConvertError
 from .layouts import LAYOUT_OF_LLAMA_TYPE, Plan, shard_file_name
 from .lazy import Stored
+from .manifest import MANIFEST
 from .progress import progress_bar
 from .sources import (SHARD_RE, TORRENT_FILE, Checkpoint, load_tensors, open_checkpoint, structure_problems,
                       tokenizer_pieces)
@@ -50,11 +56,23 @@ class Report:
                 "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
 
 
-def verify(shards: Path, source: Path, quiet: bool = False) -> Report:
+def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False) -> Report:
+    """With `source`: structure, then every byte against the source. Without: structure, then
+    every file's size and sha256 against the directory's manifest."""
     t0 = time.perf_counter()
     shards = Path(shards)
     if not shards.is_dir():
         raise ConvertError(f"{shards}: not a directory; pass the directory that split wrote")
+    if source is None:
+        if not (shards / MANIFEST).exists():
+            raise ConvertError(f"{shards}: no {MANIFEST} and no --source; pass --source SRC (the checkpoint "
+                               "it was made from) to compare every byte with it")
+        rep = Report(str(shards), f"its manifest ({MANIFEST})")
+        try:
+            _verify_manifest(shards, rep, quiet)
+        finally:
+            rep.seconds = time.perf_counter() - t0
+        return rep
     src = open_checkpoint(source)  # a bad source is bad input (exit 2), not a mismatch
     rep = Report(str(shards), str(src.path))
     try:
@@ -64,7 +82,70 @@ def verify(shards: Path, source: Path, quiet: bool = False) -> Report:
     return rep
 
 
+def _verify_manifest(shards: Path, rep: Report, quiet: bool) -> None:
+    bad = rep.problems.append
+    try:
+        m = manifest.read(shards)
+    except ConvertError as e:
+        return bad(str(e))
+    rep.layout, rep.world_size = m.get("layout"), m.get("world_size")
+    listing = manifest.check_listing(shards, m)
+    if listing:
+        rep.problems.extend(listing)
+        return
+    rep.checks.append(f"{len(m['files'])} files listed in the manifest, all present with their recorded sizes, "
+                      "none unlisted")
+    if m.get("layout") == "torrent":  # a merge output
+        try:
+            ck = open_checkpoint(shards)
+            if ck.tokenizer is not None and tokenizer_pieces(ck.tokenizer) != ck.cfg.vocab_size:
+                return bad(f"{ck.tokenizer}: {tokenizer_pieces(ck.tokenizer)} pieces, but the embedding has "
+                           f"{ck.cfg.vocab_size} rows")
+        except ConvertError as e:
+            return bad(str(e))
+        rep.checks.append("params.json, tensor names, shapes and dtype consistent")
+    elif _structure(shards, None, rep) is None or rep.problems:
+        return
+    total = sum(e["size"] for e in m["files"].values())
+    with progress_bar("verify sha256", total, quiet) as prog:
+        def advance(n):
+            rep.bytes_compared += n
+            prog.advance(n)
+        digest = manifest.check_hashes(shards, m, advance)
+    if digest:
+        rep.problems.extend(digest)
+        return
+    rep.checks.append(f"every file's sha256 equals the manifest's ({rep.bytes_compared} bytes hashed)")
+
+
 def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
+    found = _structure(shards, src, rep)
+    if found is None or rep.problems:
+        return
+    plan, files, loaded = found
+    N = plan.N
+    bad = rep.problems.append
+    # data, byte for byte
+    total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
+    with progress_bar("verify", total, quiet) as prog:
+        for r in range(N):
+            for key, st in plan.ranks[r].items():
+                expected = plan.shard_tensor(r, key, src.canonical)
+                actual = Stored(loaded[r][key], key)
+                for r0, r1 in expected.row_blocks():
+                    a = tensor_bytes(actual.read(r0, r1))
+                    e = tensor_bytes(expected.read(r0, r1))
+                    if not np.array_equal(a, e):
+                        return bad(_where(files[r], r, st, r0, a, e))
+                    rep.bytes_compared += len(a)
+                    prog.advance(len(a))
+    rep.checks.append(f"every byte of every shard equals the source's ({rep.bytes_compared} bytes)")
+
+
+def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
+    """meta.json, config.json (against the source's config, or on its own), a file per rank, the
+    tokenizer, and every shard's keys, shapes and dtypes against the plan. Returns (plan, files,
+    loaded shards), or None when it cannot go on; problems go to the report."""
     bad = rep.problems.append
     # meta.json -> layout
     try:
@@ -77,6 +158,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     rep.layout = layout
     rep.checks.append(f"meta.json: llama_type {meta['llama_type']}")
     # config.json against the source's config
+    cfg = None
     try:
         raw = read_json(shards / "config.json")
         unknown = sorted(set(raw) - ACCESSORY_KEYS) if isinstance(raw, dict) else []
@@ -86,7 +168,9 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
             if isinstance(raw, dict) and k not in raw:
                 bad(f"{shards / 'config.json'}: '{k}' is absent (Accessory's default would be wrong)")
         cfg = ModelConfig.from_params(raw, str(shards / "config.json"))
-        if cfg != src.cfg:
+        if src is None:
+            rep.checks.append("config.json: a valid Mixtral config")
+        elif cfg != src.cfg:
             diff = [k for k in src.cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(src.cfg, k)]
             bad(f"{shards / 'config.json'}: '{diff[0]}' is {getattr(cfg, diff[0])}, the source has "
                 f"{getattr(src.cfg, diff[0])}")
@@ -94,6 +178,10 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
             rep.checks.append("config.json: equals the source's config")
     except ConvertError as e:
         bad(str(e))
+    if src is not None:
+        cfg = src.cfg
+    elif cfg is None:
+        return None
     # files for every rank
     names = sorted(p.name for p in shards.iterdir())
     found = [n for n in names if SHARD_RE.match(n)]
@@ -121,18 +209,14 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     else:
         try:
             pieces = tokenizer_pieces(tok)
-            if pieces != src.cfg.vocab_size:
-                bad(f"{tok}: {pieces} pieces, but the embedding has {src.cfg.vocab_size} rows")
-            elif src.tokenizer is not None and tok.read_bytes() != src.tokenizer.read_bytes():
+            if pieces != cfg.vocab_size:
+                bad(f"{tok}: {pieces} pieces, but the embedding has {cfg.vocab_size} rows")
+            elif src is not None and src.tokenizer is not None and tok.read_bytes() != src.tokenizer.read_bytes():
                 bad(f"{tok}: differs from the source's {src.tokenizer}")
             else:
                 rep.checks.append(f"tokenizer.model: {pieces} pieces = vocab_size")
         except ConvertError as e:
             bad(str(e))
-    try:
-        plan = Plan(layout, src.cfg, N, src.dtypes)
-    except ConvertError as e:
-        return bad(f"{shards}: {e}")
     files = [shards / n for n in expected_files]
     loaded = []
     for f in files:
@@ -140,28 +224,30 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
             loaded.append(load_tensors(f))
         except ConvertError as e:
             return bad(str(e))
+    try:
+        plan = Plan(layout, cfg, N, src.dtypes if src is not None else _shard_dtypes(layout, cfg, N, loaded))
+    except ConvertError as e:
+        return bad(f"{shards}: {e}")
     structure = structure_problems(plan, files, loaded)
     if structure:
         rep.problems.extend(structure)
-        return
+        return None
     rep.checks.append("every shard's keys, shapes and dtypes match the layout")
-    if rep.problems:
-        return
-    # data, byte for byte
-    total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
-    with progress_bar("verify", total, quiet) as prog:
-        for r in range(N):
-            for key, st in plan.ranks[r].items():
-                expected = plan.shard_tensor(r, key, src.canonical)
-                actual = Stored(loaded[r][key], key)
-                for r0, r1 in expected.row_blocks():
-                    a = tensor_bytes(actual.read(r0, r1))
-                    e = tensor_bytes(expected.read(r0, r1))
-                    if not np.array_equal(a, e):
-                        return bad(_where(files[r], r, st, r0, a, e))
-                    rep.bytes_compared += len(a)
-                    prog.advance(len(a))
-    rep.checks.append(f"every byte of every shard equals the source's ({rep.bytes_compared} bytes)")
+    return plan, files, loaded
+
+
+def _shard_dtypes(layout: str, cfg: ModelConfig, N: int, loaded) -> dict:
+    """Each canonical tensor's dtype as the shards hold it (where absent: bfloat16, and the
+    structure check names the missing tensor)."""
+    import torch
+    names = cfg.canonical_shapes()
+    plan = Plan(layout, cfg, N, {k: torch.bfloat16 for k in names})
+    out = {}
+    for name in names:
+        p = plan.by_source[name][0]
+        t = loaded[p.rank].get(p.key)
+        out[name] = t.dtype if t is not None else torch.bfloat16
+    return out
 
 
 def _where(f: Path, r: int, st, r0: int, a, e) -> str:

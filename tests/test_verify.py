@@ -117,7 +117,11 @@ def test_extra_and_reshaped_tensor_exit_1(shards, tmp_path, capsys):
 def test_bad_usage_exit_2(shards, tmp_path, capsys):
     assert cli("verify", tmp_path / "nope", "--source", _src_of(shards["base"]), capsys=capsys)[0] == 2
     assert cli("verify", shards["base"], "--source", tmp_path / "nope", capsys=capsys)[0] == 2
-    assert cli("verify", shards["base"], capsys=capsys)[0] == 2  # --source is required
+    d = tmp_path / "no_manifest"
+    shutil.copytree(shards["base"], d)
+    (d / "mixtral-convert-manifest.json").unlink()
+    code, _, err = cli("verify", d, capsys=capsys)  # neither a manifest nor --source
+    assert code == 2 and "no mixtral-convert-manifest.json and no --source" in err
 
 
 def test_nan_and_inf_payloads_are_data(tmp_path, capsys):
