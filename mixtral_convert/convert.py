@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import ConvertError
+from .lazy import prefetched
 from .layouts import LLAMA_TYPE, Plan, shard_file_name
 from .outdir import MANIFEST, atomic_file, atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import Progress, human_bytes, progress_bar
@@ -42,7 +43,8 @@ class Result:
 
 
 def stream(lazy, progress: Progress):
-    for block in lazy.blocks():
+    """A lazy tensor's bytes, block by block, computed a little ahead on a second thread."""
+    for block in prefetched(lazy.blocks()):
         buf = tensor_bytes(block)
         yield buf
         progress.advance(len(buf))
