@@ -218,7 +218,7 @@ class _Worker(threading.Thread):
 def _copy(pieces: list[Path], sizes: list[int], fd: int, progress) -> tuple[str, str]:
     """Copy the pieces to fd in order; return (md5, sha256) of everything written."""
     md5, sha = hashlib.md5(), hashlib.sha256()
-    bufs = [bytearray(CHUNK) for _ in range(NBUF)]
+    bufs = [bytearray(max(1, min(CHUNK, sum(sizes)))) for _ in range(NBUF)]
     done: queue.Queue = queue.Queue()
     writer = _Worker("write", lambda v: _write_all(fd, v), bufs, done)
     workers = [writer, _Worker("md5", md5.update, bufs, done),
