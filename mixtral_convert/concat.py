@@ -312,8 +312,12 @@ def check_checkpoint(path: Path) -> tuple[int, int]:
         raise _fail(path, f"no zip end record: {e}") from None
     with zf, open(path, "rb") as f:
         infos = zf.infolist()
-        if not infos or min(i.header_offset for i in infos) != 0:
-            raise _fail(path, "zip entries do not start at byte 0")
+        if not infos:
+            raise _fail(path, "the zip is empty")
+        shift = min(i.header_offset for i in infos)  # zipfile moves offsets by what is missing
+        if shift != 0:
+            raise _fail(path, f"{-shift} bytes missing before the zip's directory" if shift < 0
+                        else f"{shift} extra bytes before the zip's directory")
         records = {}
         for info in infos:
             f.seek(info.header_offset)
