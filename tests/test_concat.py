@@ -224,12 +224,13 @@ def test_not_a_piece_and_missing_input_refused(ckpt, tmp_path, capsys):
     refused(["concat", tmp_path / "emptydir"], capsys, "no '*-splitN' pieces", directory=d)
 
 
-@pytest.mark.parametrize("which", [0, 4, 9])
-def test_truncated_piece_caught_without_checksum(ckpt, capsys, which):
+@pytest.mark.parametrize("which,why", [(0, "100 bytes missing"), (4, "100 bytes missing"),
+                                       (9, "no zip end record")])
+def test_truncated_piece_caught_without_checksum(ckpt, capsys, which, why):
     data, d = ckpt
     p = d / f"{BASE}-split{which}"
     p.write_bytes(p.read_bytes()[:-100])
-    err = refused(["concat", d], capsys, "not a loadable torch checkpoint", directory=d,
+    err = refused(["concat", d], capsys, "not a loadable torch checkpoint", why, directory=d,
                   output=d / BASE)
     assert "nothing was written" in err
 
@@ -238,7 +239,7 @@ def test_piece_with_extra_bytes_caught_without_checksum(ckpt, capsys):
     data, d = ckpt
     p = d / f"{BASE}-split5"
     p.write_bytes(p.read_bytes() + b"\0" * 64)
-    refused(["concat", d], capsys, "not a loadable torch checkpoint", directory=d,
+    refused(["concat", d], capsys, "not a loadable torch checkpoint", "64 extra bytes", directory=d,
             output=d / BASE)
 
 
