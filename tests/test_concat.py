@@ -397,6 +397,18 @@ def test_not_enough_space_refused(ckpt, capsys, monkeypatch):
             "100 bytes", directory=d, output=d / BASE)
 
 
+def test_disk_full_while_writing(ckpt, capsys, monkeypatch):
+    data, d = ckpt
+    import errno
+
+    def full(fd, view):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(op, "_write_all", full)
+    refused(["concat", d, "--remove-pieces"], capsys, str(d / BASE), "No space left",
+            directory=d, output=d / BASE)
+    assert len([p for p in d.iterdir() if "-split" in p.name]) == 10
+
+
 def test_stale_partial_file_replaced(ckpt, capsys):
     data, d = ckpt
     stale = op.partial_path(d / BASE)
