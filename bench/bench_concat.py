@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -111,21 +112,26 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
 
         times: dict[str, list[float]] = {"cat": [], "concat": []}
+        cpu: dict[str, list[float]] = {"cat": [], "concat": []}  # user + sys seconds
         cold = True
         digest = expected_md5 = None
         for run in range(args.runs):
             for name, cmd in (("cat", cat), ("concat", ours)):
                 cold &= drop_caches()
+                r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
                 res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
                 times[name].append(time.perf_counter() - t)
+                r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[name].append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
                 if name == "concat":
                     digest = res.stdout.split()[1]
                 elif run == 0:  # the reference md5 of cat's output, outside the timing
                     with open(out, "rb") as f:
                         expected_md5 = hashlib.file_digest(f, "md5").hexdigest()
                 out.unlink()
-                print(f"run {run + 1} {name:6s} {times[name][-1]:7.2f} s", flush=True)
+                print(f"run {run + 1} {name:6s} {times[name][-1]:7.2f} s wall "
+                      f"{cpu[name][-1]:6.2f} s cpu", flush=True)
         assert digest == expected_md5, (digest, expected_md5)
 
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -136,15 +142,18 @@ def main() -> None:
             "cat_median_s": med["cat"], "concat_median_s": med["concat"],
             "cat_MBps": total / med["cat"] / 1e6, "concat_MBps": total / med["concat"] / 1e6,
             "concat_over_cat_time": med["concat"] / med["cat"],
+            "cat_cpu_s": cpu["cat"], "concat_cpu_s": cpu["concat"],
+            "cat_median_cpu_s": statistics.median(cpu["cat"]),
+            "concat_median_cpu_s": statistics.median(cpu["concat"]),
             "loadavg_1min_at_end": os.getloadavg()[0],
             "command": " ".join(sys.argv),
         }
         print()
-        print(f"{'':28s} {'median s':>9s} {'MB/s':>8s}   runs")
-        print(f"{'cat pieces > out && sync':28s} {med['cat']:9.2f} {result['cat_MBps']:8.0f}   "
-              + " ".join(f"{t:.2f}" for t in times["cat"]))
-        print(f"{'mixtral-convert concat':28s} {med['concat']:9.2f} "
-              f"{result['concat_MBps']:8.0f}   " + " ".join(f"{t:.2f}" for t in times["concat"]))
+        print(f"{'':28s} {'median s':>9s} {'MB/s':>8s} {'cpu s':>7s}   runs (wall s)")
+        for name, label in (("cat", "cat pieces > out && sync"), ("concat", "mixtral-convert concat")):
+            print(f"{label:28s} {med[name]:9.2f} {result[name + '_MBps']:8.0f} "
+                  f"{result[name + '_median_cpu_s']:7.2f}   "
+                  + " ".join(f"{t:.2f}" for t in times[name]))
         print(f"concat takes {result['concat_over_cat_time']:.2f}x the time of cat "
               f"({total} bytes, {args.pieces} pieces, "
               f"{'cold' if cold else 'WARM (could not drop caches)'} page cache, "
