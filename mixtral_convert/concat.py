@@ -33,9 +33,9 @@ from .progress import human_bytes, progress_bar
 PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
 PARTIAL_SUFFIX = ".mixtral-convert-partial"
 # Bytes per buffer and buffers in flight (memory is bounded by NBUF * CHUNK). The writer and both
-# hashers read each buffer soon after it is filled: 1 MiB buffers stay in the CPU's cache, 8-32
-# MiB ones do not, which measured up to 2x slower on 2 cores. md5 (serial, ~0.5-0.7 GB/s a core)
-# is the ceiling.
+# hashers read each buffer soon after it is filled; with 8 MiB buffers each of them was busy
+# about twice as long as with 128 KiB-1 MiB ones (cache misses), measured on 2 cores. md5
+# (serial, ~0.5-0.7 GB/s a core) is the ceiling.
 CHUNK = 1 << 20
 NBUF = 16
 
