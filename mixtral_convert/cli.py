@@ -101,6 +101,72 @@ def cli(debug: bool) -> None:
     """
 
 
+@cli.command()
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True,
+                type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Where to write the joined file (a directory puts it there under the base "
+                   "name). Default: the base name beside the pieces, e.g. consolidated.00.pth.")
+@click.option("--md5", metavar="HEX", default=None, help="Expected md5 of the joined file.")
+@click.option("--sha256", metavar="HEX", default=None, help="Expected sha256 of the joined file.")
+@click.option("--checksums", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="md5sum/sha256sum-style file; the line naming OUTPUT's file "
+                                 "name gives the expected checksum.")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
+@click.option("--remove-pieces", is_flag=True,
+              help="Delete the pieces after the joined file is written and verified.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bar or summary; print only the md5 and sha256 lines.")
+def concat(inputs, output, md5, sha256, checksums, force, remove_pieces, quiet):
+    """Join the torrent's byte pieces (consolidated.00.pth-split0 ... -splitN) into one
+    checkpoint, verified, instead of `cat`.
+
+    INPUT is a directory (its *-splitN pieces are taken) or piece files, in any order; they are
+    joined in numeric order of the suffix (split10 after split9). Missing, duplicate or empty
+    pieces, and pieces of different base names, are refused by name.
+
+    While copying, md5 and sha256 are computed (and compared with --md5, --sha256 or
+    --checksums when given). Then, even without a checksum, the result must be a loadable torch
+    checkpoint: a complete zip with every record where its directory says, every tensor record
+    with the bytes its tensors need, and torch.load(weights_only=True) giving a dict of tensors.
+    This catches a truncated piece.
+
+    The data goes to a hidden temporary file beside OUTPUT, fsynced and renamed only when every
+    check passed; on any failure, Ctrl-C or SIGTERM it is removed. An existing OUTPUT is refused
+    without --force. --remove-pieces deletes the pieces only after that.
+
+    \b
+    Examples:
+      mixtral-convert concat Mixtral-8x7B/
+      mixtral-convert concat DIR --checksums DIR/SHA256SUMS --remove-pieces
+      mixtral-convert concat p/consolidated.00.pth-split* -o /big/disk/
+    """
+    from . import concat as op
+    from .progress import human_bytes
+
+    r = op.concat(list(inputs), output=output, md5=md5, sha256=sha256, checksums=checksums,
+                  force=force, remove_pieces=remove_pieces, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {r.output}: {r.nbytes} bytes ({human_bytes(r.nbytes)}) from "
+                   f"{len(r.pieces)} pieces in {r.seconds:.1f} s, "
+                   f"{human_bytes(r.throughput)}/s")
+    click.echo(f"md5     {r.md5}")
+    click.echo(f"sha256  {r.sha256}")
+    if quiet:
+        return
+    compared = ", ".join(r.compared) if r.compared else "none given (printed above)"
+    click.echo(f"checked: loadable torch checkpoint ({r.tensors} tensors, {r.records} data "
+               f"records); checksums matched: {compared}")
+    if r.removed_pieces:
+        click.echo(f"removed the {len(r.pieces)} pieces")
+    if r.split_ready:
+        click.echo(f"params.json and tokenizer.model are beside it: `mixtral-convert split "
+                   f"{r.output.parent}` can now run on that directory")
+    elif r.assets_beside_pieces:
+        click.echo(f"params.json and tokenizer.model are beside the pieces: copy them next to "
+                   f"{r.output.name}, then `mixtral-convert split {r.output.parent}` can run")
+
+
 def _world_size_option(f):
     return click.option("-n", "--world-size", "world_size", type=click.IntRange(min=1), default=8,
                         show_default=True,
