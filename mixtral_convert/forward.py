@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -77,6 +78,9 @@ def load_tokens(path, vocab_size: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: tokens file not found")
+    if not zipfile.is_zipfile(path):
+        raise ConvertError(f"{path}: unreadable tokens file (not a torch.save zip archive); save a LongTensor "
+                           "[B, S] with torch.save")
     try:
         t = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
