@@ -129,6 +129,8 @@ def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dt
     slices) is a failed check, reported like a numerical mismatch.
     """
     t0 = time.perf_counter()
+    if source is None:
+        raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
     dt, device = torch_dtype(dtype), check_device(device)
     rep = ParityReport(dtype, device)
     ref_model = open_model(source, dt, device)
