@@ -303,3 +303,12 @@ def test_forward_holds_one_layer_at_a_time():
     sharded_forward(plan, [tracked(s.__getitem__) for s in split(plan, W)], toks)
     assert state["peak"] <= layer + rest, (state, layer, rest)
     assert state["peak"] < 0.5 * sum(v.nbytes for v in W.values())
+
+
+def test_verify_forward_with_tokens_file_and_text_report(wide_src, tokens, capsys):
+    d = converted(wide_src, "sparse", 4)
+    code, out, _ = cli("verify", d, "--source", wide_src, "--forward", "--tokens-file", tokens, capsys=capsys)
+    assert code == 0 and "ok    forward (float32, cpu, tokens [2, 11])" in out and "top-1 agreement 1.0000" in out
+    code, _, err = cli("verify", d, "--source", wide_src, "--forward", "--tokens-file", tokens, "--dtype", "float16",
+                       capsys=capsys)
+    assert code == 2 and "float16" in err
