@@ -189,6 +189,10 @@ _format_option = click.option("--format", "fmt", type=click.Choice(["pth", "safe
 _tokenizer_option = click.option("--tokenizer", default=None, metavar="PATH_OR_hf://org/name",
                                  help="tokenizer.model to use when the source has none (a file, its directory, "
                                       "or a hub repository).")
+_dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+                             show_default=True, help="Compute dtype of the forward (weights are cast layer by layer).")
+_device_option = click.option("--device", default="cpu", show_default=True,
+                              help="cpu or cuda (cuda:K); one layer's weights are on it at a time.")
 
 
 def _print_result(verb: str, res, quiet: bool) -> None:
@@ -296,7 +300,15 @@ def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer):
                    "every file is checked against the manifest the conversion wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @_quiet_option
-def verify_cmd(shards, source, as_json, quiet):
+@click.option("--forward", "run_forward", is_flag=True,
+              help="After the byte checks, run the reference forward on SOURCE and the sharded forward on "
+                   "SHARDS over the same tokens; compare the logits (max abs / rel diff, top-1 agreement) "
+                   "against a dtype-aware tolerance (README, 'Numerical parity').")
+@click.option("--tokens-file", type=click.Path(path_type=Path), default=None,
+              help="With --forward: a LongTensor [B, S] saved with torch.save (default: seeded random, B=2, S=16).")
+@_dtype_option
+@_device_option
+def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device):
     """Prove SHARDS is exactly SOURCE in its layout: structure (a file per rank, meta.json,
     config.json and tokenizer consistent, every shard's keys, shapes and dtypes) and every
     byte of every tensor. Without --source: the same structure checks, then every file's size
@@ -306,18 +318,31 @@ def verify_cmd(shards, source, as_json, quiet):
     import json
     from .verify import verify
     rep = verify(shards, source, quiet=quiet or as_json)
+    fwd = None
+    if run_forward:
+        from .parity import parity
+        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device)
+    problems = list(rep.problems) + (fwd.problems if fwd else [])
     if as_json:
-        click.echo(json.dumps(rep.as_dict(), indent=2))
+        d = rep.as_dict()
+        if fwd is not None:
+            d["forward"] = fwd.as_dict()
+            d["ok"] = rep.ok and fwd.ok
+        click.echo(json.dumps(d, indent=2))
     elif not quiet:
         for line in rep.checks:
             click.echo(f"ok    {line}")
         for line in rep.problems:
             click.echo(f"FAIL  {line}")
-        click.echo(f"{'verified' if rep.ok else 'MISMATCH'}: {rep.shards} ({rep.layout}, N={rep.world_size}) "
-                   f"against {rep.source} in {rep.seconds:.1f} s")
-    if not rep.ok:
+        if fwd is not None:
+            click.echo(f"{'ok  ' if fwd.ok else 'FAIL'}  {fwd.summary()}")
+            for line in fwd.problems:
+                click.echo(f"FAIL  {line}")
+        click.echo(f"{'verified' if not problems else 'MISMATCH'}: {rep.shards} ({rep.layout}, N={rep.world_size}) "
+                   f"against {rep.source} in {rep.seconds + (fwd.seconds if fwd else 0):.1f} s")
+    if problems:
         if not as_json:
-            click.echo(f"error: {rep.problems[0]}", err=True)
+            click.echo(f"error: {problems[0]}", err=True)
         sys.exit(1)
 
 
@@ -346,3 +371,48 @@ def inspect_cmd(path, as_json):
         elif k == "parameters":
             v = f"{v:,}"
         click.echo(f"  {k}: {v}")
+
+
+@cli.command("forward")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tokens-file", type=click.Path(path_type=Path), default=None,
+              help="A LongTensor [B, S] of token ids saved with torch.save (loaded with weights_only=True).")
+@click.option("--prompt", default=None, help="Text to encode with PATH's tokenizer.model instead of --tokens-file; "
+                                              "prints the most likely next tokens.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to torch.save the float32 logits [B, S, V] (required with --tokens-file).")
+@_dtype_option
+@_device_option
+@click.option("--distributed", is_flag=True,
+              help="Run a converted layout's N ranks as N processes over torch.distributed (gloo on CPU, NCCL on "
+                   "CUDA), each loading only its shard file; under torchrun (WORLD_SIZE set), join its group.")
+@click.option("--new-tokens", type=click.IntRange(min=0), default=5, show_default=True,
+              help="With --prompt: how many tokens to continue greedily (each reruns the whole forward).")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="With --prompt: how many next-token candidates to print.")
+@_force_option
+def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force):
+    """Logits of PATH: a source checkpoint (reference forward) or a converted layout directory
+    (sharded forward, every rank's share from its own shard file), layer by layer.
+
+    \b
+      mixtral-convert forward DIR/converted --tokens-file T.pt --output L.pt
+      mixtral-convert forward DIR --prompt "The capital of France is"
+      torchrun --nproc-per-node 8 -m mixtral_convert forward DIR/converted --tokens-file T.pt -o L.pt --distributed
+    """
+    from .forward import Job, run, write_logits
+    if tokens_file is not None and output is None:
+        raise click.UsageError("--tokens-file needs --output L.pt for the logits")
+    job = Job(str(path), str(tokens_file) if tokens_file else None, prompt, new_tokens, top, dtype, device)
+    res = run(job, distributed=distributed)
+    if res is None:  # a rank other than 0 of a torchrun group
+        return
+    if output is not None:
+        write_logits(res.logits, output, force=force)
+        click.echo(f"wrote logits {list(res.logits.shape)} float32 ({res.how}, {dtype}, {device}) -> {output}")
+    if prompt is not None:
+        click.echo(f"prompt: {res.tokens.shape[1]} tokens ({res.how}, {dtype}, {device})")
+        for i, piece, p in res.top:
+            click.echo(f"  {p:8.4f}  {i:>6}  {piece!r}")
+        if res.new:
+            click.echo(f"greedy continuation: {res.text!r} (ids {res.new})")

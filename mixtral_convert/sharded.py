@@ -15,14 +15,17 @@ recovers its canonical slices and computes its share with model.attention / mode
 - output: each rank's logit rows; gathered (concatenated along V).
 Norms are replicated: each rank normalizes with its own copy.
 
-All ranks run in this one process, one layer at a time: a rank's tensors of a layer are loaded,
-used and dropped before the next layer. The sums are taken in the compute dtype, as the
-all-reduce would.
+One rank's computation is `rank_steps`, a generator that yields at every collective (gather or
+sum) and is sent the collective's result: `sharded_forward` runs all N ranks in this one process
+in lock step, `distributed.py` runs one rank per process over torch.distributed, and both
+share this code. A rank's tensors of a layer are loaded, used and dropped before the next
+layer. The sums are taken in the compute dtype, in rank order.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Generator, Optional
 
 import torch
 
@@ -91,21 +94,6 @@ class RankShard:
         return t.to(device=self.device, dtype=self.dtype) if cast else t
 
 
-def _gather(parts: list[tuple[Region, torch.Tensor]], total: int, what: str) -> torch.Tensor:
-    """Concatenate the ranks' ranges along the last dim; replicated parts are taken once."""
-    if all(reg == (0, total) for reg, _ in parts):
-        return parts[0][1]
-    pos, out = 0, []
-    for (a, b), t in sorted(parts, key=lambda x: x[0]):
-        if a != pos:
-            raise ConvertError(f"{what}: the ranks' pieces do not tile [0, {total}) (gap or overlap at {pos})")
-        out.append(t)
-        pos = b
-    if pos != total:
-        raise ConvertError(f"{what}: the ranks' pieces cover [0, {pos}) of [0, {total})")
-    return torch.cat(out, dim=-1)
-
-
 def _attention_share(rk: RankShard, L: int, x, cfg: ModelConfig, cos, sin) -> Optional[torch.Tensor]:
     n = layer_names(L)
     if not rk.holds(n["wo"]):
@@ -140,38 +128,112 @@ def _moe_share(rk: RankShard, L: int, x, cfg: ModelConfig) -> torch.Tensor:
     return moe(x, gate, experts(), cfg.experts_per_tok)
 
 
-@torch.no_grad()
-def sharded_forward(plan: Plan, rank_weights, tokens: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                    device="cpu") -> torch.Tensor:
-    """float32 logits [B, S, V], computed as plan.N ranks would from their shards.
+# ----- one rank's computation, with its collectives injected -------------------------------
 
-    rank_weights[r]: rank r's shard, a mapping / .get object / callable shard key -> tensor.
+@dataclass
+class Collective:
+    """What a rank needs from all ranks at this point of the forward.
+
+    op "sum": every rank's `tensor` summed, in rank order, in the compute dtype (the all-reduce
+    of RowParallelLinear and of the MoE). op "gather": every rank's `tensor` concatenated along
+    the last dim in rank order (fairscale's all-gather: ParallelEmbedding columns,
+    ColumnParallelLinear(gather_output) rows); when `replicated`, every rank holds the whole
+    thing and its own tensor is the result. `what` names the tensor for error messages.
     """
-    cfg, N = plan.cfg, plan.N
-    if len(rank_weights) != N:
-        raise ConvertError(f"the plan has {N} ranks but {len(rank_weights)} shards were given")
-    ranks = [RankShard(plan, r, w, dtype, device) for r, w in enumerate(rank_weights)]
+
+    op: str
+    tensor: torch.Tensor
+    replicated: bool = False
+    what: str = ""
+
+
+def gather_layout(plan: Plan, name: str, dim: int) -> bool:
+    """Whether canonical `name` is whole (replicated) on every rank along `dim`; otherwise the
+    ranks' ranges must have one width that tiles the dim (what a rank-order all-gather needs)."""
+    regions = [RankShard(plan, r, {}, torch.float32, "cpu").region(name, dim) for r in range(plan.N)]
+    total = plan.shapes[name][dim]
+    if all(reg == (0, total) for reg in regions):
+        return True
+    widths = {b - a for a, b in regions}
+    if len(widths) != 1 or widths.pop() * plan.N != total:
+        raise ConvertError(f"{name}: the ranks' ranges {regions} along dim {dim} are not N equal chunks of {total}")
+    return False
+
+
+def rank_steps(plan: Plan, r: int, weights, tokens: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+               device="cpu") -> Generator[Collective, torch.Tensor, torch.Tensor]:
+    """Rank r's forward, from its own shard only: a generator that yields a `Collective` where
+    tensor parallelism communicates and is sent back its result; returns the float32 logits.
+
+    The same generator runs every rank of the in-process `sharded_forward` (a driver that
+    combines the N ranks' yields) and one rank of a torch.distributed group (`distributed.py`,
+    whose driver turns each yield into an all-gather), so both paths compute identically.
+    Gathers concatenate in rank order, as fairscale's do: the plan says what rank r holds, but
+    the order in which the ranks' pieces are joined is the runtime's, not the table's, so a
+    table that puts chunks out of rank order gives wrong logits here as it would in Accessory.
+    """
+    cfg = plan.cfg
+    rk = RankShard(plan, r, weights, dtype, device)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     cos, sin = rope_angles(tokens.shape[1], cfg.head_dim, cfg.rope_theta, device=device)
 
     # ParallelEmbedding: each rank looks up its columns of every token; gathered along D.
     emb = "tok_embeddings.weight"
-    h = _gather([(rk.region(emb, 1), rk.load(emb, cast=False)[tokens.cpu()].to(device=device, dtype=dtype))
-                 for rk in ranks], cfg.dim, emb)
+    part = rk.load(emb, cast=False)[tokens.cpu()].to(device=device, dtype=dtype)
+    h = yield Collective("gather", part, gather_layout(plan, emb, 1), emb)
 
     for L in range(cfg.n_layers):
         n = layer_names(L)
-        shares = [s for rk in ranks
-                  if (s := _attention_share(rk, L, rms_norm(h, rk.load(n["attention_norm"]), cfg.norm_eps),
-                                            cfg, cos, sin)) is not None]
-        h = h + sum(shares)                                   # all-reduce
-        shares = [_moe_share(rk, L, rms_norm(h, rk.load(n["ffn_norm"]), cfg.norm_eps), cfg) for rk in ranks]
-        h = h + sum(shares)                                   # all-reduce
+        share = _attention_share(rk, L, rms_norm(h, rk.load(n["attention_norm"]), cfg.norm_eps), cfg, cos, sin)
+        if share is None:  # a rank without heads contributes nothing to the all-reduce
+            share = torch.zeros_like(h)
+        h = h + (yield Collective("sum", share, what=f"layers.{L}.attention"))
+        share = _moe_share(rk, L, rms_norm(h, rk.load(n["ffn_norm"]), cfg.norm_eps), cfg)
+        h = h + (yield Collective("sum", share, what=f"layers.{L}.feed_forward"))
 
     # ColumnParallelLinear with gather_output: each rank's logit rows, gathered along V.
     out = "output.weight"
-    parts = []
-    for rk in ranks:
-        x = rms_norm(h, rk.load("norm.weight"), cfg.norm_eps)
-        parts.append((rk.region(out, 0), (x @ rk.load(out).T).float()))
-    return _gather(parts, cfg.vocab_size, out)
+    x = rms_norm(h, rk.load("norm.weight"), cfg.norm_eps)
+    logits = yield Collective("gather", (x @ rk.load(out).T).float(), gather_layout(plan, out, 0), out)
+    return logits
+
+
+def combine(parts: list[Collective]) -> torch.Tensor:
+    """The result of one collective, from every rank's contribution in rank order."""
+    c = parts[0]
+    if any(p.op != c.op or p.what != c.what for p in parts):
+        raise ConvertError(f"ranks disagree on the collective: {[(p.op, p.what) for p in parts]}")
+    if c.op == "sum":
+        return sum(p.tensor for p in parts)
+    if c.replicated:
+        return c.tensor
+    return torch.cat([p.tensor for p in parts], dim=-1)
+
+
+@torch.no_grad()
+def sharded_forward(plan: Plan, rank_weights, tokens: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                    device="cpu") -> torch.Tensor:
+    """float32 logits [B, S, V], computed as plan.N ranks would from their shards, in one process.
+
+    rank_weights[r]: rank r's shard, a mapping / .get object / callable shard key -> tensor.
+    The ranks advance in lock step from one collective to the next; at each, their
+    contributions are combined (`combine`) and the result is sent back to every rank.
+    """
+    N = plan.N
+    if len(rank_weights) != N:
+        raise ConvertError(f"the plan has {N} ranks but {len(rank_weights)} shards were given")
+    ranks = [rank_steps(plan, r, w, tokens, dtype=dtype, device=device) for r, w in enumerate(rank_weights)]
+    parts = [next(g) for g in ranks]
+    while True:
+        result = combine(parts)
+        done = []
+        parts = []
+        for g in ranks:
+            try:
+                parts.append(g.send(result))
+            except StopIteration as stop:
+                done.append(stop.value)
+        if done:
+            if len(done) != N:
+                raise ConvertError("some ranks finished the forward before others")
+            return done[0]
