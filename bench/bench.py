@@ -102,13 +102,13 @@ BASELINE = r'''
 import sys, os, torch
 src, out, layout, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 sd = torch.load(src, map_location="cpu", weights_only=True)          # everything in RAM
-E = max(int(k.split(".")[3]) for k in sd if ".experts." in k) + 1
+E = max(int(k.split(".")[4]) for k in sd if ".experts." in k) + 1
 os.makedirs(out, exist_ok=True)
 for r in range(N):
     shard = {}
     for k, v in sd.items():
         if ".experts." in k:
-            e, w = int(k.split(".")[3]), k.split(".")[4]
+            e, w = int(k.split(".")[4]), k.split(".")[5]
             L = k.split(".")[1]
             if layout == "base":
                 if e // (E // N) == r:
