@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -81,6 +82,22 @@ def main(argv=None) -> None:
         _fail(f"internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback and report it)",
               2, debug)
     sys.exit(0)
+
+
+def entry() -> None:
+    """The console script and `python -m mixtral_convert`: main(), then, after an interruption,
+    leave without running the C++ runtime's exit handlers. By then every output has been cleaned
+    up (that happens while the exception unwinds, before main's handlers run), but a daemon worker
+    thread may still be inside a torch kernel, and tearing torch's thread pools down under it
+    aborts the process ("terminate called without an active exception", exit -6 instead of 130)."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in (130, 143):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

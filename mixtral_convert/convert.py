@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,10 +45,11 @@ class Result:
 
 def stream(lazy, progress: Progress):
     """A lazy tensor's bytes, block by block, computed a little ahead on a second thread."""
-    for block in prefetched(lazy.blocks()):
-        buf = tensor_bytes(block)
-        yield buf
-        progress.advance(len(buf))
+    with closing(prefetched(lazy.blocks())) as blocks:  # on any exit, stop and join the producer now
+        for block in blocks:
+            buf = tensor_bytes(block)
+            yield buf
+            progress.advance(len(buf))
 
 
 def writer_for(fmt: str):

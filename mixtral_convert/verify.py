@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -135,8 +136,8 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
                 for r0, r1 in expected.row_blocks():
                     yield r, st, r0, actual.read(r0, r1), expected.read(r0, r1).contiguous()
 
-    with progress_bar("verify", total, quiet) as prog:
-        for r, st, r0, a, e in prefetched(pairs()):
+    with progress_bar("verify", total, quiet) as prog, closing(prefetched(pairs())) as blocks:
+        for r, st, r0, a, e in blocks:
             a, e = _bytes_of(a), _bytes_of(e)
             if not torch.equal(a, e):  # bytes, not values: NaN payloads are data
                 return bad(_where(files[r], r, st, r0, a.numpy(), e.numpy()))
