@@ -18,13 +18,13 @@ import json
 import os
 import shutil
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import ConvertError
-from .lazy import prefetched
+from .lazy import Lazy, prefetched, readahead
 from .layouts import LLAMA_TYPE, Plan, shard_file_name
 from .outdir import MANIFEST, atomic_file, atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import Progress, human_bytes, progress_bar
@@ -50,6 +50,31 @@ def stream(lazy, progress: Progress):
             buf = tensor_bytes(block)
             yield buf
             progress.advance(len(buf))
+
+
+def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy]):
+    for s in specs:
+        for block in lazy_of(s).blocks():
+            readahead(block)  # a view of a mapped file: the kernel starts reading it now
+            yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
+
+
+@contextmanager
+def file_producer(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy], progress: Progress):
+    """`produce(spec)` for a writer that asks for `specs` in order: every tensor's blocks, computed
+    ahead on one worker thread for the whole file. (A worker per tensor cost ~8 ms to start
+    while the GIL is busy: about 1.5 s of a 6 GB split.)"""
+    with closing(prefetched(_file_blocks(specs, lazy_of))) as blocks:  # on any exit, the worker is joined
+        def produce(spec: TensorSpec):
+            left = spec.nbytes
+            while left > 0:
+                name, buf = next(blocks)
+                if name != spec.name:
+                    raise AssertionError(f"writer asked for {spec.name} but the blocks are {name}'s")
+                left -= len(buf)
+                yield buf
+                progress.advance(len(buf))
+        yield produce
 
 
 def writer_for(fmt: str):
@@ -112,8 +137,8 @@ def ranks_from_env(N: int) -> Optional[list[int]]:
 def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, fmt: str) -> dict:
     specs = [TensorSpec(k, st.shape, st.dtype) for k, st in plan.ranks[r].items()]
     h = hashlib.sha256()
-    size = writer_for(fmt)(path, specs, lambda s: stream(plan.shard_tensor(r, s.name, ck.canonical), prog),
-                            hasher=h)
+    with file_producer(specs, lambda s: plan.shard_tensor(r, s.name, ck.canonical), prog) as produce:
+        size = writer_for(fmt)(path, specs, produce, hasher=h)
     return {"size": size, "sha256": h.hexdigest(), "rank": r}
 
 

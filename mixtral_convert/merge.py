@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .convert import Result, check_tokenizer, output_base, stream, use_tokenizer
+from .convert import Result, check_tokenizer, file_producer, output_base, stream, use_tokenizer
 from .errors import ConvertError
 from .outdir import atomic_output_dir, copy_file, json_bytes, write_manifest, write_small
 from .progress import progress_bar
@@ -46,8 +46,8 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     with atomic_output_dir(out, force, need_bytes=total + (64 << 20)) as tmp:
         h = hashlib.sha256()
         with progress_bar(f"merge {ck.kind} N={ck.N}", total, quiet) as prog:
-            size = write_checkpoint(tmp / TORRENT_FILE, specs, lambda s: stream(ck.canonical[s.name], prog),
-                                    hasher=h)
+            with file_producer(specs, lambda s: ck.canonical[s.name], prog) as produce:
+                size = write_checkpoint(tmp / TORRENT_FILE, specs, produce, hasher=h)
             fsync_all([tmp / TORRENT_FILE])
         files = {TORRENT_FILE: {"size": size, "sha256": h.hexdigest()}}
         files["params.json"] = write_small(tmp / "params.json", json_bytes(ck.cfg.to_params()))
