@@ -53,8 +53,11 @@ def stream(lazy, progress: Progress):
 
 
 def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy]):
-    for s in specs:
-        for block in lazy_of(s).blocks():
+    lazies = [lazy_of(s) for s in specs]
+    for i, s in enumerate(specs):
+        for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
+            ahead.warm()  # the disk reads the next tensor's source while this one is written
+        for block in lazies[i].blocks():
             readahead(block)  # a view of a mapped file: the kernel starts reading it now
             yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
 

@@ -118,6 +118,10 @@ class Lazy:
             n *= s
         return n
 
+    def warm(self, region: Optional[Region] = None) -> None:
+        """Start reading, in the background, the file pages that `region` (default: all) will
+        need. A hint: no-op where there is nothing mapped to read ahead."""
+
     def row_blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
         """Row ranges [r0, r1) of about block_bytes each, covering the tensor."""
         rows = self.shape[0] if self.shape else 1
@@ -140,6 +144,12 @@ class Stored(Lazy):
     def __init__(self, tensor: torch.Tensor, name: str = "?"):
         self.t, self.name = tensor, name
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+    def warm(self, region=None):
+        if region is None or not self.shape:
+            readahead(self.t)
+        else:
+            readahead(self.read(*region))
 
     def read(self, r0, r1, c0=None, c1=None):
         if not self.shape:
@@ -169,6 +179,10 @@ class Placement:
 class Assembled(Lazy):
     def __init__(self, shape, dtype, placements: list[Placement], name: str = "?"):
         self.shape, self.dtype, self.placements, self.name = tuple(shape), dtype, placements, name
+
+    def warm(self, region=None):
+        for p in self.placements:  # (a region of the result maps to the same sources: warm them all)
+            p.src.warm(p.src_region)
 
     def read(self, r0, r1, c0=None, c1=None):
         two_d = len(self.shape) == 2

@@ -170,7 +170,7 @@ class _Digest(threading.Thread):
     def __init__(self, update):
         super().__init__(daemon=True)
         self.update, self.error = update, None
-        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.q: queue.Queue = queue.Queue(maxsize=4)  # slack: the hashers lag the writer in bursts
         self.start()
 
     def run(self) -> None:
