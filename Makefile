@@ -2,6 +2,7 @@
 #   make demo   venv, install, build the tiny fixture, split / split-sparse / merge / verify it
 #   make test   venv, install with dev extras, run the test suite
 #   make bench  the disk-speed and memory benchmark (not part of make test)
+#   make bench-concat  concat against cat on a several-GB checkpoint (not part of make test)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -11,7 +12,7 @@ PIP := $(PY) -m pip
 JOBS ?= 2
 DEMO_DIR ?= demo
 
-.PHONY: all venv install install-dev demo test bench clean
+.PHONY: all venv install install-dev demo test bench bench-concat clean
 
 all: test
 
@@ -42,6 +43,9 @@ test: install-dev
 
 bench: install
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-concat: install
+	$(PY) bench/bench_concat.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -74,3 +74,49 @@ def test_load_lazy_refuses_non_checkpoints(tmp_path):
         tf.load_lazy(tmp_path / "n.pth")
     torch.save({"model": {"x": torch.ones(2)}}, tmp_path / "m.pth")
     assert list(tf.load_lazy(tmp_path / "m.pth")) == ["x"]
+
+
+def _producer_threads():
+    import threading
+    return [t for t in threading.enumerate() if "produce" in t.name and t.is_alive()]
+
+
+def test_file_producer_streams_every_tensor_in_order_through_one_worker(tmp_path):
+    from mixtral_convert.convert import file_producer
+    from mixtral_convert.lazy import Stored
+    from mixtral_convert.progress import Progress
+    sd = _sample()
+    specs = [tf.TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    before = len(_producer_threads())
+    with file_producer(specs, lambda s: Stored(sd[s.name], s.name), Progress()) as produce:
+        tf.write_checkpoint(tmp_path / "x.pth", specs, produce)
+        assert len(_producer_threads()) <= before + 1  # one worker for the whole file
+    back = torch.load(tmp_path / "x.pth", weights_only=True)
+    for k, v in sd.items():
+        assert torch.equal(back[k].view(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+    assert len(_producer_threads()) == before  # joined on the way out
+
+
+def test_file_producer_joins_its_worker_when_the_writer_fails(tmp_path):
+    from mixtral_convert.convert import file_producer
+    from mixtral_convert.lazy import Stored
+    from mixtral_convert.progress import Progress
+    sd = _sample()
+    specs = [tf.TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    before = len(_producer_threads())
+    with pytest.raises(KeyboardInterrupt):
+        with file_producer(specs, lambda s: Stored(sd[s.name], s.name), Progress()) as produce:
+            for _ in produce(specs[0]):
+                raise KeyboardInterrupt  # as Ctrl-C lands in the writer, mid-tensor
+    assert len(_producer_threads()) == before  # no worker left inside a torch kernel at exit
+
+
+def test_file_producer_refuses_blocks_of_another_tensor():
+    from mixtral_convert.convert import file_producer
+    from mixtral_convert.lazy import Stored
+    from mixtral_convert.progress import Progress
+    sd = _sample()
+    specs = [tf.TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    with file_producer(specs, lambda s: Stored(sd[s.name], s.name), Progress()) as produce:
+        with pytest.raises(AssertionError, match="asked for b but the blocks are a.weight's"):
+            list(produce(specs[1]))  # a writer that skipped a tensor gets no wrong bytes
