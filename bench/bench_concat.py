@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
 
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-concat-", dir=args.dir or Path.cwd()))
     try:
         size = int(args.size_gib * (1 << 30))
