@@ -68,23 +68,28 @@ def prefetched(blocks: Iterator[torch.Tensor], depth: int = 1) -> Iterator[torch
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Queue item unless the consumer has gone (then False): never block on a full queue
+        nobody reads, or the consumer's join of this thread would wait forever."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce():
         try:
             for b in blocks:
                 for t in (b if isinstance(b, tuple) else (b,)):
                     if isinstance(t, torch.Tensor):
                         readahead(t)
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put(b):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
 
     th = threading.Thread(target=produce, daemon=True)
     th.start()

@@ -120,3 +120,30 @@ def test_file_producer_refuses_blocks_of_another_tensor():
     with file_producer(specs, lambda s: Stored(sd[s.name], s.name), Progress()) as produce:
         with pytest.raises(AssertionError, match="asked for b but the blocks are a.weight's"):
             list(produce(specs[1]))  # a writer that skipped a tensor gets no wrong bytes
+
+
+def test_prefetch_worker_never_blocks_on_a_full_queue_after_the_consumer_left():
+    """The worker has produced its last block and the queue is full when the consumer stops
+    (Ctrl-C at the end of a file): closing must still join it, not wait forever."""
+    import threading
+    from contextlib import closing
+    from mixtral_convert.lazy import prefetched
+    finished = threading.Event()
+
+    def blocks():
+        yield torch.zeros(4)
+        yield torch.zeros(4)  # fills the queue (depth 1) while the consumer holds the first
+        finished.set()
+
+    done = threading.Event()
+
+    def consume():
+        with closing(prefetched(blocks(), depth=1)) as it:
+            next(it)
+            assert finished.wait(10)  # the worker is now past its last block, queue full
+        done.set()
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(20)
+    assert done.is_set(), "closing() hung joining a worker stuck on a full queue"
