@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import ConvertError, Mismatch
+from .errors import ConvertError, Mismatch, WorldSizeError
 
 
 class Terminated(BaseException):
@@ -92,6 +92,8 @@ def entry() -> None:
     machine, on every command, and (2) after an interruption can abort the process while a daemon
     worker thread is still inside a torch kernel ("terminate called without an active
     exception", exit -6 instead of 130)."""
+    from .io.prefetch import reuse_freed_blocks
+    reuse_freed_blocks()
     try:
         main()
         code = 0
@@ -162,8 +164,8 @@ def concat(inputs, output, md5, sha256, checksums, force, remove_pieces, quiet):
       mixtral-convert concat DIR --checksums DIR/SHA256SUMS --remove-pieces
       mixtral-convert concat p/consolidated.00.pth-split* -o /big/disk/
     """
-    from . import concat as op
-    from .progress import human_bytes
+    from .commands import concat as op
+    from .io.progress import human_bytes
 
     r = op.concat(list(inputs), output=output, md5=md5, sha256=sha256, checksums=checksums,
                   force=force, remove_pieces=remove_pieces, quiet=quiet)
@@ -217,7 +219,7 @@ _device_option = click.option("--device", default="cpu", show_default=True,
 
 
 def _print_result(verb: str, res, quiet: bool) -> None:
-    from .progress import human_bytes
+    from .io.progress import human_bytes
     if quiet:
         return
     rate = res.nbytes / res.seconds if res.seconds > 0 else 0
@@ -246,14 +248,12 @@ _ranks_option = click.option(
 
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
            tokenizer=None, ranks=None) -> None:
-    from .convert import split
+    from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
                     ranks=_parse_ranks(ranks))
-    except ConvertError as e:
-        if str(e).startswith("world size "):  # name the option (the plan does not know it)
-            raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
-        raise
+    except WorldSizeError as e:  # name the option (the plan does not know it)
+        raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
 
 
@@ -307,8 +307,8 @@ def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
-    from .hfhub import parse_size
-    from .merge import merge
+    from .commands.merge import merge
+    from .formats.hf import parse_size
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
                 tokenizer=tokenizer)
     _print_result("merged", res, quiet)
@@ -337,11 +337,13 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     is equal, 1 on the first mismatch (named), 2 on bad usage or unreadable input (or no
     manifest and no --source)."""
     import json
-    from .verify import verify
+    from .commands.verify import verify
+    if run_forward and source is None:  # refused before anything is hashed
+        raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
     rep = verify(shards, source, quiet=quiet or as_json)
     fwd = None
     if run_forward:
-        from .parity import parity
+        from .forward.parity import parity
         fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device)
     problems = list(rep.problems) + (fwd.problems if fwd else [])
     if as_json:
@@ -375,8 +377,8 @@ def inspect_cmd(path, as_json):
     config, dtypes, tensor count and bytes), a single .pth file, a config or a tokenizer.
     Reads no tensor data and unpickles nothing but tensor descriptions."""
     import json
-    from .inspect import inspect
-    from .progress import human_bytes
+    from .commands.inspect import inspect
+    from .io.progress import human_bytes
     info = inspect(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -421,7 +423,8 @@ def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, n
       mixtral-convert forward DIR --prompt "The capital of France is"
       torchrun --nproc-per-node 8 -m mixtral_convert forward DIR/converted --tokens-file T.pt -o L.pt --distributed
     """
-    from .forward import Job, run, write_logits
+    from .forward.job import Job
+    from .forward.run import run, write_logits
     if tokens_file is not None and output is None:
         raise click.UsageError("--tokens-file needs --output L.pt for the logits")
     job = Job(str(path), str(tokens_file) if tokens_file else None, prompt, new_tokens, top, dtype, device)

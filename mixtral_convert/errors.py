@@ -14,3 +14,12 @@ class Mismatch(Exception):
     """verify found data or structure that differs from what it should be. Exit code 1."""
 
     exit_code = 1
+
+
+class WorldSizeError(ConvertError):
+    """A world size the model cannot be split into for a layout; carries the valid ones."""
+
+    def __init__(self, N: int, layout: str, valid: list[int], constrains: str):
+        self.N, self.layout, self.valid = N, layout, list(valid)
+        super().__init__(f"world size {N} does not divide this model for the {layout} layout ({constrains}); "
+                         f"valid world sizes: {', '.join(map(str, self.valid))}")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, write_json
-from .lazy import BLOCK_BYTES
-from .torchfile import TensorSpec, tensor_bytes, write_checkpoint
+from .formats.torchzip import write_checkpoint
+from .io.lazy import BLOCK_BYTES, TensorSpec, tensor_bytes
+from .model.config import ModelConfig, write_json
 
 
 def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:

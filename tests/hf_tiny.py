@@ -4,7 +4,7 @@ transformers 5.x keeps Mixtral's experts fused in memory: `model.layers.{L}.mlp.
 `mlp.experts.gate_up_proj` [E, 2H, D] (w1 rows then w3 rows) and `mlp.experts.down_proj`
 [E, D, H] (= w2); its loader renames the hub's `block_sparse_moe.experts.{e}.w1/w2/w3.weight`
 into those. `hub_state_dict` undoes that, so tests go through the hub names that
-mixtral_convert.hfnames maps. rope_theta lives in `rope_parameters["rope_theta"]`.
+mixtral_convert.model.names maps. rope_theta lives in `rope_parameters["rope_theta"]`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-from mixtral_convert import hfnames
-from mixtral_convert.config import ModelConfig
+from mixtral_convert.model import names as hfnames
+from mixtral_convert.model.config import ModelConfig
 
 
 def tiny_cfg(**over) -> ModelConfig:

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from conftest import cli, load
+from helpers import cli, load
 from mixtral_convert.synth import tiny_config, write_torrent
-from mixtral_convert.torchfile import TensorSpec, tensor_bytes, write_checkpoint
+from mixtral_convert.formats.torchzip import write_checkpoint
+from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 
 
 def one_line_error(err: str) -> str:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, load
+from helpers import cli, load
 from mixtral_convert.synth import tiny_config, train_tokenizer, write_torrent
-from mixtral_convert.torchfile import TensorSpec, tensor_bytes, write_checkpoint
+from mixtral_convert.formats.torchzip import write_checkpoint
+from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mixtral_convert"
 
@@ -39,7 +40,7 @@ def test_traceback_only_with_debug(tmp_path, capsys):
 
 
 def test_unexpected_exception_is_one_line(wide_src, tmp_path, capsys, monkeypatch):
-    import mixtral_convert.convert as convert
+    import mixtral_convert.commands.split as convert
 
     def boom(*a, **k):
         raise RuntimeError("boom\nsecond line")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WIDE, cli, is_root
-from mixtral_convert.outdir import MARKER
+from helpers import WIDE, cli, is_root
+from mixtral_convert.io.atomic import MARKER
 from mixtral_convert.synth import tiny_config, write_torrent
 
 ROOT = Path(__file__).resolve().parent.parent

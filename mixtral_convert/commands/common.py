@@ -1,0 +1,59 @@
+"""What the writing commands share: the result they report, where outputs go by default, and
+the tokenizer an output gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConvertError
+from ..formats import hub
+from ..formats.checkpoint import Checkpoint
+from ..formats.tokenizer import tokenizer_pieces
+
+MARGIN = 64 << 20  # free space asked beyond the output's bytes (side files, directory entries)
+
+
+@dataclass
+class Result:
+    out: Path
+    files: list[str]
+    nbytes: int
+    seconds: float
+
+
+def output_base(ck: Checkpoint) -> Path:
+    """Where default outputs go: beside the source, or the working directory for a hub source
+    (never inside the hub cache)."""
+    if ck.remote is not None:
+        return Path.cwd() / hub.repo_name(ck.remote)
+    return ck.path
+
+
+def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
+    """--tokenizer PATH (a tokenizer.model or a directory holding one) or hf://org/name."""
+    if tokenizer is None:
+        return
+    if hub.is_hub(tokenizer):
+        ck.tokenizer = hub.resolve_tokenizer(tokenizer)
+        return
+    tok = Path(tokenizer)
+    if tok.is_dir():
+        tok = tok / "tokenizer.model"
+    if not tok.is_file():
+        raise ConvertError(f"{tok}: --tokenizer not found; pass a tokenizer.model file, its directory, or hf://org/name")
+    ck.tokenizer = tok
+
+
+def check_tokenizer(ck: Checkpoint) -> Path:
+    """The tokenizer the output gets: present, and with one piece per embedding row."""
+    if ck.tokenizer is None:
+        raise ConvertError(f"{ck.where}: no tokenizer.model beside the checkpoint; Accessory needs one "
+                           "in the output: pass --tokenizer PATH (or hf://org/name), or copy the release's "
+                           "tokenizer.model there")
+    pieces = tokenizer_pieces(ck.tokenizer)
+    if pieces != ck.cfg.vocab_size:
+        raise ConvertError(f"{ck.tokenizer}: has {pieces} pieces but the model's vocabulary is "
+                           f"{ck.cfg.vocab_size} rows; Accessory would mis-size the embedding: use the "
+                           "tokenizer.model released with this checkpoint")
+    return ck.tokenizer

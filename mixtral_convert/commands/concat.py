@@ -1,0 +1,378 @@
+"""`concat`: join the torrent's byte pieces (`consolidated.00.pth-split0` ... `-splitN`) into one
+checkpoint, safely.
+
+What this module holds:
+- `find_pieces`: turns directories / piece files given in any order into the ordered piece list,
+  refusing gaps, duplicates, mixed base names and empty pieces (ordered by the numeric suffix).
+- `read_checksums`: expected md5/sha256 from `--md5`, `--sha256` or an md5sum/sha256sum file.
+- `concat`: streams the pieces into a hidden sibling temporary file with large buffers, hashing
+  md5 and sha256 in worker threads while the main thread reads (hashlib releases the GIL on
+  large buffers), fsyncs, checks the result is a loadable torch zip checkpoint, compares the
+  checksums, and only then renames it into place (and, if asked, removes the pieces). On any
+  failure, SIGINT (KeyboardInterrupt) or SIGTERM (`cli.Terminated`) the temporary file is removed.
+- `check_checkpoint`: the zip / torch structure check used by `concat`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import ConvertError
+from ..formats.torchzip import DamagedZip, check_checkpoint
+from ..io.atomic import atomic_file, fsync_dir
+from ..io.progress import human_bytes, progress_bar
+
+PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
+PARTIAL_SUFFIX = ".mixtral-convert-partial"
+# Bytes per buffer and buffers in flight (memory is bounded by NBUF * CHUNK). The writer and both
+# hashers read each buffer soon after it is filled; with 8 MiB buffers each of them was busy
+# about twice as long as with 128 KiB-1 MiB ones (cache misses), measured on 2 cores. md5
+# (serial, ~0.5-0.7 GB/s a core) is the ceiling.
+CHUNK = 1 << 20
+NBUF = 16
+
+
+@dataclass
+class Expected:
+    """Checksums to compare against, with where each came from (for the error message)."""
+    md5: list[tuple[str, str]] = field(default_factory=list)     # (hex, source)
+    sha256: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    output: Path
+    pieces: list[Path]
+    nbytes: int
+    seconds: float
+    md5: str
+    sha256: str
+    tensors: int
+    records: int
+    compared: list[str]            # e.g. ["md5 (--md5)", "sha256 (SHA256SUMS)"]
+    removed_pieces: bool
+    split_ready: bool              # params.json and tokenizer.model sit beside the output
+    assets_beside_pieces: bool     # ... or beside the pieces only
+
+    @property
+    def throughput(self) -> float:
+        return self.nbytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def _piece_match(path: Path):
+    return PIECE_RE.match(path.name)
+
+
+def find_pieces(inputs: Iterable[Path]) -> list[Path]:
+    """The pieces named by INPUTs (directories or piece files), ordered by numeric suffix."""
+    found: list[tuple[int, Path]] = []
+    seen: dict[Path, Path] = {}
+    for given in inputs:
+        given = Path(given)
+        if given.is_dir():
+            here = sorted(p for p in given.iterdir() if _piece_match(p) and not p.is_dir())
+            if not here:
+                raise ConvertError(f"{given}: no '*-splitN' pieces in this directory")
+        elif given.exists():
+            if not _piece_match(given):
+                raise ConvertError(f"{given}: not a piece (expected a name ending in '-splitN')")
+            here = [given]
+        else:
+            raise ConvertError(f"{given}: no such file or directory")
+        for p in here:
+            key = p.resolve()
+            if key in seen:
+                raise ConvertError(f"duplicate piece: {p} is given twice")
+            seen[key] = p
+            found.append((int(_piece_match(p)["index"]), p))
+
+    bases = sorted({_piece_match(p)["base"] for _, p in found})
+    if len(bases) > 1:
+        named = ", ".join(f"{b}-split*" for b in bases)
+        raise ConvertError(f"pieces of different files: {named}; give the pieces of one file")
+    by_index: dict[int, Path] = {}
+    for index, p in found:
+        if index in by_index:
+            raise ConvertError(f"duplicate piece index {index}: {by_index[index]} and {p}")
+        by_index[index] = p
+    missing = [i for i in range(max(by_index) + 1) if i not in by_index]
+    if missing:
+        names = ", ".join(f"{bases[0]}-split{i}" for i in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ConvertError(f"missing piece(s): {names}{more} (found {len(by_index)} pieces, "
+                           f"suffixes 0..{max(by_index)})")
+    pieces = [by_index[i] for i in sorted(by_index)]
+    for p in pieces:
+        if not p.is_file():
+            raise ConvertError(f"{p}: not a regular file")
+        if p.stat().st_size == 0:
+            raise ConvertError(f"empty piece: {p} has 0 bytes (an interrupted download?)")
+    return pieces
+
+
+def default_output(pieces: list[Path]) -> Path:
+    """`consolidated.00.pth` beside the pieces: the base name with `-splitK` removed."""
+    return pieces[0].with_name(_piece_match(pieces[0])["base"])
+
+
+def partial_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}{PARTIAL_SUFFIX}")
+
+
+# ----------------------------------------------------------------------------- checksums
+
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_GNU_LINE = re.compile(r"^\\?(?P<hex>[0-9a-fA-F]+) [ *](?P<name>.+)$")
+_BSD_LINE = re.compile(r"^(?P<algo>MD5|SHA256) \((?P<name>.+)\) = (?P<hex>[0-9a-fA-F]+)$")
+
+
+def _kind(hexstr: str, source: str) -> str:
+    if not _HEX.match(hexstr) or len(hexstr) not in (32, 64):
+        raise ConvertError(f"{source}: '{hexstr}' is neither an md5 (32 hex digits) nor a "
+                           f"sha256 (64 hex digits)")
+    return "md5" if len(hexstr) == 32 else "sha256"
+
+
+def read_checksums(output_name: str, md5: str | None = None, sha256: str | None = None,
+                   checksums: Path | None = None) -> Expected:
+    """Expected checksums of the output: from --md5/--sha256 and/or an md5sum/sha256sum-style
+    file (`<hex>  <name>`, `<hex> *<name>` or BSD `SHA256 (<name>) = <hex>`), taking the lines
+    whose name's basename is the output's basename."""
+    exp = Expected()
+    if md5 is not None:
+        if _kind(md5.strip(), "--md5") != "md5":
+            raise ConvertError(f"--md5: '{md5}' is not 32 hex digits")
+        exp.md5.append((md5.strip().lower(), "--md5"))
+    if sha256 is not None:
+        if _kind(sha256.strip(), "--sha256") != "sha256":
+            raise ConvertError(f"--sha256: '{sha256}' is not 64 hex digits")
+        exp.sha256.append((sha256.strip().lower(), "--sha256"))
+    if checksums is not None:
+        checksums = Path(checksums)
+        try:
+            text = Path(checksums).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise ConvertError(f"--checksums {checksums}: {e.strerror or e}") from None
+        names, matched = [], 0
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            m = _BSD_LINE.match(line) or _GNU_LINE.match(line)
+            if not m:
+                continue
+            name = m["name"].strip()
+            names.append(name)
+            if os.path.basename(name.replace("\\", "/")) != output_name:
+                continue
+            kind = _kind(m["hex"], f"{checksums} line {n}")
+            getattr(exp, kind).append((m["hex"].lower(), f"{checksums.name} line {n}"))
+            matched += 1
+        if not matched:
+            listed = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") or "nothing"
+            raise ConvertError(f"--checksums {checksums}: no md5 or sha256 line for "
+                               f"'{output_name}' (it lists: {listed})")
+    return exp
+
+
+# ----------------------------------------------------------------------------- copying
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _Worker(threading.Thread):
+    """Applies `work` to each (slot, nbytes) it is handed, then reports the slot as done.
+    After a failure it keeps reporting slots (without working) so the reader never waits forever."""
+
+    def __init__(self, name: str, work: Callable[[memoryview], None], bufs, done: queue.Queue):
+        super().__init__(name=f"concat-{name}", daemon=True)
+        self.work, self.bufs, self.done = work, bufs, done
+        self.todo: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.stop = False
+
+    def run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            slot, n = item
+            try:
+                if self.error is None and not self.stop:
+                    self.work(memoryview(self.bufs[slot])[:n])
+            except BaseException as e:  # reported by the main thread
+                self.error = e
+            finally:
+                self.done.put(slot)
+
+
+def _copy(pieces: list[Path], sizes: list[int], fd: int, progress) -> tuple[str, str]:
+    """Copy the pieces to fd in order; return (md5, sha256) of everything written."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    bufs = [bytearray(max(1, min(CHUNK, sum(sizes)))) for _ in range(NBUF)]
+    done: queue.Queue = queue.Queue()
+    writer = _Worker("write", lambda v: _write_all(fd, v), bufs, done)
+    workers = [writer, _Worker("md5", md5.update, bufs, done),
+               _Worker("sha256", sha.update, bufs, done)]
+    free = list(range(NBUF))
+    pending = {}  # slot -> (consumers still to finish, nbytes)
+
+    def reap(block: bool) -> None:
+        while True:
+            try:
+                slot = done.get(block=block)
+            except queue.Empty:
+                return
+            left, n = pending[slot]
+            if left == 1:
+                del pending[slot]
+                free.append(slot)
+                progress.advance(n)
+            else:
+                pending[slot] = (left - 1, n)
+            block = False
+            for w in workers:
+                if w.error is not None:
+                    raise w.error
+
+    for w in workers:
+        w.start()
+    try:
+        for piece, size in zip(pieces, sizes):
+            got = 0
+            with open(piece, "rb", buffering=0) as src:
+                try:
+                    os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except (AttributeError, OSError):
+                    pass
+                while True:
+                    while not free:
+                        reap(block=True)
+                    slot = free.pop()
+                    n = src.readinto(bufs[slot])
+                    if not n:
+                        free.append(slot)
+                        break
+                    got += n
+                    pending[slot] = (len(workers), n)
+                    for w in workers:
+                        w.todo.put((slot, n))
+                    reap(block=False)
+            if got != size:
+                raise ConvertError(f"{piece}: changed while reading ({size} bytes at the start, "
+                                   f"{got} read)")
+        while pending:
+            reap(block=True)
+    finally:
+        for w in workers:
+            w.stop = True
+            w.todo.put(None)
+        for w in workers:
+            w.join(timeout=30)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def _as_convert_error(e: BaseException) -> BaseException:
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return ConvertError(f"{where}{e.strerror or e}")
+    return e
+
+
+# ----------------------------------------------------------------------------- checking
+
+def check_joined(path: Path) -> tuple[int, int]:
+    """(tensors, data records) of the joined file, or the one-line error that a piece is bad."""
+    try:
+        return check_checkpoint(path)
+    except DamagedZip as e:
+        raise ConvertError(f"the joined file is not a loadable torch checkpoint ({e.why}); a piece is "
+                           f"probably truncated, missing or corrupt; nothing was written") from None
+
+
+# ----------------------------------------------------------------------------- the operation
+
+def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None = None,
+           sha256: str | None = None, checksums: Path | None = None, force: bool = False,
+           remove_pieces: bool = False, quiet: bool = False) -> Result:
+    """Join the pieces into `output`, verified; see the module docstring."""
+    pieces = find_pieces(inputs)
+    if output is None:
+        output = default_output(pieces)
+    elif output.is_dir():
+        output = output / _piece_match(pieces[0])["base"]
+    output = Path(output)
+    if output.resolve() in {p.resolve() for p in pieces}:
+        raise ConvertError(f"{output}: OUTPUT is one of the pieces")
+    if not output.parent.is_dir():
+        raise ConvertError(f"{output.parent}: no such directory for OUTPUT")
+    if output.exists() and not force:
+        raise ConvertError(f"{output} already exists; use --force to overwrite it")
+    expected = read_checksums(output.name, md5, sha256, checksums)
+    sizes = [p.stat().st_size for p in pieces]
+    total = sum(sizes)
+    tmp = partial_path(output)
+    stale = tmp.stat().st_size if tmp.exists() else 0
+    free = shutil.disk_usage(output.parent).free + stale
+    if free < total:
+        raise ConvertError(f"not enough free space in {output.parent}: {output.name} needs "
+                           f"{total} bytes ({human_bytes(total)}), {free} bytes "
+                           f"({human_bytes(free)}) are free")
+
+    start = time.perf_counter()
+    try:
+        with atomic_file(output, tmp=tmp) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                with progress_bar(f"concat {output.name}", total, quiet) as progress:
+                    try:
+                        got_md5, got_sha = _copy(pieces, sizes, fd, progress)
+                    except OSError as e:  # a failed write (disk full, I/O error): name the file
+                        e.filename = e.filename or str(output)
+                        raise
+                    progress.describe(f"fsync {output.name}")
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            written = tmp.stat().st_size
+            if written != total:
+                raise ConvertError(f"{tmp}: wrote {written} bytes, expected {total}")
+            compared = []
+            for kind, got in (("md5", got_md5), ("sha256", got_sha)):
+                for want, source in getattr(expected, kind):
+                    if want != got:
+                        raise ConvertError(f"{kind} mismatch: {output.name} is {got}, {source} says "
+                                           f"{want}; a piece is corrupt or from another release")
+                    compared.append(f"{kind} ({source})")
+            tensors, records = check_joined(tmp)
+        fsync_dir(output.parent)
+    except OSError as e:
+        raise _as_convert_error(e) from None
+    seconds = time.perf_counter() - start
+
+    if remove_pieces:
+        for p in pieces:
+            p.unlink()
+        fsync_dir(pieces[0].parent)
+
+    def assets(d: Path) -> bool:
+        return (d / "params.json").is_file() and (d / "tokenizer.model").is_file()
+
+    return Result(output=output, pieces=pieces, nbytes=total, seconds=seconds, md5=got_md5,
+                  sha256=got_sha, tensors=tensors, records=records, compared=compared,
+                  removed_pieces=remove_pieces, split_ready=assets(output.parent),
+                  assets_beside_pieces=assets(pieces[0].parent))

@@ -1,0 +1,78 @@
+"""inspect: say what a file or directory is without reading tensor data.
+
+A checkpoint directory (torrent, Mistral fused, HF hub or Accessory layout) or hf://org/name,
+a single .pth/.pt/.safetensors file (its tensors' dtypes, count and bytes, and which layout its
+names belong to), a params.json/config.json (either naming), or a tokenizer.model. Only the
+pickled tensor descriptions or safetensors headers are read (weights_only).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+
+from ..errors import ConvertError
+from ..formats import hub
+from ..formats.accessory import SHARD_RE
+from ..formats.checkpoint import read_tensors
+from ..formats.registry import open_checkpoint
+from ..formats.tokenizer import tokenizer_pieces
+from ..model.config import ModelConfig, read_json
+from ..model.layouts import PREFIX
+
+
+def inspect(path: Path) -> dict:
+    if hub.is_hub(path):
+        return _directory(path)
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _directory(path)
+    if path.name == "tokenizer.model":
+        return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
+    if path.suffix == ".json":
+        raw = read_json(path)
+        cfg = ModelConfig.from_params(raw, str(path))
+        return {"path": str(path), "what": "model config", "config": cfg.to_params()}
+    return _file(path)
+
+
+def _directory(path: Path) -> dict:
+    ck = open_checkpoint(path)
+    path = ck.remote or ck.path
+    dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in ck.canonical.values())
+    info = {
+        "path": str(path), "what": ck.describe(), "format": ck.kind, "world_size": ck.N,
+        "config": ck.cfg.to_params(), "parameters": sum(math.prod(t.shape) for t in ck.canonical.values()),
+        "tensors": len(ck.canonical), "bytes": ck.nbytes, "dtypes": dict(dtypes),
+        "files": [{"name": f.name, "bytes": f.stat().st_size} for f in ck.files],
+        "tokenizer": ({"pieces": tokenizer_pieces(ck.tokenizer)} if ck.tokenizer else None),
+    }
+    if ck.plan is not None:
+        info["shard_tensors"] = [len(r) for r in ck.plan.ranks]
+    return info
+
+
+def _file(path: Path) -> dict:
+    tensors = read_tensors(path)
+    dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
+    names = list(tensors)
+    m = SHARD_RE.match(path.name)
+    if names and all(n.startswith(PREFIX) for n in names):
+        sparse = any(n.endswith(("feed_forward.w1", "feed_forward.w2")) for n in names)
+        what = f"Accessory {'sparse' if sparse else 'base'} shard" + (
+            f" (rank {int(m.group(1))} of {int(m.group(2))})" if m else "")
+    elif "tok_embeddings.weight" in tensors and any(".feed_forward.experts." in n for n in names):
+        what = "torrent-layout Mixtral checkpoint"
+    elif any(".block_sparse_moe.w1" in n and not n.startswith("model.") for n in names):
+        what = "Mistral fused block_sparse_moe checkpoint (or one of its key-split files)"
+    elif any(n.startswith("model.layers.") and ".block_sparse_moe." in n for n in names) or "lm_head.weight" in names:
+        what = "HF hub Mixtral safetensors file (q/k permuted; or one of several)"
+    else:
+        what = "torch checkpoint (not a recognised Mixtral layout)"
+    return {"path": str(path), "what": what, "tensors": len(tensors),
+            "bytes": sum(t.nbytes for t in tensors.values()),
+            "file_bytes": path.stat().st_size, "dtypes": dict(dtypes),
+            "first_tensors": {n: list(tensors[n].shape) for n in names[:6]}}

@@ -1,0 +1,44 @@
+"""merge: an Accessory layout (base or sparse, any N), or any other source, back to the torrent
+layout or to the HF hub layout.
+
+Each canonical tensor is assembled from the shards through the same plan that split uses, read
+in the other direction, and streamed by the target format's writer (formats.registry.TARGETS:
+`torrent` writes consolidated.00.pth and params.json, `hf` safetensors with q/k permuted and
+config.json); tokenizer.model is checked and copied beside, and a manifest lists every file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConvertError
+from ..formats.registry import open_checkpoint, target
+from ..io.atomic import atomic_output_dir, copy_file, write_manifest
+from ..io.progress import progress_bar
+from .common import MARGIN, Result, check_tokenizer, output_base, use_tokenizer
+
+
+def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
+          to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None) -> Result:
+    tgt = target(to)
+    ck = open_checkpoint(shards)
+    use_tokenizer(ck, tokenizer)
+    if to == "torrent" and ck.kind == "torrent":
+        raise ConvertError(f"{ck.path}: already in the torrent layout; merge reads Accessory shard directories "
+                           "(or other sources); for the HF layout pass --to hf")
+    if ck.tokenizer is not None:
+        check_tokenizer(ck)  # validated before anything is written, like split
+    ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
+    base = output_base(ck)
+    out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
+    total = ck.nbytes
+    t0 = time.perf_counter()
+    with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
+        with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
+            files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size)
+        if ck.tokenizer is not None:
+            files["tokenizer.model"] = copy_file(ck.tokenizer, tmp / "tokenizer.model")
+        write_manifest(tmp, files, layout=to, world_size=1, source=dict(ck.source_info(), world_size=ck.N))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0)

@@ -1,0 +1,134 @@
+"""split / split-sparse: any readable checkpoint -> an Accessory layout at world size N.
+
+For each rank, for each of its shard tensors (from the plan), the tensor is assembled from
+the source's canonical tensors a block at a time and streamed to disk; then config.json,
+meta.json, tokenizer.model and a manifest are written, all inside a temporary directory that
+is renamed into place at the end.
+
+Scale-out: with `ranks` (or under torchrun: process RANK of WORLD_SIZE takes ranks
+RANK, RANK + WORLD_SIZE, ...) only those shards are written, each atomically, into a shared
+output directory; the files equal a single-process run's byte for byte, and the process that
+completes the set writes the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import ConvertError
+from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_writer, side_files
+from ..formats.checkpoint import Checkpoint
+from ..formats.registry import open_checkpoint
+from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
+from ..io.lazy import TensorSpec
+from ..io.prefetch import file_producer
+from ..io.progress import Progress, human_bytes, progress_bar
+from ..model.layouts import Plan
+from .common import MARGIN, Result, check_tokenizer, output_base, use_tokenizer
+
+DEFAULT_OUT = {"base": "converted", "sparse": "converted_sparse"}
+_PART = ".mixtral-convert-part-{:05d}.json"
+
+
+def ranks_from_env(N: int) -> Optional[list[int]]:
+    """Under torchrun (WORLD_SIZE > 1): this process's share of the N ranks."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return list(range(rank, N, world)) if world > 1 else None
+
+
+def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, fmt: str) -> dict:
+    specs = [TensorSpec(k, st.shape, st.dtype) for k, st in plan.ranks[r].items()]
+    h = hashlib.sha256()
+    with file_producer(specs, lambda s: plan.shard_tensor(r, s.name, ck.canonical), prog) as produce:
+        size = shard_writer(fmt)(path, specs, produce, hasher=h)
+    return {"size": size, "sha256": h.hexdigest(), "rank": r}
+
+
+def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
+    return dict(layout=layout, llama_type=LLAMA_TYPE[layout], world_size=N, shard_format=fmt,
+                source=ck.source_info())
+
+
+def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
+          quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
+          tokenizer=None) -> Result:
+    shard_writer(fmt)  # an unknown format fails before anything is read
+    ck = open_checkpoint(src)
+    use_tokenizer(ck, tokenizer)
+    plan = Plan(layout, ck.cfg, N, ck.dtypes)
+    tokenizer = check_tokenizer(ck)
+    out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
+    if ranks is None:
+        ranks = ranks_from_env(N)
+    if ranks is not None:
+        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt)
+    total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
+    t0 = time.perf_counter()
+    with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
+        files = {}
+        with progress_bar(f"{layout} N={N}", total, quiet) as prog:
+            for r in range(N):
+                name = shard_file_name(r, N, fmt)
+                files[name] = _write_rank(plan, r, ck, tmp / name, prog, fmt)
+            fsync_all(tmp / n for n in files)
+        files.update(side_files(ck.cfg, tokenizer, layout, tmp, atomic=False))
+        write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+
+
+def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: list[int], force: bool,
+                 quiet: bool, fmt: str) -> Result:
+    """Cooperative mode: write only `ranks` into a shared `out`, each file atomically."""
+    N, layout = plan.N, plan.layout
+    bad = [r for r in ranks if not 0 <= r < N]
+    if bad or not ranks:
+        raise ConvertError(f"--ranks: {bad[0] if bad else 'none'} is not a rank of world size {N} "
+                           f"(use numbers 0..{N - 1})")
+    names = {r: shard_file_name(r, N, fmt) for r in ranks}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"{out}: cannot create the output directory ({e.strerror})") from None
+    existing = [n for n in names.values() if (out / n).exists()]
+    if existing and not force:
+        raise ConvertError(f"{out / existing[0]}: already exists; pass --force to replace it")
+    total = sum(st.nbytes for r in ranks for st in plan.ranks[r].values())
+    free = shutil.disk_usage(out).free
+    if free < total:
+        raise ConvertError(f"{out}: not enough free space: {human_bytes(total)} needed for ranks "
+                           f"{','.join(map(str, ranks))}, {human_bytes(free)} free")
+    t0 = time.perf_counter()
+    with progress_bar(f"{layout} N={N} ranks {','.join(map(str, ranks))}", total, quiet) as prog:
+        for r in ranks:
+            with atomic_file(out / names[r]) as tmp:
+                entry = _write_rank(plan, r, ck, tmp, prog, fmt)
+                fsync_all([tmp])
+            with atomic_file(out / _PART.format(r)) as tmp:
+                write_small(tmp, json_bytes({names[r]: entry}))
+    side = side_files(ck.cfg, tokenizer, layout, out, atomic=True)
+    _combine_manifest(out, ck, layout, N, side, fmt)
+    return Result(out, sorted(names.values()) + sorted(side), total, time.perf_counter() - t0)
+
+
+def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict, fmt: str) -> None:
+    """Once every rank's part is present (whichever process gets there), write the manifest."""
+    parts = [out / _PART.format(r) for r in range(N)]
+    if not all(p.exists() for p in parts):
+        return
+    files = dict(side)
+    for p in parts:
+        files.update(json.loads(p.read_text()))
+    with atomic_file(out / MANIFEST) as tmp:
+        write_manifest(tmp.parent, files, **_manifest_info(ck, layout, N, fmt), _name=tmp.name)
+    for p in parts:
+        p.unlink(missing_ok=True)

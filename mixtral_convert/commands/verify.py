@@ -1,0 +1,247 @@
+"""verify: prove an Accessory directory is exactly the source checkpoint in that layout.
+
+Structure: a file for every rank, meta.json / config.json / tokenizer.model consistent with
+the source, each shard's key set, shapes and dtypes exactly as the plan demands. Data: every
+shard tensor is compared byte for byte, a block at a time, with the same tensor assembled from
+the source through the plan. The pieces tile every canonical tensor (a property of the table,
+tested), so this is the same as checking that the reassembly of every source tensor equals it;
+replicated tensors are checked on every rank. Bytes, not values, are compared: NaN payloads
+are data.
+
+Without a source, the same structure checks run with the directory's own config.json and the
+shards' dtypes, and then every file's size and sha256 is checked against the manifest the
+conversion wrote (io/manifest.py): corruption after conversion is caught without the source.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import ConvertError
+from ..formats import accessory
+from ..formats.checkpoint import Checkpoint, read_tensors
+from ..formats.registry import open_checkpoint
+from ..formats.tokenizer import tokenizer_pieces
+from ..formats.torrent import TORRENT_FILE
+from ..io import manifest
+from ..io.manifest import MANIFEST
+from ..io.prefetch import prefetched
+from ..io.progress import progress_bar
+from ..model.config import ACCESSORY_KEYS, ModelConfig, read_json
+from ..model.layouts import Plan
+
+
+@dataclass
+class Report:
+    shards: str
+    source: str
+    layout: Optional[str] = None
+    world_size: Optional[int] = None
+    checks: list[str] = field(default_factory=list)  # what passed
+    problems: list[str] = field(default_factory=list)  # what failed (first is the headline)
+    bytes_compared: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "shards": self.shards, "source": self.source, "layout": self.layout,
+                "world_size": self.world_size, "checks": self.checks, "problems": self.problems,
+                "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
+
+
+def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False) -> Report:
+    """With `source`: structure, then every byte against the source. Without: structure, then
+    every file's size and sha256 against the directory's manifest."""
+    t0 = time.perf_counter()
+    shards = Path(shards)
+    if not shards.is_dir():
+        raise ConvertError(f"{shards}: not a directory; pass the directory that split wrote")
+    if source is None:
+        if not (shards / MANIFEST).exists():
+            raise ConvertError(f"{shards}: no {MANIFEST} and no --source; pass --source SRC (the checkpoint "
+                               "it was made from) to compare every byte with it")
+        rep = Report(str(shards), f"its manifest ({MANIFEST})")
+        try:
+            _verify_manifest(shards, rep, quiet)
+        finally:
+            rep.seconds = time.perf_counter() - t0
+        return rep
+    src = open_checkpoint(source)  # a bad source is bad input (exit 2), not a mismatch
+    rep = Report(str(shards), str(src.path))
+    try:
+        _verify(shards, src, rep, quiet)
+    finally:
+        rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _verify_manifest(shards: Path, rep: Report, quiet: bool) -> None:
+    bad = rep.problems.append
+    try:
+        m = manifest.read(shards)
+    except ConvertError as e:
+        return bad(str(e))
+    rep.layout, rep.world_size = m.get("layout"), m.get("world_size")
+    listing = manifest.check_listing(shards, m)
+    if listing:
+        rep.problems.extend(listing)
+        return
+    rep.checks.append(f"{len(m['files'])} files listed in the manifest, all present with their recorded sizes, "
+                      "none unlisted")
+    if m.get("layout") == "torrent":  # a merge output
+        try:
+            ck = open_checkpoint(shards)
+            if ck.tokenizer is not None and tokenizer_pieces(ck.tokenizer) != ck.cfg.vocab_size:
+                return bad(f"{ck.tokenizer}: {tokenizer_pieces(ck.tokenizer)} pieces, but the embedding has "
+                           f"{ck.cfg.vocab_size} rows")
+        except ConvertError as e:
+            return bad(str(e))
+        rep.checks.append("params.json, tensor names, shapes and dtype consistent")
+    elif _structure(shards, None, rep) is None or rep.problems:
+        return
+    total = sum(e["size"] for e in m["files"].values())
+    with progress_bar("verify sha256", total, quiet) as prog:
+        def advance(n):
+            rep.bytes_compared += n
+            prog.advance(n)
+        digest = manifest.check_hashes(shards, m, advance)
+    if digest:
+        rep.problems.extend(digest)
+        return
+    rep.checks.append(f"every file's sha256 equals the manifest's ({rep.bytes_compared} bytes hashed)")
+
+
+def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
+    found = _structure(shards, src, rep)
+    if found is None or rep.problems:
+        return
+    plan, files, opened = found
+    N = plan.N
+    bad = rep.problems.append
+    # data, byte for byte
+    total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
+    def pairs():  # (rank, shard tensor, first row, actual block, expected block), in order
+        for r in range(N):
+            for key, st in plan.ranks[r].items():
+                expected = plan.shard_tensor(r, key, src.canonical)
+                actual = opened[r][key]
+                for r0, r1 in expected.row_blocks():
+                    yield r, st, r0, actual.read(r0, r1), expected.read(r0, r1).contiguous()
+
+    with progress_bar("verify", total, quiet) as prog, closing(prefetched(pairs())) as blocks:
+        for r, st, r0, a, e in blocks:
+            a, e = _bytes_of(a), _bytes_of(e)
+            if not torch.equal(a, e):  # bytes, not values: NaN payloads are data
+                return bad(_where(files[r], r, st, r0, a.numpy(), e.numpy()))
+            rep.bytes_compared += a.numel()
+            prog.advance(a.numel())
+    rep.checks.append(f"every byte of every shard equals the source's ({rep.bytes_compared} bytes)")
+
+
+def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
+    """meta.json, config.json (against the source's config, or on its own), a file per rank, the
+    tokenizer, and every shard's keys, shapes and dtypes against the plan. Returns (plan, files,
+    opened shards), or None when it cannot go on; problems go to the report."""
+    bad = rep.problems.append
+    try:
+        layout = accessory.read_layout(shards)
+    except ConvertError as e:
+        return bad(str(e))
+    rep.layout = layout
+    rep.checks.append(f"meta.json: llama_type {accessory.LLAMA_TYPE[layout]}")
+    cfg = _check_config(shards, src, rep)
+    if src is not None:
+        cfg = src.cfg
+    elif cfg is None:
+        return None
+    if (shards / TORRENT_FILE).exists():
+        bad(f"{shards}: holds {TORRENT_FILE} beside the shards (Accessory rejects 'multiple formats')")
+    try:
+        N, _, files = accessory.list_shards(shards)
+    except ConvertError as e:
+        return bad(str(e))
+    rep.world_size = N
+    rep.checks.append(f"{N} shard files, one per rank")
+    _check_tokenizer(shards / accessory.TOKENIZER, cfg, src, rep)
+    try:
+        opened = [read_tensors(f) for f in files]
+    except ConvertError as e:
+        return bad(str(e))
+    try:
+        plan = Plan(layout, cfg, N, src.dtypes if src is not None else accessory.shard_dtypes(layout, cfg, N, opened))
+    except ConvertError as e:
+        return bad(f"{shards}: {e}")
+    structure = accessory.structure_problems(plan, files, opened)
+    if structure:
+        rep.problems.extend(structure)
+        return None
+    rep.checks.append("every shard's keys, shapes and dtypes match the layout")
+    return plan, files, opened
+
+
+def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report) -> Optional[ModelConfig]:
+    """config.json: only keys Accessory's ModelArgs takes, nothing it would default wrongly, and
+    (with a source) equal to the source's config."""
+    bad, path = rep.problems.append, shards / accessory.CONFIG
+    try:
+        raw = read_json(path)
+        unknown = sorted(set(raw) - ACCESSORY_KEYS) if isinstance(raw, dict) else []
+        if unknown:
+            bad(f"{path}: key '{unknown[0]}' is not accepted by Accessory's ModelArgs")
+        for k in ("hidden_dim", "rope_theta"):
+            if isinstance(raw, dict) and k not in raw:
+                bad(f"{path}: '{k}' is absent (Accessory's default would be wrong)")
+        cfg = ModelConfig.from_params(raw, str(path))
+    except ConvertError as e:
+        bad(str(e))
+        return None
+    if src is None:
+        rep.checks.append("config.json: a valid Mixtral config")
+    elif cfg != src.cfg:
+        diff = [k for k in src.cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(src.cfg, k)]
+        bad(f"{path}: '{diff[0]}' is {getattr(cfg, diff[0])}, the source has {getattr(src.cfg, diff[0])}")
+    else:
+        rep.checks.append("config.json: equals the source's config")
+    return cfg
+
+
+def _check_tokenizer(tok: Path, cfg: ModelConfig, src: Optional[Checkpoint], rep: Report) -> None:
+    bad = rep.problems.append
+    if not tok.is_file():
+        return bad(f"{tok}: missing; Accessory loads the tokenizer from the checkpoint directory")
+    try:
+        pieces = tokenizer_pieces(tok)
+    except ConvertError as e:
+        return bad(str(e))
+    if pieces != cfg.vocab_size:
+        bad(f"{tok}: {pieces} pieces, but the embedding has {cfg.vocab_size} rows")
+    elif src is not None and src.tokenizer is not None and tok.read_bytes() != src.tokenizer.read_bytes():
+        bad(f"{tok}: differs from the source's {src.tokenizer}")
+    else:
+        rep.checks.append(f"tokenizer.model: {pieces} pieces = vocab_size")
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _where(f: Path, r: int, st, r0: int, a, e) -> str:
+    item = st.dtype.itemsize
+    first = int(np.flatnonzero(a != e)[0]) // item
+    row_len = math.prod(st.shape[1:]) if len(st.shape) > 1 else 1
+    idx = [r0 + first // row_len] + ([first % row_len] if len(st.shape) > 1 else [])
+    src = max((p for p in st.pieces if p.row0 <= idx[0]), key=lambda p: p.row0).src
+    return (f"{f.name} (rank {r}): tensor '{st.key}' differs from the source at element {idx} "
+            f"(holds '{src}'); the shard is corrupt or was written from another checkpoint: re-run split")

@@ -1,0 +1,127 @@
+"""What every format's reader returns, and what the registry asks of a format.
+
+A `Checkpoint` is one model as this tool sees it whatever its files: the config, every
+canonical tensor (the torrent release's names, docs/formats.md) as a lazy tensor, and the
+tokenizer. Accessory layouts also keep their shards and the plan that places canonical tensors
+in them. A `Reader` says whether a directory is in its format and opens it; a `Target` writes
+a checkpoint in its format (`merge --to NAME`). `formats.registry` holds the list of both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ConvertError
+from ..io.lazy import Lazy
+from ..model.config import ModelConfig
+from ..model.layouts import Plan
+from . import safetensorsfile, torchzip
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the directory
+    kind: str  # the reader's name: "torrent", "fused", "hf", "base", "sparse"
+    cfg: ModelConfig
+    files: list[Path]
+    tokenizer: Optional[Path]
+    N: int = 1
+    canonical: dict[str, Lazy] = field(default_factory=dict)  # canonical name -> lazy tensor
+    shards: list[dict[str, Lazy]] = field(default_factory=list)  # Accessory layouts: per rank
+    plan: Optional[Plan] = None  # Accessory layouts: the plan their shards follow
+    remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
+    label: str = ""  # what the format is called in messages
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: v.dtype for k, v in self.canonical.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The one dtype of every tensor (readers refuse mixed dtypes; so does this)."""
+        check_tensors(self.cfg, {k: (t.shape, t.dtype) for k, t in self.canonical.items()}, self.where)
+        return next(iter(self.canonical.values())).dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.canonical.values())
+
+    @property
+    def where(self) -> str:
+        """How messages name the source."""
+        return self.remote or str(self.path)
+
+    def describe(self) -> str:
+        if self.plan is not None:
+            return f"Accessory {self.kind} layout, {self.N} rank{'s' * (self.N > 1)}"
+        if len(self.files) == 1 and self.kind == "torrent":
+            return f"{self.label} ({self.files[0].name})"
+        names = ", ".join(f.name for f in self.files[:3])
+        return f"{self.label} ({names}" + (f", ... {len(self.files)} files)" if len(self.files) > 3 else ")")
+
+    def source_info(self) -> dict:
+        """The source's identity, as the manifest records it."""
+        return {"path": self.remote or str(self.path.resolve()), "format": self.kind,
+                "files": {f.name: f.stat().st_size for f in self.files}}
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A source format. `claims(dir, names)` says whether the directory (whose file names are
+    `names`) is in this format; `open(dir, names)` reads it (descriptions only, no tensor data).
+    Two formats named in `conflicts` must not both claim one directory."""
+
+    name: str
+    what: str  # for "no checkpoint found": what files make this format
+    claims: Callable[[Path, set[str]], bool]
+    open: Callable[[Path, set[str]], Checkpoint]
+    conflicts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """An output format of merge. `write(ck, tmp, progress, options)` writes every file into the
+    temporary directory `tmp` and returns their manifest entries {name: {size, sha256}}."""
+
+    name: str
+    suffix: str  # default output: SOURCE + suffix
+    write: Callable[..., dict[str, dict]]
+
+
+def read_tensors(path: Path) -> dict[str, Lazy]:
+    """A .pth/.pt (torch zip) or .safetensors file's tensors, as lazy tensors (nothing read)."""
+    if Path(path).name.endswith(".safetensors"):
+        return safetensorsfile.read_tensors(path)
+    return torchzip.read_tensors(path)
+
+
+def find_tokenizer(path: Path) -> Optional[Path]:
+    tok = path / "tokenizer.model"
+    return tok if tok.is_file() else None
+
+
+def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None:
+    """Canonical names, shapes and one dtype, exactly as the config implies."""
+    expected = cfg.canonical_shapes()
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing:
+        raise ConvertError(f"{where}: {len(missing)} tensor(s) the config implies are missing, first "
+                           f"'{missing[0]}'; the file does not match params.json (wrong n_layers or num_experts?)")
+    if extra:
+        raise ConvertError(f"{where}: {len(extra)} unexpected tensor(s), first '{extra[0]}'; "
+                           "the file does not match params.json")
+    for k, shape in expected.items():
+        if tuple(found[k][0]) != shape:
+            raise ConvertError(f"{where}: tensor '{k}' has shape {list(found[k][0])}, params.json implies "
+                               f"{list(shape)}; the checkpoint and params.json disagree")
+    dtypes = {}
+    for k, (_, dt) in found.items():
+        dtypes.setdefault(dt, k)
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{str(dt).replace('torch.', '')} (e.g. '{k}')" for dt, k in dtypes.items())
+        raise ConvertError(f"{where}: mixed dtypes {desc}; convert the checkpoint to a single dtype first")

@@ -1,0 +1,189 @@
+"""The HF hub layout (docs/formats.md, "HF hub layout"): reading it as canonical lazy tensors,
+and writing it (`merge --to hf`).
+
+A directory with `config.json` (MixtralConfig names), `model.safetensors` or several files
+listed by `model.safetensors.index.json`, and `tokenizer.model`. Names map through the table
+in `model.names`; q_proj and k_proj rows are in HF's rotate-half order, so the canonical wq/wk are
+`RowPermuted` views: a block of canonical rows is a gather of HF rows, read a block at a time
+like every other lazy tensor. Writing goes the other way: canonical tensors, q/k permuted
+lazily, streamed into safetensors files of at most `max_shard_size` bytes each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ConvertError
+from ..io.atomic import json_bytes, write_small
+from ..io.lazy import Lazy, TensorSpec
+from ..io.prefetch import stream
+from ..model import names as hfnames
+from ..model.config import ModelConfig, read_json
+from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
+from .safetensorsfile import read_tensors as read_safetensors, write_safetensors
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DEFAULT_MAX_SHARD = 5 * 10**9  # bytes, transformers' default for save_pretrained
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry
+
+
+class RowPermuted(Lazy):
+    """Row i of this tensor is row perm[i] of `base`; blocks are gathered from the smallest
+    row range of `base` that holds them (for the q/k permutation: the block plus one head)."""
+
+    def __init__(self, base: Lazy, perm: torch.Tensor, name: str = "?"):
+        if len(base.shape) != 2 or tuple(perm.shape) != (base.shape[0],):
+            raise ConvertError(f"'{name}': a row permutation of {list(perm.shape)} does not fit shape "
+                               f"{list(base.shape)}")
+        self.base, self.perm, self.name = base, perm, name
+        self.shape, self.dtype = base.shape, base.dtype
+
+    def read(self, r0, r1, c0=None, c1=None):
+        idx = self.perm[r0:r1]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        block = self.base.read(lo, hi, c0, c1)
+        return block.index_select(0, idx - lo)
+
+
+def qk_perm(rows: int, n: int, to_hf: bool) -> torch.Tensor:
+    """The row gather that applies the q/k permutation: out[i] = W[perm[i]]."""
+    ids = torch.arange(rows).reshape(rows, 1)
+    f = hfnames.permute_qk_to_hf if to_hf else hfnames.permute_qk_from_hf
+    return f(ids, n).reshape(rows)
+
+
+def weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
+    """The safetensors files of an HF directory and its weight map (None for a single file)."""
+    if (path / INDEX).is_file():
+        index = read_json(path / INDEX)
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise ConvertError(f"{path / INDEX}: no 'weight_map' object; the index is corrupt")
+        files = sorted(set(wm.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ConvertError(f"{path / missing[0]}: listed in {INDEX} but missing "
+                               f"({len(missing)} of {len(files)} files); download them all")
+        return [path / f for f in files], wm
+    if (path / SINGLE).is_file():
+        return [path / SINGLE], None
+    raise ConvertError(f"{path}: an HF config.json but no {SINGLE} or {INDEX}; only safetensors "
+                       "checkpoints are read (convert pytorch_model*.bin with transformers first)")
+
+
+def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
+    """An HF hub directory as a Checkpoint."""
+    cfg = ModelConfig.from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+    files, wm = weight_files(path)
+    canonical: dict[str, Lazy] = {}
+    found: dict[str, tuple] = {}
+    for f in files:
+        for hf_name, t in read_safetensors(f).items():
+            if wm is not None and wm.get(hf_name, f.name) != f.name:
+                continue  # the index names another file for it; trust the index
+            name = hfnames.hf_to_canonical(hf_name)
+            if name is None:
+                if hf_name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                raise ConvertError(f"{f}: tensor '{hf_name}' is not a Mixtral HF tensor name "
+                                   "(expected model.layers.L.block_sparse_moe.experts.e.w1.weight and the like)")
+            if name in found:
+                raise ConvertError(f"{f}: tensor '{hf_name}' is also in another file; the index is stale")
+            found[name] = (tuple(t.shape), t.dtype)
+            lazy: Lazy = t
+            n = hfnames.qk_heads(name, cfg)
+            if n is not None and len(t.shape) == 2 and t.shape[0] % (2 * n) == 0:
+                lazy = RowPermuted(lazy, qk_perm(t.shape[0], n, to_hf=False), name)
+            canonical[name] = lazy
+    check_tensors(cfg, found, str(path))
+    canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
+    return Checkpoint(path, "hf", cfg, files, find_tokenizer(path), 1, canonical,
+                      label="HF hub layout (safetensors, q/k permuted)")
+
+
+READER = Reader(
+    "hf", f"config.json with {SINGLE} or {INDEX} (HF hub)",
+    claims=lambda path, names: "config.json" in names and (SINGLE in names or INDEX in names),
+    open=open_hf)
+
+
+# ----------------------------------------------------------------------------- writing
+def hf_tensors(cfg: ModelConfig, canonical: dict[str, Lazy]) -> dict[str, Lazy]:
+    """HF name -> lazy tensor in HF order (q/k permuted), in canonical order."""
+    out = {}
+    for name, lazy in canonical.items():
+        hf = hfnames.canonical_to_hf(name)
+        n = hfnames.qk_heads(name, cfg)
+        out[hf] = RowPermuted(lazy, qk_perm(lazy.shape[0], n, to_hf=True), hf) if n is not None else lazy
+    return out
+
+
+def plan_files(tensors: dict[str, Lazy], max_shard_size: int) -> list[tuple[str, list[str]]]:
+    """Greedy split into files of at most max_shard_size bytes (a larger tensor gets its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += t.nbytes
+    if len(groups) == 1:
+        return [(SINGLE, groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], stream: Callable,
+                     max_shard_size: int = DEFAULT_MAX_SHARD) -> dict[str, dict]:
+    """The safetensors files (and the index when several) into `tmp`; manifest entries back.
+    `stream(lazy)` yields a lazy tensor's bytes in blocks."""
+    if max_shard_size <= 0:
+        raise ConvertError(f"--max-shard-size must be positive, got {max_shard_size}")
+    tensors = hf_tensors(cfg, canonical)
+    entries: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    for fname, names in plan_files(tensors, max_shard_size):
+        specs = [TensorSpec(k, tensors[k].shape, tensors[k].dtype) for k in names]
+        h = hashlib.sha256()
+        size = write_safetensors(tmp / fname, specs, lambda s: stream(tensors[s.name]), hasher=h)
+        entries[fname] = {"size": size, "sha256": h.hexdigest()}
+        weight_map.update({k: fname for k in names})
+    if len(entries) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        entries[INDEX] = write_small(tmp / INDEX, json_bytes(index))
+    return entries
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: Optional[int] = None, **_options) -> dict[str, dict]:
+    """The HF hub layout into `tmp`: safetensors (q/k permuted, split at max_shard_size with an
+    index when several) and config.json."""
+    files = write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress),
+                             max_shard_size or DEFAULT_MAX_SHARD)
+    files["config.json"] = write_small(tmp / "config.json", json_bytes(ck.cfg.to_hf_config(dtype_name(ck.dtype))))
+    return files
+
+
+TARGET = Target("hf", "_hf", write)
+
+
+def parse_size(text) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes (decimal units as transformers, binary with 'i')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB, 2GiB or a byte count")
+    base = 1024 if m.group(3) else 1000
+    n = int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+    if n <= 0:
+        raise ConvertError(f"--max-shard-size {text!r}: must be positive")
+    return n

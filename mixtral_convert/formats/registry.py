@@ -1,0 +1,65 @@
+"""Which format a checkpoint is in: the registry of readers and merge targets.
+
+`open_checkpoint(path)` resolves hf://org/name[@rev] through the hub cache, lists the directory
+once, and asks each reader in `READERS` (in order: the first that claims the directory opens
+it). Readers that declare a conflict refuse to share a directory, as Accessory's loader does.
+A new source format is one module with a `Reader`, added to `READERS`; a new merge target, one
+with a `Target`, added to `TARGETS`. Every command reads through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConvertError
+from . import accessory, hf, hub, torrent
+from .checkpoint import Checkpoint, Reader, Target
+
+READERS: tuple[Reader, ...] = (accessory.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
+TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET)}
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ConvertError(f"unknown merge target '{name}'; use one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """The directory a path names: itself, or the directory of one of its checkpoint files."""
+    path = Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path}: no such file or directory")
+    if path.is_file():
+        if accessory.SHARD_RE.match(path.name) or path.name.endswith(CHECKPOINT_SUFFIXES):
+            return path.parent
+        raise ConvertError(f"{path}: expected a checkpoint directory or a .pth/.pt/.safetensors file")
+    return path
+
+
+def detect(path: Path, names: set[str]) -> Reader:
+    """The reader for a directory whose file names are `names`."""
+    claiming = [r for r in READERS if r.claims(path, names)]
+    if not claiming:
+        why = torrent.hint(path, names)
+        if why:
+            raise ConvertError(why)
+        raise ConvertError(f"{path}: no checkpoint found (expected {'; or '.join(r.what for r in READERS)})")
+    first = claiming[0]
+    for other in claiming[1:]:
+        if other.name in first.conflicts:
+            raise ConvertError(f"{path}: holds both {first.what} and {other.what} (multiple formats, which "
+                               "Accessory rejects); move one set elsewhere")
+    return first
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """A checkpoint directory (or one of its files), or hf://org/name[@rev], of any registered format."""
+    if hub.is_hub(path):
+        ck = open_checkpoint(hub.resolve_checkpoint(path))
+        ck.remote = hub.normalize(path)
+        return ck
+    path = checkpoint_dir(path)
+    names = {p.name for p in path.iterdir()}
+    return detect(path, names).open(path, names)

@@ -1,0 +1,90 @@
+"""The torrent release and Mistral's consolidated files: `params.json` beside one or several
+torch zip files of torrent-named tensors (docs/formats.md, "Torrent release" and "Mistral
+fused files").
+
+Readers: `consolidated.00.pth` (the torrent); `consolidated.NN.pt` (Mistral's hub repositories,
+one file or several split by key, possibly with fused `block_sparse_moe` tensors, which are
+unfused into views). Target: `merge --to torrent` writes `consolidated.00.pth` and params.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConvertError
+from ..io.atomic import fsync_all, json_bytes, write_small
+from ..io.lazy import Stored, TensorSpec
+from ..io.prefetch import file_producer
+from ..model.config import ModelConfig
+from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
+from .fused import is_fused, unfuse
+from .torchzip import load_lazy, write_checkpoint
+
+TORRENT_FILE = "consolidated.00.pth"
+PARAMS = "params.json"
+CONSOLIDATED_RE = re.compile(r"consolidated\.(\d+)\.pth?\Z")  # the torrent's and Mistral's files
+SPLIT_PIECE = TORRENT_FILE + "-split"
+
+
+def open_consolidated(path: Path, names: list[str]) -> Checkpoint:
+    """The union of the consolidated files' dicts, with fused tensors unfused into views."""
+    params = path / PARAMS
+    if not params.is_file():
+        raise ConvertError(f"{params}: not found; the release ships params.json beside {names[0]}")
+    cfg = ModelConfig.from_json_file(params)
+    files = [path / n for n in names]
+    tensors: dict = {}
+    for f in files:
+        for k, v in load_lazy(f).items():
+            if k in tensors:
+                raise ConvertError(f"{f}: tensor '{k}' is also in another consolidated file; "
+                                   "remove the stale copy")
+            tensors[k] = v
+    where = str(files[0]) if len(files) == 1 else f"{path} ({', '.join(names)})"
+    fused = is_fused(tensors)
+    if fused:
+        tensors = unfuse(cfg, tensors, where)
+    check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, where)
+    canonical = {k: Stored(tensors[k], k) for k in cfg.canonical_shapes()}
+    kind, label = ("fused", "Mistral fused block_sparse_moe layout") if fused else ("torrent", "torrent layout")
+    return Checkpoint(path, kind, cfg, files, find_tokenizer(path), 1, canonical, label=label)
+
+
+def _consolidated_names(names: set[str]) -> list[str]:
+    return sorted((n for n in names if CONSOLIDATED_RE.match(n)), key=lambda n: int(CONSOLIDATED_RE.match(n).group(1)))
+
+
+TORRENT = Reader(
+    "torrent", f"{TORRENT_FILE} with {PARAMS}",
+    claims=lambda path, names: TORRENT_FILE in names,
+    open=lambda path, names: open_consolidated(path, [TORRENT_FILE]))
+
+CONSOLIDATED = Reader(
+    "consolidated", f"consolidated.NN.pt with {PARAMS}",
+    claims=lambda path, names: bool(_consolidated_names(names)),
+    open=lambda path, names: open_consolidated(path, _consolidated_names(names)))
+
+
+def hint(path: Path, names: set[str]) -> Optional[str]:
+    """What to do with a directory that holds only the torrent's byte pieces."""
+    if any(n.startswith(SPLIT_PIECE) for n in names):
+        return (f"{path}: holds {SPLIT_PIECE}K pieces but no {TORRENT_FILE}; join them first: "
+                f"mixtral-convert concat {path}")
+    return None
+
+
+def write(ck: Checkpoint, tmp: Path, progress, **_options) -> dict[str, dict]:
+    """consolidated.00.pth (every canonical tensor, streamed) and params.json into `tmp`."""
+    specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
+    h = hashlib.sha256()
+    with file_producer(specs, lambda s: ck.canonical[s.name], progress) as produce:
+        size = write_checkpoint(tmp / TORRENT_FILE, specs, produce, hasher=h)
+    fsync_all([tmp / TORRENT_FILE])
+    return {TORRENT_FILE: {"size": size, "sha256": h.hexdigest()},
+            PARAMS: write_small(tmp / PARAMS, json_bytes(ck.cfg.to_params()))}
+
+
+TARGET = Target("torrent", "_merged", write)

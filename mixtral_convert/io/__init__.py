@@ -1,0 +1,3 @@
+"""Moving bytes: lazy tensors (`lazy`, pure data), read-ahead and background production
+(`prefetch`), outputs that are never half-written (`atomic`), the manifest (`manifest`) and the
+progress bar (`progress`)."""

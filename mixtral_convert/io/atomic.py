@@ -1,0 +1,366 @@
+"""Output that is never half-written: a temporary sibling directory renamed into place.
+
+Before anything is written: the output must be absent, empty, or (with --force) hold nothing
+that looks like a checkpoint but was not written by this tool; the disk must have room for it.
+The temporary sibling `.<out>.mixtral-convert-partial` carries a marker file, locked while its
+run lives, so a later run recognises one left by a killed run as its own and removes it, and
+refuses to touch one a live run is writing. On success it is renamed into place; on any error
+or interrupt it is removed, and an OSError while writing (ENOSPC above all) becomes one line
+naming the output, with the bytes needed against the bytes free.
+
+`--force` replaces only files that an earlier run of this tool wrote (plain names listed in the
+manifest it left, with the size it recorded); it never deletes anything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from . import manifest as mf
+from ..errors import ConvertError
+from .manifest import MANIFEST, OUTPUT_SUFFIXES
+from .progress import human_bytes
+
+MARKER = ".mixtral-convert-partial"
+OLD = ".mixtral-convert-old"  # a previous output being swapped out under --force
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+
+def _temp_for(out: Path) -> Path:
+    return out.parent / f".{out.name}{MARKER}"
+
+
+def _old_for(out: Path) -> Path:
+    return out.parent / f".{out.name}{OLD}"
+
+
+# ----------------------------------------------------------------------------- markers and locks
+def _mark(tmp: Path) -> Optional[int]:
+    """Create the marker and hold an exclusive lock on it for the life of this run."""
+    fd = os.open(tmp / MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # a filesystem without locks: the pid below is the fallback
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _live_owner(marker: Path) -> Optional[str]:
+    """A description of the live run holding `marker`, or None when it is stale."""
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return None  # nobody holds it: the run that made it is gone
+            except BlockingIOError:
+                return "another mixtral-convert run"
+            except OSError:
+                pass
+        try:  # no locks here: fall back to the pid written in it
+            pid = int(os.read(fd, 32).split()[0])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                return f"another mixtral-convert run (pid {pid})"
+        except (ValueError, IndexError, ProcessLookupError):
+            return None
+        except PermissionError:
+            return f"another process (pid {pid})"
+        return None
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(d: Path, what: str) -> None:
+    """Remove a temporary or swapped-out directory a killed run of this tool left, or refuse."""
+    if d.is_dir() and not d.is_symlink():
+        if (d / MARKER).is_file():
+            owner = _live_owner(d / MARKER)
+            if owner:
+                raise ConvertError(f"{d}: {owner} is writing this output now; wait for it to finish, or choose "
+                                   "another -o")
+            shutil.rmtree(d)
+            return
+        if not any(d.iterdir()):
+            d.rmdir()  # killed between creating it and marking it
+            return
+    raise ConvertError(f"{d}: exists and was not made by mixtral-convert (no {MARKER} marker); it is in the "
+                       f"way of the {what}: remove it or choose another -o")
+
+
+@contextmanager
+def _signals_blocked():
+    """Defer SIGINT/SIGTERM while a few renames or a cleanup run: they are handled right after."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):  # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# ----------------------------------------------------------------------------- the output directory
+def _check_existing(out: Path, force: bool) -> tuple[set[str], Optional[dict]]:
+    """What of `out` this run may replace: (names, previous manifest)."""
+    if not (out.exists() and any(out.iterdir())):
+        return set(), None
+    if not force:
+        raise ConvertError(f"{out}: exists and is not empty; choose another -o, or pass --force to "
+                           "replace what mixtral-convert wrote there")
+    ours, prev = mf.owned_names(out)
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in ours and p.name != MARKER and p.name.endswith(OUTPUT_SUFFIXES))
+    if foreign:
+        raise ConvertError(f"{out}: holds '{foreign[0]}' which mixtral-convert did not write; --force "
+                           "only replaces its own files: move it away or choose another -o")
+    for name in sorted(ours):
+        p = out / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_symlink() or not p.is_file():
+            raise ConvertError(f"{p}: is not a regular file, so mixtral-convert did not write it; --force only "
+                               "replaces its own files: move it away or choose another -o")
+        if name != MANIFEST and not prev.get("incomplete") and p.stat().st_size != prev["files"][name]["size"]:
+            raise ConvertError(f"{p}: {p.stat().st_size} bytes, not the {prev['files'][name]['size']} "
+                               "mixtral-convert wrote (changed since); --force only replaces its own files: "
+                               "move it away or choose another -o")
+    return ours | {MARKER}, prev
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free(path: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _space(need: int, free: Optional[int], now: Optional[int] = None) -> str:
+    parts = []
+    if need:
+        parts.append(f"{human_bytes(need)} needed")
+    if free is not None:
+        parts.append(f"{human_bytes(free)} free" + (" at the start" if now is not None else ""))
+    if now is not None:
+        parts.append(f"{human_bytes(now)} free when it ran out")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _under(name, root: Path) -> bool:
+    try:
+        return Path(os.path.abspath(os.fsdecode(name))).is_relative_to(root)
+    except (TypeError, ValueError):
+        return False
+
+
+def write_error(e: BaseException, out: Path, tmp: Path, need: int, free0, free_now) -> Optional[ConvertError]:
+    """The one-line error for an OSError raised while writing `out`; None if it is not about the output."""
+    if not isinstance(e, OSError):
+        return None
+    if e.filename and not (_under(e.filename, tmp) or _under(e.filename, out)):
+        return None  # e.g. reading the source: named by the caller
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ConvertError(f"{out}: no space left on device while writing{_space(need, free0, free_now)}; "
+                            "nothing was left behind: free some space or choose another -o")
+    return ConvertError(f"{out}: cannot write the output ({e.strerror or e}); nothing was left behind: "
+                        "choose another -o")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it becomes `out`, on any failure or
+    interrupt it is removed. Everything is checked before anything is created."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory; choose another -o")
+    tmp, old = _temp_for(out), _old_for(out)
+    for d, what in ((tmp, "temporary output"), (old, "replaced output")):
+        if d.exists() or d.is_symlink():
+            _remove_stale(d, what)
+    ours, prev = _check_existing(out, force)
+    base = _nearest_existing(out.parent)
+    if not base.is_dir():
+        raise ConvertError(f"{out.parent}: '{base}' is not a directory; choose another -o")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "Permission denied"
+        try:
+            if os.statvfs(base).f_flag & os.ST_RDONLY:
+                why = "Read-only file system"
+        except OSError:
+            pass
+        raise ConvertError(f"{out}: cannot create the output there ({why}); choose another -o")
+    free0 = _free(base)
+    if need_bytes and free0 is not None and free0 < need_bytes:
+        raise ConvertError(f"{out}: not enough free space on {base}: {human_bytes(need_bytes)} needed "
+                           f"({need_bytes} bytes), {human_bytes(free0)} free ({free0} bytes); free some space "
+                           "or choose another -o")
+    created = []
+    p = out.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    lock = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        lock = _mark(tmp)
+    except OSError as e:
+        with _signals_blocked():
+            _cleanup(tmp, created)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConvertError(f"{out}: no space left on device{_space(need_bytes, free0)}; free some space or "
+                               "choose another -o") from None
+        raise ConvertError(f"{out}: cannot create the output there ({e.strerror or e}); choose another -o") from None
+    try:
+        yield tmp
+        with _signals_blocked():
+            _commit(tmp, out, old, ours, prev)
+    except BaseException as e:
+        free_now = _free(base)
+        with _signals_blocked():
+            _cleanup(tmp, created)
+        mapped = write_error(e, out, tmp, need_bytes, free0, free_now)
+        if mapped is not None:
+            raise mapped from None
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _cleanup(tmp: Path, created: list[Path]) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in created:  # parents this run created, deepest first, if still empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _commit(tmp: Path, out: Path, old: Path, ours: set[str], prev: Optional[dict]) -> None:
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+    elif all(p.name in ours for p in out.iterdir()):
+        # only our earlier output: swap whole directories, then drop the old one
+        (out / MARKER).touch()
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        _replace_in_place(tmp, out, ours, prev)
+    (out / MARKER).unlink(missing_ok=True)
+    fsync_dir(out)
+    fsync_dir(out.parent)
+
+
+def _replace_in_place(tmp: Path, out: Path, ours: set[str], prev: Optional[dict]) -> None:
+    """--force over a directory that also holds foreign, harmless files (kept). Not one rename:
+    first a manifest marked incomplete that lists the old and the new files (so an interrupted
+    replacement is neither mistaken for a complete output nor refused by the next --force),
+    then the new files, then the stale old ones go, and the new manifest comes last."""
+    new = mf.read(tmp)
+    union = dict(prev["files"]) if prev else {}
+    union.update(new["files"])
+    interim = dict(new, files=union, incomplete=True)
+    write_small(out / (MANIFEST + ".tmp"), mf.encode(interim))
+    os.replace(out / (MANIFEST + ".tmp"), out / MANIFEST)
+    for name in new["files"]:
+        os.replace(tmp / name, out / name)
+    for name in ours - set(new["files"]) - {MANIFEST, MARKER}:
+        (out / name).unlink(missing_ok=True)
+    os.replace(tmp / MANIFEST, out / MANIFEST)
+    shutil.rmtree(tmp)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or an unlink in `path` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def fsync_all(paths) -> None:
+    """Flush files written without fsync; the kernel has been writing them back meanwhile."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------- small files
+def copy_file(src: Path, dst: Path) -> dict:
+    """Copy a small file; returns its manifest entry."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(1 << 20):
+            h.update(chunk)
+            fo.write(chunk)
+        fo.flush()
+        os.fsync(fo.fileno())
+    return {"size": dst.stat().st_size, "sha256": h.hexdigest()}
+
+
+def write_small(path: Path, data: bytes) -> dict:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def write_manifest(tmp: Path, files: dict[str, dict], _name: str = MANIFEST, **info) -> None:
+    """The manifest (see manifest.py): tool, version, command, source identity, every file's
+    size and sha256."""
+    write_small(tmp / _name, mf.encode(mf.build(files, **info)))
+
+
+@contextmanager
+def atomic_file(path: Path, tmp: Optional[Path] = None) -> Iterator[Path]:
+    """Yield a temporary sibling path (`tmp`, or a hidden name with this process's id); it
+    replaces `path` on success and is removed on failure or interrupt."""
+    tmp = tmp if tmp is not None else path.parent / f".{path.name}.{os.getpid()}{MARKER}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

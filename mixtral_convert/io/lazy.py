@@ -1,0 +1,200 @@
+"""Tensors that are read a block at a time.
+
+A `Lazy` tensor has a shape and a dtype and gives any block of rows (and optionally a column
+range) on demand. `Stored` wraps a tensor mapped from a file (reading touches only those
+pages). `Assembled` is a tensor defined as placements of regions of other lazy tensors,
+optionally transposed: a shard tensor is assembled from canonical tensors (split), a
+canonical tensor from shard tensors (merge), and the two compose (reshard). The writer and
+the verifier only ever ask for bounded blocks, so nothing holds a whole checkpoint.
+
+`TensorSpec` is what a writer needs to know of a tensor before its bytes arrive (name, shape,
+dtype), and `tensor_bytes` turns a block into the buffer a writer takes.
+
+These types are pure data: they read only when asked for a block, start no threads and make
+no kernel calls; read-ahead and background production live in `io.prefetch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as a writer sees it before its bytes: name, shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def tensor_bytes(t: torch.Tensor):
+    """A tensor's bytes as a buffer (made contiguous first; no copy when it already is)."""
+    t = t.contiguous()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+Region = tuple[int, int, Optional[int], Optional[int]]  # rows [r0, r1), cols [c0, c1) or None for 1-D
+
+
+class Lazy:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    name: str = "?"
+
+    def read(self, r0: int, r1: int, c0: Optional[int] = None, c1: Optional[int] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+    def row_blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+        """Row ranges [r0, r1) of about block_bytes each, covering the tensor."""
+        rows = self.shape[0] if self.shape else 1
+        row_bytes = max(1, self.nbytes // max(rows, 1))
+        step = max(1, block_bytes // row_bytes)
+        for r0 in range(0, rows, step):
+            yield r0, min(rows, r0 + step)
+
+    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
+        if not self.shape:
+            yield self.read(0, 1)
+            return
+        for r0, r1 in self.row_blocks(block_bytes):
+            yield self.read(r0, r1)
+
+
+class Stored(Lazy):
+    """A tensor that exists as such in a file (typically an mmap view from torch.load)."""
+
+    def __init__(self, tensor: torch.Tensor, name: str = "?"):
+        self.t, self.name = tensor, name
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+
+    def read(self, r0, r1, c0=None, c1=None):
+        if not self.shape:
+            return self.t.reshape(1)
+        block = self.t[r0:r1]
+        return block if c0 is None else block[:, c0:c1]
+
+
+def _transpose_into(dst: torch.Tensor, src: torch.Tensor, tile: int = 16) -> None:
+    """dst[:] = src.t(), a few source rows at a time: each step reads a few contiguous runs of
+    the source and writes narrow columns of dst, which stays in cache; several times faster
+    than one strided copy of a large matrix, and needs no staging buffer."""
+    for i in range(0, src.shape[0], tile):
+        dst[:, i:i + tile].copy_(src[i:i + tile].t())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """dst[dst_region] = src[src_region] (transposed when `transpose`)."""
+
+    dst: Region
+    src: Lazy
+    src_region: Region
+    transpose: bool = False
+
+
+class Assembled(Lazy):
+    def __init__(self, shape, dtype, placements: list[Placement], name: str = "?"):
+        self.shape, self.dtype, self.placements, self.name = tuple(shape), dtype, placements, name
+
+
+    def read(self, r0, r1, c0=None, c1=None):
+        two_d = len(self.shape) == 2
+        if two_d and c0 is None:
+            c0, c1 = 0, self.shape[1]
+        out = None
+        for p in self.placements:
+            dr0, dr1, dc0, dc1 = p.dst
+            a, b = max(r0, dr0), min(r1, dr1)
+            if a >= b:
+                continue
+            if two_d:
+                c, d = max(c0, dc0), min(c1, dc1)
+                if c >= d:
+                    continue
+            sr0, _, sc0, _ = p.src_region
+            whole = (a, b) == (r0, r1) and (not two_d or (c, d) == (c0, c1))
+            if out is None and not (whole and not p.transpose):
+                out = torch.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), dtype=self.dtype)
+            if p.transpose:  # dst rows are src columns
+                src = p.src.read(sr0 + c - dc0, sr0 + d - dc0, sc0 + a - dr0, sc0 + b - dr0)
+                _transpose_into(out[a - r0:b - r0, c - c0:d - c0], src)
+                continue
+            if two_d:
+                data = p.src.read(sr0 + a - dr0, sr0 + b - dr0, sc0 + c - dc0, sc0 + d - dc0)
+            else:
+                data = p.src.read(sr0 + a - dr0, sr0 + b - dr0)
+            if whole:
+                return data  # one placement covers the whole request: a view, no copy
+            if two_d:
+                out[a - r0:b - r0, c - c0:d - c0] = data
+            else:
+                out[a - r0:b - r0] = data
+        if out is None:
+            raise AssertionError(f"{self.name}: rows {r0}:{r1} are covered by no placement")
+        return out
+
+    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
+        """Rows in order. Where placements span whole rows (whole tensors, row chunks, expert
+        slices), each placement's rows are yielded separately, so a contiguous region of the
+        source goes to the writer as a view, never copied into an assembly buffer."""
+        two_d = len(self.shape) == 2
+        full = [p for p in self.placements if not two_d or (p.dst[2], p.dst[3]) == (0, self.shape[1])]
+        if len(full) != len(self.placements):
+            yield from super().blocks(block_bytes)
+            return
+        row_bytes = max(1, self.nbytes // max(self.shape[0], 1))
+        step = max(1, block_bytes // row_bytes)
+        for p in sorted(self.placements, key=lambda p: p.dst[0]):
+            for a in range(p.dst[0], p.dst[1], step):
+                yield self.read(a, min(a + step, p.dst[1]))
+
+
+def materialize(lz: Lazy) -> torch.Tensor:
+    """A lazy tensor as a tensor: the mmap view itself when stored, else read whole (only ever
+    one tensor of one layer at a time, as the forward asks for them)."""
+    if isinstance(lz, Stored):
+        return lz.t
+    return lz.read(0, lz.shape[0]) if lz.shape else lz.read(0, 1).reshape(())
+
+
+class TensorGetter:
+    """`name -> tensor` over lazy tensors, keeping the last few it read: the sharded forward asks
+    for a stacked expert tensor once per expert, and reading it again each time would multiply
+    the I/O of a file that is not mapped."""
+
+    def __init__(self, lazies: dict[str, Lazy], keep: int = 3):
+        self.lazies, self.keep = lazies, keep
+        self.recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self.recent:
+            self.recent.move_to_end(name)
+            return self.recent[name]
+        t = materialize(self.lazies[name])
+        if not isinstance(self.lazies[name], Stored):
+            self.recent[name] = t
+            while len(self.recent) > self.keep:
+                self.recent.popitem(last=False)
+        return t

@@ -1,0 +1,163 @@
+"""Getting bytes off the disk ahead of the writer: kernel read-ahead of mapped ranges, and
+blocks produced on a second thread.
+
+- `readahead` / `warm`: ask the kernel (madvise WILLNEED) to start reading the file pages behind
+  an mmap'd view, or behind every source region of a lazy tensor, so that the disk reads while
+  the writer writes.
+- `prefetched`: the same iterator, produced up to `depth` items ahead by a worker thread that is
+  always joined, whatever way the consumer leaves.
+- `file_producer` / `stream`: the block sources the writers consume (one worker per output
+  file, the next tensor's source warmed while this one is written).
+- `reuse_freed_blocks`: a malloc setting the CLI applies once at start-up (never at import).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import sys
+import threading
+from contextlib import closing, contextmanager
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .lazy import BLOCK_BYTES, Assembled, Lazy, Region, Stored, TensorSpec, tensor_bytes
+from .progress import Progress
+
+_MADV_WILLNEED, _PAGE = 3, 4096
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+            lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            _libc = lib
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+def reuse_freed_blocks() -> None:
+    """Let glibc keep freed block-sized buffers for reuse instead of returning them to the OS:
+    a fresh mmap'd buffer costs a page fault per 4 KiB on first touch, which slows every copy
+    (docs/performance.md). Resident memory stays bounded by the few blocks alive at once."""
+    if not sys.platform.startswith("linux") or _lib() is None:
+        return
+    try:
+        _lib().mallopt(-3, 2 * BLOCK_BYTES)  # M_MMAP_THRESHOLD
+        _lib().mallopt(-1, 4 * BLOCK_BYTES)  # M_TRIM_THRESHOLD
+    except AttributeError:
+        pass
+
+
+def readahead(t: torch.Tensor) -> None:
+    """Ask the kernel to start reading the file pages behind an mmap view now (asynchronously).
+    Harmless for ordinary memory."""
+    lib = _lib()
+    if lib is None or t.numel() == 0:
+        return
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    start = t.data_ptr()
+    end = start + span * t.element_size()
+    a = start - start % _PAGE
+    lib.madvise(a, end - a, _MADV_WILLNEED)
+
+
+def warm(lazy: Lazy, region: Optional[Region] = None) -> None:
+    """Start reading, in the background, the file pages that `region` (default: all) of `lazy`
+    will need. A hint: nothing happens where nothing mapped is behind it."""
+    if isinstance(lazy, Stored):
+        readahead(lazy.t if region is None or not lazy.shape else lazy.read(*region))
+    elif isinstance(lazy, Assembled):  # a region of the result maps to the same sources: warm them all
+        for p in lazy.placements:
+            warm(p.src, p.src_region)
+
+
+_DONE = object()
+
+
+def prefetched(blocks: Iterator, depth: int = 1) -> Iterator:
+    """The same items, produced by a second thread up to `depth` ahead of the consumer, so that
+    computing blocks (copies, transposes: torch releases the GIL) overlaps writing them. Views of
+    mapped files are read ahead as they are queued. Close it (`contextlib.closing`) to stop and
+    join the worker at once when the consumer leaves early."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        """Queue item unless the consumer has gone (then False): never block on a full queue
+        nobody reads, or the consumer's join of this thread would wait forever."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for b in blocks:
+                for t in (b if isinstance(b, tuple) else (b,)):
+                    if isinstance(t, torch.Tensor):
+                        readahead(t)
+                if not put(b):
+                    return
+            put(_DONE)
+        except BaseException as e:  # re-raised in the consumer
+            put(e)
+
+    th = threading.Thread(target=produce, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        th.join()
+
+
+def stream(lazy: Lazy, progress: Progress):
+    """A lazy tensor's bytes, block by block, computed a little ahead on a second thread."""
+    with closing(prefetched(lazy.blocks())) as blocks:  # on any exit, stop and join the producer now
+        for block in blocks:
+            buf = tensor_bytes(block)
+            yield buf
+            progress.advance(len(buf))
+
+
+def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy]):
+    lazies = [lazy_of(s) for s in specs]
+    for i, s in enumerate(specs):
+        for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
+            warm(ahead)  # the disk reads the next tensor's source while this one is written
+        for block in lazies[i].blocks():
+            readahead(block)  # a view of a mapped file: the kernel starts reading it now
+            yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
+
+
+@contextmanager
+def file_producer(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy], progress: Progress):
+    """`produce(spec)` for a writer that asks for `specs` in order: every tensor's blocks, computed
+    ahead on one worker thread for the whole file (not one per tensor: see docs/performance.md),
+    which is joined on any exit."""
+    with closing(prefetched(_file_blocks(specs, lazy_of))) as blocks:  # on any exit, the worker is joined
+        def produce(spec: TensorSpec):
+            left = spec.nbytes
+            while left > 0:
+                name, buf = next(blocks)
+                if name != spec.name:
+                    raise AssertionError(f"writer asked for {spec.name} but the blocks are {name}'s")
+                left -= len(buf)
+                yield buf
+                progress.advance(len(buf))
+        yield produce

@@ -1,0 +1,200 @@
+"""The model's hyper-parameters and the canonical tensor names and shapes they imply.
+
+Canonical names are the torrent release's (FORMATS.md section 1). Every layout is described
+relative to them; nothing here knows Mixtral-8x7B's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+from ..errors import ConvertError
+
+DEFAULT_ROPE_THETA = 1e6
+
+# Keys LLaMA2-Accessory's ModelArgs accepts (FORMATS.md section 6); anything else crashes it.
+ACCESSORY_KEYS = frozenset({
+    "dim", "hidden_dim", "head_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+    "norm_eps", "rope_theta", "moe", "load_balancing_weight", "rope_scaling",
+    "max_seq_len", "max_batch_size",
+})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    num_experts: int
+    experts_per_tok: int
+    norm_eps: float = 1e-5
+    rope_theta: float = DEFAULT_ROPE_THETA
+
+    # ----- reading -------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params: dict, where: str = "params.json") -> "ModelConfig":
+        """From a torrent params.json or an Accessory config.json (same key names)."""
+        if not isinstance(params, dict):
+            raise ConvertError(f"{where}: expected a JSON object, got {type(params).__name__}")
+        if "dim" not in params and "hidden_size" in params:
+            return cls.from_hf_config(params, where)  # a params.json may use HF's names (FORMATS.md 2)
+        moe = params.get("moe")
+        if not isinstance(moe, dict):
+            raise ConvertError(f"{where}: missing the 'moe' object "
+                               "({'num_experts': E, 'num_experts_per_tok': K}); is this a Mixtral checkpoint?")
+        try:
+            dim = _int(params, "dim", where)
+            n_heads = _int(params, "n_heads", where)
+            head_dim = int(params["head_dim"]) if params.get("head_dim") is not None else None
+            if head_dim is None:
+                if dim % n_heads:
+                    raise ConvertError(f"{where}: 'head_dim' is absent and dim {dim} is not divisible by n_heads {n_heads}")
+                head_dim = dim // n_heads
+            cfg = cls(
+                dim=dim,
+                n_layers=_int(params, "n_layers", where),
+                head_dim=head_dim,
+                hidden_dim=_int(params, "hidden_dim", where),
+                n_heads=n_heads,
+                n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+                vocab_size=_int(params, "vocab_size", where),
+                num_experts=_int(moe, "num_experts", where + " moe"),
+                experts_per_tok=_int(moe, "num_experts_per_tok", where + " moe"),
+                norm_eps=float(params.get("norm_eps", 1e-5)),
+                rope_theta=float(params.get("rope_theta") or DEFAULT_ROPE_THETA),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConvertError(f"{where}: malformed value ({e})") from None
+        cfg.check(where)
+        return cfg
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """From an HF hub config.json (MixtralConfig names, FORMATS.md section 3); rope_theta at
+        top level or in rope_parameters; head_dim absent or null means hidden_size / heads."""
+        if not isinstance(hf, dict):
+            raise ConvertError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+        if "num_local_experts" not in hf:
+            raise ConvertError(f"{where}: no 'num_local_experts' (model_type {hf.get('model_type')!r}); "
+                               "is this a Mixtral checkpoint?")
+        rope = hf.get("rope_theta")
+        if rope is None and isinstance(hf.get("rope_parameters"), dict):
+            rope = hf["rope_parameters"].get("rope_theta")
+        params = {
+            "dim": hf.get("hidden_size"), "n_layers": hf.get("num_hidden_layers"),
+            "head_dim": hf.get("head_dim"), "hidden_dim": hf.get("intermediate_size"),
+            "n_heads": hf.get("num_attention_heads"), "n_kv_heads": hf.get("num_key_value_heads"),
+            "vocab_size": hf.get("vocab_size"), "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": rope,
+            "moe": {"num_experts": hf.get("num_local_experts"), "num_experts_per_tok": hf.get("num_experts_per_tok")},
+        }
+        for ours, theirs in (("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
+                             ("hidden_dim", "intermediate_size"), ("n_heads", "num_attention_heads"),
+                             ("vocab_size", "vocab_size")):
+            if params[ours] is None:
+                raise ConvertError(f"{where}: missing required key '{theirs}'")
+        if hf.get("num_experts_per_tok") is None:
+            raise ConvertError(f"{where}: missing required key 'num_experts_per_tok'")
+        return cls.from_params(params, where)
+
+    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict:
+        """config.json of the HF hub layout (transformers' MixtralConfig names)."""
+        return {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_tok,
+            "max_position_embeddings": 32768, "sliding_window": None, "hidden_act": "silu",
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": torch_dtype,
+        }
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> "ModelConfig":
+        return cls.from_params(read_json(path), str(path))
+
+    def check(self, where: str) -> None:
+        for name, value in asdict(self).items():
+            if name in ("norm_eps", "rope_theta"):
+                if not value > 0:
+                    raise ConvertError(f"{where}: '{name}' must be positive, got {value}")
+            elif value <= 0:
+                raise ConvertError(f"{where}: '{name}' must be a positive integer, got {value}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConvertError(f"{where}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.experts_per_tok > self.num_experts:
+            raise ConvertError(f"{where}: num_experts_per_tok {self.experts_per_tok} exceeds num_experts {self.num_experts}")
+
+    # ----- writing -------------------------------------------------------------------
+    def to_params(self) -> dict:
+        """params.json of the torrent layout (with rope_theta made explicit)."""
+        return {
+            "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
+            "hidden_dim": self.hidden_dim, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "norm_eps": self.norm_eps, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
+            "moe": {"num_experts_per_tok": self.experts_per_tok, "num_experts": self.num_experts},
+        }
+
+    def to_accessory(self) -> dict:
+        """config.json for LLaMA2-Accessory: only keys its ModelArgs accepts."""
+        cfg = self.to_params()
+        assert set(cfg) <= ACCESSORY_KEYS
+        return cfg
+
+    # ----- tensors -------------------------------------------------------------------
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every canonical (torrent) tensor name -> its shape, in a stable order."""
+        D, H, V = self.dim, self.hidden_dim, self.vocab_size
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D)}
+        for L in range(self.n_layers):
+            p = f"layers.{L}."
+            shapes[p + "attention.wq.weight"] = (q, D)
+            shapes[p + "attention.wk.weight"] = (kv, D)
+            shapes[p + "attention.wv.weight"] = (kv, D)
+            shapes[p + "attention.wo.weight"] = (D, q)
+            shapes[p + "feed_forward.gate.weight"] = (self.num_experts, D)
+            for e in range(self.num_experts):
+                shapes[p + f"feed_forward.experts.{e}.w1.weight"] = (H, D)
+                shapes[p + f"feed_forward.experts.{e}.w2.weight"] = (D, H)
+                shapes[p + f"feed_forward.experts.{e}.w3.weight"] = (H, D)
+            shapes[p + "attention_norm.weight"] = (D,)
+            shapes[p + "ffn_norm.weight"] = (D,)
+        shapes["norm.weight"] = (D,)
+        shapes["output.weight"] = (V, D)
+        return shapes
+
+
+def _int(d: dict, key: str, where: str) -> int:
+    if key not in d or d[key] is None:
+        raise ConvertError(f"{where}: missing required key '{key}'; restore the file released with the checkpoint")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise ConvertError(f"{where}: '{key}' must be an integer, got {v!r}; restore the file released with "
+                           "the checkpoint")
+    return int(v)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or replace the file") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,271 @@
+"""The partition table: for every canonical tensor, what rank r of N holds, in each layout.
+
+docs/formats.md ("Accessory layouts") as data. A `Plan` (layout, config, N) expands the table into
+`Piece`s: "rank r's shard tensor KEY, from row ROW0, holds canonical tensor SRC sliced along
+DIM to [START, STOP), transposed or not". Split assembles shard tensors from pieces, merge
+assembles canonical tensors from the same pieces read the other way, verify derives every
+shard's expected keys, shapes and bytes from them, and the sharded forward computes each
+rank's share with them. No other module knows a layout rule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import ConvertError, WorldSizeError
+from ..io.lazy import Assembled, Lazy, Placement
+from .config import ModelConfig
+
+PREFIX = "llma."
+
+
+@dataclass(frozen=True)
+class Piece:
+    rank: int
+    key: str  # shard tensor (with the llma. prefix)
+    row0: int  # first row of the piece inside that shard tensor
+    src: str  # canonical tensor name
+    dim: Optional[int]  # canonical dim that is sliced; None: the whole tensor
+    start: int = 0
+    stop: int = 0
+    transpose: bool = False
+
+    def src_region(self, shape: tuple[int, ...]):
+        """The piece's region of the canonical tensor: (r0, r1, c0, c1); c0/c1 None for 1-D."""
+        r0, r1 = 0, shape[0]
+        c0, c1 = (0, shape[1]) if len(shape) == 2 else (None, None)
+        if self.dim == 0:
+            r0, r1 = self.start, self.stop
+        elif self.dim == 1:
+            c0, c1 = self.start, self.stop
+        return r0, r1, c0, c1
+
+    def data_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the piece as stored in the shard (after the transpose, if any)."""
+        r0, r1, c0, c1 = self.src_region(shape)
+        if c0 is None:
+            return (r1 - r0,)
+        return (c1 - c0, r1 - r0) if self.transpose else (r1 - r0, c1 - c0)
+
+
+# ----------------------------------------------------------------------------- rules
+class Rule:
+    def reads(self, piece: Piece) -> bool:
+        """Whether reading the canonical tensor back takes this piece (every piece but the
+        spare copies of a replicated tensor)."""
+        return True
+
+    def count(self, shape, cfg: ModelConfig) -> Optional[int]:
+        """A number every valid N must divide (None: no constraint)."""
+        return None
+
+    def pieces(self, name, shape, m: dict, r: int, N: int, cfg: ModelConfig) -> list[Piece]:
+        raise NotImplementedError
+
+
+@dataclass
+class Replicate(Rule):
+    """Every rank holds the whole tensor; reading it back (merge, reshard) takes rank
+    `read_from`'s copy (verify checks every copy)."""
+
+    read_from: int = 0
+
+    def pieces(self, name, shape, m, r, N, cfg):
+        return [Piece(r, PREFIX + name, 0, name, None)]
+
+    def reads(self, piece: Piece) -> bool:
+        return piece.rank == self.read_from
+
+
+@dataclass
+class Chunk(Rule):
+    """Rank r holds chunk r of N along `dim` (in whole heads when `per_head`)."""
+
+    dim: int
+    per_head: bool = False
+
+    def count(self, shape, cfg):
+        return shape[self.dim] // cfg.head_dim if self.per_head else shape[self.dim]
+
+    def pieces(self, name, shape, m, r, N, cfg):
+        n = shape[self.dim] // N
+        return [Piece(r, PREFIX + name, 0, name, self.dim, r * n, (r + 1) * n)]
+
+
+class ExpertOwner(Rule):
+    """Whole experts: rank r holds experts [r*E/N, (r+1)*E/N) under their global names."""
+
+    def count(self, shape, cfg):
+        return cfg.num_experts
+
+    def pieces(self, name, shape, m, r, N, cfg):
+        per = cfg.num_experts // N
+        e = int(m["e"])
+        return [Piece(r, PREFIX + name, 0, name, None)] if e // per == r else []
+
+
+@dataclass
+class ExpertSlice(Rule):
+    """Every rank holds FFN rows [r*H/N, (r+1)*H/N) of every expert, stacked by expert into
+    one tensor `into` (a pattern); `dim` is the FFN dim of the expert tensor, `transpose`
+    stores the slice transposed (w2)."""
+
+    dim: int
+    into: str
+    transpose: bool = False
+
+    def count(self, shape, cfg):
+        return shape[self.dim]
+
+    def pieces(self, name, shape, m, r, N, cfg):
+        hs = shape[self.dim] // N
+        e = int(m["e"])
+        return [Piece(r, PREFIX + self.into.format(**m), e * hs, name, self.dim, r * hs, (r + 1) * hs,
+                      self.transpose)]
+
+
+_COMMON = [
+    ("tok_embeddings.weight", Chunk(1)),             # fairscale ParallelEmbedding: columns
+    ("output.weight", Chunk(0)),                     # ColumnParallelLinear: rows
+    ("norm.weight", Replicate()),
+    ("layers.{L}.attention.{w:wq|wk|wv}.weight", Chunk(0, per_head=True)),
+    ("layers.{L}.attention.wo.weight", Chunk(1, per_head=True)),  # RowParallelLinear: columns
+    ("layers.{L}.{n:attention_norm|ffn_norm}.weight", Replicate()),
+    ("layers.{L}.feed_forward.gate.weight", Replicate()),
+]
+
+TABLES: dict[str, list[tuple[str, Rule]]] = {
+    "base": _COMMON + [
+        ("layers.{L}.feed_forward.experts.{e}.{w:w1|w2|w3}.weight", ExpertOwner()),
+    ],
+    "sparse": _COMMON + [
+        ("layers.{L}.feed_forward.experts.{e}.{w:w1|w3}.weight",
+         ExpertSlice(0, into="layers.{L}.feed_forward.{w}")),
+        ("layers.{L}.feed_forward.experts.{e}.w2.weight",
+         ExpertSlice(1, into="layers.{L}.feed_forward.w2", transpose=True)),
+    ],
+}
+
+def _compile(pattern: str) -> re.Pattern:
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)(?::([^}]*))?\}", pattern):
+        out.append(re.escape(pattern[pos:m.start()]))
+        alt = m.group(2) or r"\d+"
+        out.append(f"(?P<{m.group(1)}>{alt})")
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+_COMPILED = {name: [(_compile(p), rule) for p, rule in table] for name, table in TABLES.items()}
+
+
+def rule_for(layout: str, name: str) -> tuple[Rule, dict]:
+    for rx, rule in _COMPILED[layout]:
+        m = rx.match(name)
+        if m:
+            return rule, m.groupdict()
+    raise ConvertError(f"tensor '{name}' has no rule in the {layout} layout; is this a Mixtral checkpoint?")
+
+
+def valid_world_sizes(layout: str, cfg: ModelConfig) -> list[int]:
+    g = 0
+    for name, shape in cfg.canonical_shapes().items():
+        rule, _ = rule_for(layout, name)
+        c = rule.count(shape, cfg)
+        if c is not None:
+            g = math.gcd(g, c)
+    return [n for n in range(1, g + 1) if g % n == 0] if g else [1]
+
+
+@dataclass
+class ShardTensor:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Plan:
+    """The table expanded for one (layout, config, N): every rank's shard tensors and pieces."""
+
+    def __init__(self, layout: str, cfg: ModelConfig, N: int, dtypes: dict[str, torch.dtype]):
+        if layout not in TABLES:
+            raise ConvertError(f"unknown layout '{layout}'; use one of {', '.join(TABLES)}")
+        valid = valid_world_sizes(layout, cfg)
+        if N not in valid:
+            raise WorldSizeError(N, layout, valid,
+                                 f"heads, vocab, dim and {'experts' if layout == 'base' else 'FFN dim'}")
+        self.layout, self.cfg, self.N = layout, cfg, N
+        self.shapes = cfg.canonical_shapes()
+        self.ranks: list[dict[str, ShardTensor]] = [dict() for _ in range(N)]
+        self.by_source: dict[str, list[Piece]] = {}
+        self.rules: dict[str, Rule] = {}
+        for name, shape in self.shapes.items():
+            rule, m = rule_for(layout, name)
+            self.rules[name] = rule
+            for r in range(N):
+                for p in rule.pieces(name, shape, m, r, N, cfg):
+                    st = self.ranks[r].setdefault(p.key, ShardTensor(p.key, (), dtypes[name]))
+                    if st.dtype != dtypes[name]:
+                        raise ConvertError(f"'{name}' is {dtypes[name]} but '{p.key}' also holds "
+                                           f"{st.dtype} tensors; convert the checkpoint to one dtype first")
+                    st.pieces.append(p)
+                    self.by_source.setdefault(name, []).append(p)
+        for shard in self.ranks:
+            for st in shard.values():
+                st.shape = self._tile(st)
+
+    def _tile(self, st: ShardTensor) -> tuple[int, ...]:
+        """The shard tensor's shape; its pieces must tile it row-wise without gap or overlap."""
+        rows, tail = 0, None
+        for p in sorted(st.pieces, key=lambda p: p.row0):
+            shape = p.data_shape(self.shapes[p.src])
+            if p.row0 != rows:
+                raise ConvertError(f"{st.key}: the {self.layout} table's pieces leave a gap or overlap at row "
+                                   f"{rows} (N={self.N}); the partition table is wrong")
+            if tail is not None and shape[1:] != tail:
+                raise ConvertError(f"{st.key}: the {self.layout} table stacks pieces of different widths "
+                                   f"{list(tail)} and {list(shape[1:])}; the partition table is wrong")
+            rows, tail = rows + shape[0], shape[1:]
+        return (rows,) + tail
+
+    # ---- the two directions of the same pieces ----
+    def shard_tensor(self, r: int, key: str, canonical: dict[str, Lazy]) -> Assembled:
+        """Rank r's tensor `key`, assembled from the canonical tensors (split)."""
+        st = self.ranks[r][key]
+        placements = []
+        for p in st.pieces:
+            shape = self.shapes[p.src]
+            rows = p.data_shape(shape)
+            dst = (p.row0, p.row0 + rows[0]) + ((0, rows[1]) if len(rows) == 2 else (None, None))
+            placements.append(Placement(dst, canonical[p.src], p.src_region(shape), p.transpose))
+        return Assembled(st.shape, st.dtype, placements, name=key)
+
+    def canonical_tensor(self, name: str, shards: list[dict[str, Lazy]]) -> Assembled:
+        """Canonical tensor `name`, assembled from the shard tensors (merge); a replicated
+        tensor is read from the rank its rule names. The pieces read must tile the tensor."""
+        shape, rule, placements = self.shapes[name], self.rules[name], []
+        covered = 0
+        for p in self.by_source[name]:
+            if not rule.reads(p):
+                continue
+            region = p.src_region(shape)
+            data = p.data_shape(shape)
+            src_region = (p.row0, p.row0 + data[0]) + ((0, data[1]) if len(data) == 2 else (None, None))
+            placements.append(Placement(region, shards[p.rank][p.key], src_region, p.transpose))
+            covered += math.prod(data)
+        if covered != math.prod(shape):
+            raise ConvertError(f"'{name}': the {self.layout} table's pieces cover {covered} of its "
+                               f"{math.prod(shape)} elements at N={self.N}; the partition table is wrong")
+        st = self.ranks[self.by_source[name][0].rank][self.by_source[name][0].key]
+        return Assembled(shape, st.dtype, placements, name=name)

@@ -1,0 +1,76 @@
+"""The shards hold what FORMATS.md sections 4 and 5 say, checked from first principles here
+(not through the partition table), so a wrong table rule cannot pass by agreeing with itself."""
+
+import json
+
+import pytest
+
+from helpers import cli, load, same_bytes
+
+
+@pytest.fixture(scope="module")
+def canonical(wide_src):
+    return load(wide_src / "consolidated.00.pth")
+
+
+@pytest.mark.parametrize("N", [2, 4, 8])
+def test_base_layout(wide_src, tmp_path_factory, capsys, canonical, N):
+    out = tmp_path_factory.mktemp("base") / "o"
+    assert cli("split", wide_src, "-n", N, "-o", out, "-q", capsys=capsys)[0] == 0
+    p = json.loads((wide_src / "params.json").read_text())
+    E, D, V, hd, KV, NH = p["moe"]["num_experts"], p["dim"], p["vocab_size"], p["head_dim"], p["n_kv_heads"], p["n_heads"]
+    assert json.loads((out / "meta.json").read_text()) == {"llama_type": "mixtral"}
+    for r in range(N):
+        sd = load(out / f"consolidated.{r:02d}-of-{N:02d}.model.pth")
+        assert all(k.startswith("llma.") for k in sd)
+        c = lambda k: canonical[k]  # noqa: E731
+        assert same_bytes(sd["llma.tok_embeddings.weight"], c("tok_embeddings.weight")[:, r * D // N:(r + 1) * D // N])
+        assert same_bytes(sd["llma.output.weight"], c("output.weight")[r * V // N:(r + 1) * V // N])
+        assert same_bytes(sd["llma.norm.weight"], c("norm.weight"))
+        for L in range(p["n_layers"]):
+            a = f"layers.{L}.attention."
+            assert same_bytes(sd["llma." + a + "wq.weight"], c(a + "wq.weight")[r * NH * hd // N:(r + 1) * NH * hd // N])
+            assert same_bytes(sd["llma." + a + "wk.weight"], c(a + "wk.weight")[r * KV * hd // N:(r + 1) * KV * hd // N])
+            assert same_bytes(sd["llma." + a + "wv.weight"], c(a + "wv.weight")[r * KV * hd // N:(r + 1) * KV * hd // N])
+            assert same_bytes(sd["llma." + a + "wo.weight"], c(a + "wo.weight")[:, r * NH * hd // N:(r + 1) * NH * hd // N])
+            assert same_bytes(sd[f"llma.layers.{L}.feed_forward.gate.weight"], c(f"layers.{L}.feed_forward.gate.weight"))
+            held = sorted({int(k.split(".")[5]) for k in sd if ".experts." in k and k.startswith(f"llma.layers.{L}.")})
+            assert held == list(range(r * E // N, (r + 1) * E // N))
+            for e in held:
+                for w in ("w1", "w2", "w3"):
+                    k = f"layers.{L}.feed_forward.experts.{e}.{w}.weight"
+                    assert same_bytes(sd["llma." + k], c(k))
+
+
+@pytest.mark.parametrize("N", [1, 2, 4, 8])
+def test_sparse_layout(wide_src, tmp_path_factory, capsys, canonical, N):
+    out = tmp_path_factory.mktemp("sparse") / "o"
+    assert cli("split-sparse", wide_src, "-n", N, "-o", out, "-q", capsys=capsys)[0] == 0
+    p = json.loads((wide_src / "params.json").read_text())
+    E, H = p["moe"]["num_experts"], p["hidden_dim"]
+    Hs = H // N
+    assert json.loads((out / "meta.json").read_text()) == {"llama_type": "mixtral_sparse"}
+    for r in range(N):
+        sd = load(out / f"consolidated.{r:02d}-of-{N:02d}.model.pth")
+        assert not [k for k in sd if ".experts." in k]
+        for L in range(p["n_layers"]):
+            f = f"llma.layers.{L}.feed_forward."
+            assert sd[f + "w1"].shape == (E * Hs, p["dim"]) and sd[f + "w2"].shape == (E * Hs, p["dim"])
+            for e in range(E):
+                x = f"layers.{L}.feed_forward.experts.{e}."
+                rows = slice(e * Hs, (e + 1) * Hs)
+                assert same_bytes(sd[f + "w1"][rows], canonical[x + "w1.weight"][r * Hs:(r + 1) * Hs])
+                assert same_bytes(sd[f + "w3"][rows], canonical[x + "w3.weight"][r * Hs:(r + 1) * Hs])
+                assert same_bytes(sd[f + "w2"][rows], canonical[x + "w2.weight"][:, r * Hs:(r + 1) * Hs].t())
+
+
+def test_config_json_is_what_accessory_accepts(wide_src, tmp_path, capsys):
+    assert cli("split", wide_src, "-n", 2, "-o", tmp_path / "o", "-q", capsys=capsys)[0] == 0
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    allowed = {"dim", "hidden_dim", "head_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps",
+               "rope_theta", "moe", "load_balancing_weight", "rope_scaling", "max_seq_len", "max_batch_size"}
+    assert set(cfg) <= allowed
+    assert cfg["hidden_dim"] == 48 and cfg["rope_theta"] == 1e6  # torrent params.json lacks rope_theta
+    assert cfg["moe"] == {"num_experts_per_tok": 2, "num_experts": 8}
+    import sentencepiece as spm
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "o" / "tokenizer.model")).get_piece_size() == cfg["vocab_size"]
