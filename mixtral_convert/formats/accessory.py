@@ -29,6 +29,7 @@ META = "meta.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 SHARD_RE = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.(pth|safetensors)\Z")
+SHARD_GLOB = "consolidated.*-of-*.model.{ext}"  # every rank's file of one extension
 SHARD_WRITERS = {"pth": write_checkpoint, "safetensors": write_safetensors}  # both (path, specs, produce, hasher=)
 LLAMA_TYPE = {"base": "mixtral", "sparse": "mixtral_sparse"}
 LAYOUT_OF_LLAMA_TYPE = {v: k for k, v in LLAMA_TYPE.items()}

@@ -18,10 +18,11 @@ from typing import Optional
 
 from ..errors import ConvertError
 from ..model.config import read_json
+from . import accessory
 
 PREFIX = "hf://"
 _SPEC = re.compile(r"hf:/{1,2}(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[\w.\-/]+))?\Z")
-SMALL_FILES = ["config.json", "params.json", "meta.json", "model.safetensors.index.json", "tokenizer.model"]
+SMALL_FILES = ["config.json", "params.json", accessory.META, "model.safetensors.index.json", "tokenizer.model"]
 
 
 def is_hub(spec) -> bool:
@@ -79,8 +80,8 @@ def weight_patterns(d: Path) -> list[str]:
     if (d / "model.safetensors.index.json").is_file():
         wm = read_json(d / "model.safetensors.index.json").get("weight_map") or {}
         return sorted(set(wm.values()))
-    if (d / "meta.json").is_file():
-        return ["consolidated.*-of-*.model.pth", "consolidated.*-of-*.model.safetensors"]
+    if (d / accessory.META).is_file():
+        return [accessory.SHARD_GLOB.format(ext=ext) for ext in accessory.SHARD_WRITERS]
     if (d / "config.json").is_file() and "hidden_size" in (read_json(d / "config.json") or {}):
         return ["model.safetensors"]
     if (d / "params.json").is_file():

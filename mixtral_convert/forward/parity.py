@@ -143,7 +143,7 @@ def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dt
     try:
         model = open_model(shards, dt, device)
         if not model.sharded:
-            raise ConvertError(f"{shards}: not a converted layout directory (no *-of-NN.model.pth shards)")
+            raise ConvertError(f"{shards}: not a converted layout directory (no Accessory shard files)")
         if model.cfg != cfg:
             raise ConvertError(f"{shards}: its config differs from the source's")
         rep.sharded = model.how

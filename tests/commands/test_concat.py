@@ -19,7 +19,7 @@ import torch
 from mixtral_convert import cli
 from mixtral_convert.commands import concat as op
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "consolidated.00.pth"
 
 
@@ -65,20 +65,30 @@ def run(argv, capsys):
     return e.value.code, out, err
 
 
-def no_leftovers(directory: Path, output: Path | None = None) -> None:
+def listing(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every entry of `directory` with its size and modification time."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()} if directory.is_dir() else {}
+
+
+def no_leftovers(directory: Path, output: Path | None = None, before: dict | None = None) -> None:
+    """No partial file in `directory`; `output` absent (when given); and, given the listing from
+    before the run, nothing created, removed or changed there."""
     left = [p.name for p in directory.iterdir() if p.name.endswith(op.PARTIAL_SUFFIX)]
     assert left == [], f"partial files left: {left}"
     if output is not None:
-        assert not output.exists()
+        assert not output.exists(), f"{output} was left behind"
+    if before is not None:
+        assert listing(directory) == before, f"{directory} changed: {sorted(set(listing(directory)) ^ set(before))}"
 
 
 def refused(argv, capsys, *needles, directory: Path, output: Path | None = None) -> str:
+    before = listing(directory)
     code, out, err = run(argv, capsys)
     assert code == 2, (out, err)
     assert err.startswith("error: ") and err.count("\n") == 1, err
     for needle in needles:
         assert needle in err, err
-    no_leftovers(directory, output)
+    no_leftovers(directory, output, before)
     return err
 
 

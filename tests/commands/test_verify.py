@@ -96,6 +96,32 @@ def test_structural_faults_exit_1(shards, tmp_path, capsys):
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, name
 
 
+def test_meta_json_not_an_object_is_one_line(shards, tmp_path, capsys):
+    """meta.json holding a JSON list (or a string) is a mismatch named in one line, not an
+    internal error."""
+    for text in ('["mixtral"]', '"mixtral"', "3"):
+        d = tmp_path / "meta"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(shards["base"], d)
+        (d / "meta.json").write_text(text)
+        code, out, err = cli("verify", d, "--source", _src_of(shards["base"]), capsys=capsys)
+        assert code == 1, (text, err)
+        assert err.startswith(f"error: {d / 'meta.json'}: llama_type") and "internal error" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_forward_without_source_refused_before_hashing(shards, capsys, monkeypatch):
+    """verify --forward needs --source; that is said before a single byte is hashed (on a
+    93 GB directory the hashing alone takes minutes)."""
+    from mixtral_convert.io import manifest
+
+    def hashed(*a, **k):
+        raise AssertionError("hashed before refusing")
+    monkeypatch.setattr(manifest, "sha256_file", hashed)
+    code, out, err = cli("verify", shards["base"], "--forward", capsys=capsys)
+    assert code == 2 and "--forward needs --source" in err, err
+
+
 def test_extra_and_reshaped_tensor_exit_1(shards, tmp_path, capsys):
     from mixtral_convert.formats.torchzip import write_checkpoint
     from mixtral_convert.io.lazy import TensorSpec, tensor_bytes

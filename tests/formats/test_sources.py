@@ -335,6 +335,7 @@ def test_hf_uri_resolved_offline_from_the_cache(offline_hub, wide_src, tmp_path,
     # not in the cache: one line, no traceback, no network
     code, _, err = cli("split", "hf://org/absent", "-o", tmp_path / "y", capsys=capsys)
     assert code == 2 and "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: hf://org/absent: ")  # named as written, though click's Path gives hf:/org/absent
     code, _, err = cli("split", "hf://bad spec", "-o", tmp_path / "y", capsys=capsys)
     assert code == 2
 

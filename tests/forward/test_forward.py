@@ -137,13 +137,29 @@ def test_distributed_equals_single_process(wide_src, tokens, tmp_path, capsys, m
     assert (dist - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_distributed_reads_safetensors_shards(wide_src, tokens, tmp_path, capsys, monkeypatch):
+    """--distributed finds a rank's shard through the same directory listing as every other
+    command, so .model.safetensors shards run too (they used to be reported missing)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    d = tmp_path / "st"
+    assert cli("split", wide_src, "-n", 2, "-o", d, "--format", "safetensors", "-q", capsys=capsys)[0] == 0
+    code, out, err = cli("forward", d, "--tokens-file", tokens, "-o", tmp_path / "dist.pt", "--distributed",
+                         capsys=capsys)
+    assert code == 0, err
+    assert "2 processes (gloo)" in out
+    code, out, err = cli("forward", converted(wide_src, "base", 2), "--tokens-file", tokens, "-o", tmp_path / "pth.pt",
+                         capsys=capsys)
+    assert code == 0, err
+    assert torch.equal(load(tmp_path / "dist.pt"), load(tmp_path / "pth.pt"))
+
+
 def test_torchrun_launch(wide_src, tokens, tmp_path):
     """Launched by torchrun, each process joins torchrun's group (no processes of its own)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside python")
     d = converted(wide_src, "base", 2)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mixtral_convert",
                         "forward", str(d), "--tokens-file", str(tokens), "-o", str(tmp_path / "l.pt"), "--distributed"],

@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 from helpers import cli, load, same_bytes
 
@@ -74,3 +75,60 @@ def test_config_json_is_what_accessory_accepts(wide_src, tmp_path, capsys):
     assert cfg["moe"] == {"num_experts_per_tok": 2, "num_experts": 8}
     import sentencepiece as spm
     assert spm.SentencePieceProcessor(model_file=str(tmp_path / "o" / "tokenizer.model")).get_piece_size() == cfg["vocab_size"]
+
+
+# ----- the table's own guarantees -------------------------------------------------------------
+
+def test_world_size_error_carries_the_valid_sizes():
+    from mixtral_convert.errors import ConvertError, WorldSizeError
+    from mixtral_convert.model.layouts import Plan, valid_world_sizes
+    from mixtral_convert.synth import tiny_config
+    cfg = tiny_config(num_experts=4, n_kv_heads=2, n_heads=4, head_dim=16, dim=64, hidden_dim=96)
+    with pytest.raises(WorldSizeError) as e:
+        Plan("base", cfg, 3, {k: torch.bfloat16 for k in cfg.canonical_shapes()})
+    assert isinstance(e.value, ConvertError)
+    assert (e.value.N, e.value.layout) == (3, "base") and e.value.valid == valid_world_sizes("base", cfg) == [1, 2]
+
+
+def test_replicated_tensors_are_read_from_the_rank_the_table_names(wide_src, tmp_path, capsys, monkeypatch):
+    """A replicated tensor's copies can differ (a shard edited by hand, a finetune that let the
+    ranks drift); merge takes the copy of the rank the table names, never whichever comes first."""
+    from helpers import write_pth
+    from mixtral_convert.model import layouts
+    d = tmp_path / "b2"
+    assert cli("split", wide_src, "-n", 2, "-o", d, "-q", capsys=capsys)[0] == 0
+    f1 = d / "consolidated.01-of-02.model.pth"
+    sd = {k: v.clone() for k, v in load(f1).items()}
+    sd["llma.norm.weight"] = sd["llma.norm.weight"] + 1
+    write_pth(f1, sd)
+    rank0 = load(d / "consolidated.00-of-02.model.pth")["llma.norm.weight"]
+
+    def merged_norm(name):
+        assert cli("merge", d, "-o", tmp_path / name, "-q", capsys=capsys)[0] == 0
+        return load(tmp_path / name / "consolidated.00.pth")["norm.weight"]
+
+    assert same_bytes(merged_norm("m0"), rank0)
+    table = [(p, layouts.Replicate(read_from=1) if isinstance(r, layouts.Replicate) else r)
+             for p, r in layouts.TABLES["base"]]
+    monkeypatch.setitem(layouts._COMPILED, "base", [(layouts._compile(p), r) for p, r in table])
+    assert same_bytes(merged_norm("m1"), sd["llma.norm.weight"])
+
+
+def test_pieces_that_do_not_tile_are_a_convert_error(monkeypatch):
+    """A table whose pieces overlap in a shard tensor is refused with ConvertError (not an
+    assert, which python -O would drop)."""
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.model import layouts
+    from mixtral_convert.synth import tiny_config
+
+    class Overlapping(layouts.ExpertSlice):
+        def pieces(self, name, shape, m, r, N, cfg):
+            return [layouts.Piece(p.rank, p.key, 0, p.src, p.dim, p.start, p.stop, p.transpose)
+                    for p in super().pieces(name, shape, m, r, N, cfg)]  # every expert at row 0
+
+    table = [(p, Overlapping(r.dim, r.into, r.transpose) if isinstance(r, layouts.ExpertSlice) else r)
+             for p, r in layouts.TABLES["sparse"]]
+    monkeypatch.setitem(layouts._COMPILED, "sparse", [(layouts._compile(p), r) for p, r in table])
+    cfg = tiny_config()
+    with pytest.raises(ConvertError, match="gap or overlap"):
+        layouts.Plan("sparse", cfg, 2, {k: torch.bfloat16 for k in cfg.canonical_shapes()})
