@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# The benchmark's subject: every tensor exactly Mixtral-8x7B's size (FORMATS.md section 1).
+# The benchmark's subject: every tensor exactly Mixtral-8x7B's size (docs/formats.md, "Torrent release").
 MIXTRAL_8X7B = dict(dim=4096, hidden_dim=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
                     num_experts=8, experts_per_tok=2, norm_eps=1e-5, rope_theta=1e6)
 

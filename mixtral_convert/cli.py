@@ -88,8 +88,8 @@ def entry() -> None:
     """The console script and `python -m mixtral_convert`: main(), then leave without running
     the interpreter's and the C++ runtime's exit handlers. By then everything is written, flushed
     and closed, or cleaned up (that happens while an exception unwinds, before main's handlers
-    run); what is skipped is torch's own teardown, which (1) takes about a second on this 2-core
-    machine, on every command, and (2) after an interruption can abort the process while a daemon
+    run); what is skipped is torch's own teardown, which (1) costs about a second on every command
+    (docs/performance.md), and (2) after an interruption can abort the process while a daemon
     worker thread is still inside a torch kernel ("terminate called without an active
     exception", exit -6 instead of 130)."""
     from .io.prefetch import reuse_freed_blocks
@@ -324,7 +324,7 @@ def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer):
 @click.option("--forward", "run_forward", is_flag=True,
               help="After the byte checks, run the reference forward on SOURCE and the sharded forward on "
                    "SHARDS over the same tokens; compare the logits (max abs / rel diff, top-1 agreement) "
-                   "against a dtype-aware tolerance (README, 'Numerical parity').")
+                   "against a dtype-aware tolerance (docs/parity.md).")
 @click.option("--tokens-file", type=click.Path(path_type=Path), default=None,
               help="With --forward: a LongTensor [B, S] saved with torch.save (default: seeded random, B=2, S=16).")
 @_dtype_option

@@ -33,10 +33,9 @@ from ..io.progress import human_bytes, progress_bar
 
 PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
 PARTIAL_SUFFIX = ".mixtral-convert-partial"
-# Bytes per buffer and buffers in flight (memory is bounded by NBUF * CHUNK). The writer and both
-# hashers read each buffer soon after it is filled; with 8 MiB buffers each of them was busy
-# about twice as long as with 128 KiB-1 MiB ones (cache misses), measured on 2 cores. md5
-# (serial, ~0.5-0.7 GB/s a core) is the ceiling.
+# Bytes per buffer and buffers in flight (memory is bounded by NBUF * CHUNK): small enough that the
+# writer and both hashers find each buffer still in cache (the sizes were chosen by measurement:
+# docs/concat.md).
 CHUNK = 1 << 20
 NBUF = 16
 

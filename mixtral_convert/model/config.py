@@ -1,6 +1,6 @@
 """The model's hyper-parameters and the canonical tensor names and shapes they imply.
 
-Canonical names are the torrent release's (FORMATS.md section 1). Every layout is described
+Canonical names are the torrent release's (docs/formats.md, "Torrent release"). Every layout is described
 relative to them; nothing here knows Mixtral-8x7B's numbers.
 """
 
@@ -14,7 +14,7 @@ from ..errors import ConvertError
 
 DEFAULT_ROPE_THETA = 1e6
 
-# Keys LLaMA2-Accessory's ModelArgs accepts (FORMATS.md section 6); anything else crashes it.
+# Keys LLaMA2-Accessory's ModelArgs accepts (docs/formats.md, "Accessory layouts"); anything else crashes it.
 ACCESSORY_KEYS = frozenset({
     "dim", "hidden_dim", "head_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
     "norm_eps", "rope_theta", "moe", "load_balancing_weight", "rope_scaling",
@@ -43,7 +43,7 @@ class ModelConfig:
         if not isinstance(params, dict):
             raise ConvertError(f"{where}: expected a JSON object, got {type(params).__name__}")
         if "dim" not in params and "hidden_size" in params:
-            return cls.from_hf_config(params, where)  # a params.json may use HF's names (FORMATS.md 2)
+            return cls.from_hf_config(params, where)  # a params.json may use HF's names (docs/formats.md, "Mistral fused files")
         moe = params.get("moe")
         if not isinstance(moe, dict):
             raise ConvertError(f"{where}: missing the 'moe' object "
@@ -76,7 +76,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        """From an HF hub config.json (MixtralConfig names, FORMATS.md section 3); rope_theta at
+        """From an HF hub config.json (MixtralConfig names, docs/formats.md "HF hub layout"); rope_theta at
         top level or in rope_parameters; head_dim absent or null means hidden_size / heads."""
         if not isinstance(hf, dict):
             raise ConvertError(f"{where}: expected a JSON object, got {type(hf).__name__}")

@@ -1,6 +1,6 @@
 """HF hub tensor names <-> canonical (torrent) names, and the q/k rotary permutation.
 
-FORMATS.md section 3. The table covers the hub checkpoint names
+docs/formats.md, "HF hub layout". The table covers the hub checkpoint names
 (`model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight`, ...), i.e. what is stored in
 `model.safetensors`; transformers >= 5 fuses the experts in memory (`mlp.experts.gate_up_proj`),
 which is NOT what this table describes.

@@ -3,7 +3,7 @@
 split, split-sparse, merge --to torrent|hf; each back to the original bit for bit.
 
 The test builds every source format itself from the synthetic torrent, with the layout rules
-written out here from FORMATS.md (not through the code under test, except for HF names)."""
+written out here from docs/formats.md (not through the code under test, except for HF names)."""
 
 import json
 import socket
@@ -20,7 +20,7 @@ from mixtral_convert.synth import tiny_config, write_torrent
 
 # ----------------------------------------------------------------------------- builders
 def to_hf_rows(W: torch.Tensor, n: int) -> torch.Tensor:
-    """FORMATS.md section 3, written out independently of mixtral_convert."""
+    """docs/formats.md "HF hub layout", written out independently of mixtral_convert."""
     R, D = W.shape
     return W.view(n, R // n // 2, 2, D).transpose(1, 2).reshape(R, D)
 
@@ -73,7 +73,7 @@ def write_hf_dir(src, out, files=1, rope_parameters=False, tokenizer=True):
 
 
 def write_fused_dir(src, out, files=2, hf_params=False):
-    """FORMATS.md section 2: per layer w1/w3 [E*H, D], w2 [E*H, D] of transposed experts, split by key."""
+    """docs/formats.md "Mistral fused files": per layer w1/w3 [E*H, D], w2 [E*H, D] of transposed experts, split by key."""
     cfg = ModelConfig.from_json_file(src / "params.json")
     sd = load(src / "consolidated.00.pth")
     fused = {}
@@ -353,7 +353,7 @@ def test_hf_uri_honours_hf_home(wide_src, tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- transformers
 def reference_logits(W: dict, cfg: ModelConfig, tokens: list[int]) -> torch.Tensor:
-    """FORMATS.md section 7 from canonical (Meta-order) weights, float32, no tensor parallelism."""
+    """docs/parity.md "The reference forward" from canonical (Meta-order) weights, float32, no tensor parallelism."""
     F = torch.nn.functional
     T, hd = len(tokens), cfg.head_dim
 

@@ -1,4 +1,4 @@
-"""The shards hold what FORMATS.md sections 4 and 5 say, checked from first principles here
+"""The shards hold what docs/formats.md ("Accessory layouts") says, checked from first principles here
 (not through the partition table), so a wrong table rule cannot pass by agreeing with itself."""
 
 import json
