@@ -1,6 +1,6 @@
 # mixtral-convert: everything a fresh clone needs, through two commands.
 #   make demo   venv, install, build the tiny fixture, split / split-sparse / merge / verify it
-#   make test   venv, install with dev extras, run the test suite
+#   make test   venv, install with dev extras, lint (ruff), run the test suite
 #   make bench  the disk-speed and memory benchmark (not part of make test)
 #   make bench-concat  concat against cat on a several-GB checkpoint (not part of make test)
 PYTHON ?= python3
@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 JOBS ?= 2
 DEMO_DIR ?= demo
 
-.PHONY: all venv install install-dev demo test bench bench-concat clean
+.PHONY: all venv install install-dev demo lint test bench bench-concat clean
 
 all: test
 
@@ -38,7 +38,10 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) fixtures/demo.py $(DEMO_DIR)
 
-test: install-dev
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+test: install-dev lint
 	$(PY) -m pytest -q -n $(JOBS) tests
 
 bench: install

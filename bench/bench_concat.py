@@ -108,7 +108,7 @@ def main() -> None:
             patch += f"c.NBUF = {args.nbuf}; "
         ours = [sys.executable, "-c",
                 f"import sys, mixtral_convert.concat as c; {patch}"
-                f"from mixtral_convert.cli import main; main(sys.argv[1:])",
+                f"from mixtral_convert.entry import main; main(sys.argv[1:])",
                 "concat", str(pieces_dir), "-o", str(out), "-q"]
         cat = ["sh", "-c", 'cat "$@" > "$0" && sync', str(out), *map(str, pieces)]
         env = dict(os.environ, PYTHONPATH=str(ROOT))

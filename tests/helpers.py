@@ -18,7 +18,7 @@ ODD = dict(dim=48, hidden_dim=36, n_heads=4, n_kv_heads=2, head_dim=16, num_expe
 
 def cli(*args, capsys=None):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    from mixtral_convert.cli import main
+    from mixtral_convert.entry import main
     if capsys is not None:
         capsys.readouterr()
     try:

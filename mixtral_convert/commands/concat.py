@@ -9,7 +9,7 @@ What this module holds:
   md5 and sha256 in worker threads while the main thread reads (hashlib releases the GIL on
   large buffers), fsyncs, checks the result is a loadable torch zip checkpoint, compares the
   checksums, and only then renames it into place (and, if asked, removes the pieces). On any
-  failure, SIGINT (KeyboardInterrupt) or SIGTERM (`cli.Terminated`) the temporary file is removed.
+  failure, SIGINT (KeyboardInterrupt) or SIGTERM (`entry.Terminated`) the temporary file is removed.
 - `check_checkpoint`: the zip / torch structure check used by `concat`.
 """
 

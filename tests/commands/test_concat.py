@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_convert import cli
+from mixtral_convert import entry as cli
 from mixtral_convert.commands import concat as op
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -450,7 +450,7 @@ SLOW = textwrap.dedent("""
         time.sleep(0.05)
         write(fd, view)
     c._write_all = slow
-    from mixtral_convert.cli import main
+    from mixtral_convert.entry import main
     main(sys.argv[1:])
 """)
 

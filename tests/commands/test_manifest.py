@@ -18,7 +18,7 @@ MANIFEST = "mixtral-convert-manifest.json"
 
 @pytest.fixture(scope="module")
 def outputs(wide_src, tmp_path_factory):
-    from mixtral_convert.cli import main
+    from mixtral_convert.entry import main
     d = tmp_path_factory.mktemp("outs")
     runs = {"base": ["split", wide_src, "-n", 4], "sparse": ["split-sparse", wide_src, "-n", 2]}
     for name, args in runs.items():

@@ -17,7 +17,7 @@ def shards(wide_src, tmp_path_factory):
     out = {}
     for cmd, layout in (("split", "base"), ("split-sparse", "sparse")):
         d = tmp_path_factory.mktemp(layout) / "o"
-        from mixtral_convert.cli import main
+        from mixtral_convert.entry import main
         try:
             main([cmd, str(wide_src), "-n", "4", "-o", str(d), "-q"])
         except SystemExit as e:
