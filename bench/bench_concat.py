@@ -78,9 +78,9 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a "
                     "temporary directory under the current one)")
     ap.add_argument("--chunk-mib", type=int, default=None,
-                    help="override mixtral_convert.concat.CHUNK (buffer size) for this run")
+                    help="override mixtral_convert.commands.concat.CHUNK (buffer size) for this run")
     ap.add_argument("--nbuf", type=int, default=None,
-                    help="override mixtral_convert.concat.NBUF (buffers in flight)")
+                    help="override mixtral_convert.commands.concat.NBUF (buffers in flight)")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
 
@@ -107,7 +107,7 @@ def main() -> None:
         if args.nbuf:
             patch += f"c.NBUF = {args.nbuf}; "
         ours = [sys.executable, "-c",
-                f"import sys, mixtral_convert.concat as c; {patch}"
+                f"import sys, mixtral_convert.commands.concat as c; {patch}"
                 f"from mixtral_convert.entry import main; main(sys.argv[1:])",
                 "concat", str(pieces_dir), "-o", str(out), "-q"]
         cat = ["sh", "-c", 'cat "$@" > "$0" && sync', str(out), *map(str, pieces)]

@@ -171,10 +171,10 @@ def test_torchrun_launch(wide_src, tokens, tmp_path):
 
 
 def test_world_size_must_match_layout(wide_src, tokens, tmp_path, capsys, monkeypatch):
+    d = converted(wide_src, "base", 2)  # before WORLD_SIZE is set: split would write only this process's ranks
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    code, _, err = cli("forward", converted(wide_src, "base", 2), "--tokens-file", tokens, "-o", tmp_path / "l.pt",
-                       "--distributed", capsys=capsys)
+    code, _, err = cli("forward", d, "--tokens-file", tokens, "-o", tmp_path / "l.pt", "--distributed", capsys=capsys)
     assert code == 2 and "a 2-rank base layout, but WORLD_SIZE is 3" in err and "--nproc-per-node 2" in err
 
 
