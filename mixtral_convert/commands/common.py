@@ -23,11 +23,11 @@ class Result:
 
 
 def output_base(ck: Checkpoint) -> Path:
-    """Where default outputs go: beside the source, or the working directory for a hub source
-    (never inside the hub cache)."""
+    """Where default outputs go: beside the source (for an archive, a directory named after it
+    beside it), or the working directory for a hub source (never inside the hub cache)."""
     if ck.remote is not None:
         return Path.cwd() / hub.repo_name(ck.remote)
-    return ck.path
+    return ck.path.with_suffix("") if ck.path.is_file() else ck.path
 
 
 def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
@@ -48,12 +48,12 @@ def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
 def check_tokenizer(ck: Checkpoint) -> Path:
     """The tokenizer the output gets: present, and with one piece per embedding row."""
     if ck.tokenizer is None:
-        raise ConvertError(f"{ck.where}: no tokenizer.model beside the checkpoint; Accessory needs one "
-                           "in the output: pass --tokenizer PATH (or hf://org/name), or copy the release's "
-                           "tokenizer.model there")
+        raise ConvertError(ck.tokenizer_missing or f"{ck.where}: no tokenizer.model beside the checkpoint; "
+                           "Accessory needs one in the output: pass --tokenizer PATH (or hf://org/name), or copy "
+                           "the release's tokenizer.model there")
     pieces = tokenizer_pieces(ck.tokenizer)
     if pieces != ck.cfg.vocab_size:
-        raise ConvertError(f"{ck.tokenizer}: has {pieces} pieces but the model's vocabulary is "
+        raise ConvertError(f"{ck.tokenizer_where}: has {pieces} pieces but the model's vocabulary is "
                            f"{ck.cfg.vocab_size} rows; Accessory would mis-size the embedding: use the "
                            "tokenizer.model released with this checkpoint")
     return ck.tokenizer

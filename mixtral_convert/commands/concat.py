@@ -1,5 +1,6 @@
 """`concat`: join the torrent's byte pieces (`consolidated.00.pth-split0` ... `-splitN`) into one
-checkpoint, safely.
+checkpoint, safely; or the pieces community mirrors cut Mixtral-8x22B's one
+`consolidated.safetensors` into (`consolidated.safetensors.0` ... `.N`).
 
 What this module holds:
 - `find_pieces`: turns directories / piece files given in any order into the ordered piece list,
@@ -7,7 +8,8 @@ What this module holds:
 - `read_checksums`: expected md5/sha256 from `--md5`, `--sha256` or an md5sum/sha256sum file.
 - `concat`: streams the pieces into a hidden sibling temporary file with large buffers, hashing
   md5 and sha256 in worker threads while the main thread reads (hashlib releases the GIL on
-  large buffers), fsyncs, checks the result is a loadable torch zip checkpoint, compares the
+  large buffers), fsyncs, checks the result is a loadable torch zip checkpoint (or a whole
+  safetensors file: `formats.stheader.check_file`), compares the
   checksums, and only then renames it into place (and, if asked, removes the pieces). On any
   failure, SIGINT (KeyboardInterrupt) or SIGTERM (`entry.Terminated`) the temporary file is removed.
 - `check_checkpoint`: the zip / torch structure check used by `concat`.
@@ -27,11 +29,15 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import ConvertError
+from ..formats.mistral import TOKENIZERS
+from ..formats.stheader import check_file as check_safetensors
 from ..formats.torchzip import DamagedZip, check_checkpoint
 from ..io.atomic import atomic_file, fsync_dir
 from ..io.progress import human_bytes, progress_bar
 
 PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
+# Mixtral-8x22B's one consolidated.safetensors, cut by community mirrors into .0 ... .N
+SAFETENSORS_PIECE_RE = re.compile(r"^(?P<base>.+\.safetensors)\.(?P<index>\d+)$")
 PARTIAL_SUFFIX = ".mixtral-convert-partial"
 # Bytes per buffer and buffers in flight (memory is bounded by NBUF * CHUNK): small enough that the
 # writer and both hashers find each buffer still in cache (the sizes were chosen by measurement:
@@ -61,6 +67,7 @@ class Result:
     removed_pieces: bool
     split_ready: bool              # params.json and tokenizer.model sit beside the output
     assets_beside_pieces: bool     # ... or beside the pieces only
+    checked: str = ""              # what the joined file was proved to be, for the summary
 
     @property
     def throughput(self) -> float:
@@ -70,7 +77,13 @@ class Result:
 # ----------------------------------------------------------------------------- pieces
 
 def _piece_match(path: Path):
-    return PIECE_RE.match(path.name)
+    return PIECE_RE.match(path.name) or SAFETENSORS_PIECE_RE.match(path.name)
+
+
+def piece_of(path: Path) -> tuple[str, int] | None:
+    """(base name, index) when `path` is named as a piece, else None."""
+    m = _piece_match(Path(path))
+    return (m["base"], int(m["index"])) if m else None
 
 
 def find_pieces(inputs: Iterable[Path]) -> list[Path]:
@@ -82,10 +95,11 @@ def find_pieces(inputs: Iterable[Path]) -> list[Path]:
         if given.is_dir():
             here = sorted(p for p in given.iterdir() if _piece_match(p) and not p.is_dir())
             if not here:
-                raise ConvertError(f"{given}: no '*-splitN' pieces in this directory")
+                raise ConvertError(f"{given}: no '*-splitN' pieces (nor '*.safetensors.N' ones) in this directory")
         elif given.exists():
             if not _piece_match(given):
-                raise ConvertError(f"{given}: not a piece (expected a name ending in '-splitN')")
+                raise ConvertError(f"{given}: not a piece (expected a name ending in '-splitN' or "
+                                   "'.safetensors.N')")
             here = [given]
         else:
             raise ConvertError(f"{given}: no such file or directory")
@@ -98,7 +112,7 @@ def find_pieces(inputs: Iterable[Path]) -> list[Path]:
 
     bases = sorted({_piece_match(p)["base"] for _, p in found})
     if len(bases) > 1:
-        named = ", ".join(f"{b}-split*" for b in bases)
+        named = ", ".join(_pattern(b) for b in bases)
         raise ConvertError(f"pieces of different files: {named}; give the pieces of one file")
     by_index: dict[int, Path] = {}
     for index, p in found:
@@ -107,7 +121,7 @@ def find_pieces(inputs: Iterable[Path]) -> list[Path]:
         by_index[index] = p
     missing = [i for i in range(max(by_index) + 1) if i not in by_index]
     if missing:
-        names = ", ".join(f"{bases[0]}-split{i}" for i in missing[:10])
+        names = ", ".join(_piece_name(bases[0], i) for i in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise ConvertError(f"missing piece(s): {names}{more} (found {len(by_index)} pieces, "
                            f"suffixes 0..{max(by_index)})")
@@ -120,8 +134,17 @@ def find_pieces(inputs: Iterable[Path]) -> list[Path]:
     return pieces
 
 
+def _pattern(base: str) -> str:
+    return f"{base}.*" if base.endswith(".safetensors") else f"{base}-split*"
+
+
+def _piece_name(base: str, i: int) -> str:
+    return f"{base}.{i}" if base.endswith(".safetensors") else f"{base}-split{i}"
+
+
 def default_output(pieces: list[Path]) -> Path:
-    """`consolidated.00.pth` beside the pieces: the base name with `-splitK` removed."""
+    """`consolidated.00.pth` beside the pieces: the base name with `-splitK` (or `.K` after
+    `.safetensors`) removed."""
     return pieces[0].with_name(_piece_match(pieces[0])["base"])
 
 
@@ -251,7 +274,7 @@ def _copy(pieces: list[Path], sizes: list[int], fd: int, progress) -> tuple[str,
     for w in workers:
         w.start()
     try:
-        for piece, size in zip(pieces, sizes):
+        for piece, size in zip(pieces, sizes, strict=True):
             got = 0
             with open(piece, "rb", buffering=0) as src:
                 try:
@@ -294,8 +317,16 @@ def _as_convert_error(e: BaseException) -> BaseException:
 
 # ----------------------------------------------------------------------------- checking
 
-def check_joined(path: Path) -> tuple[int, int]:
-    """(tensors, data records) of the joined file, or the one-line error that a piece is bad."""
+def check_joined(path: Path, name: str = "") -> tuple[int, int]:
+    """(tensors, data records) of the joined file, or the one-line error that a piece is bad.
+    `name`: the joined file's name (the pieces' base name; the file checked is a temporary
+    sibling); a `.safetensors` file is checked as safetensors, anything else as a torch zip."""
+    if (name or path.name).endswith(".safetensors"):
+        try:
+            n = check_safetensors(path, "the joined file")
+        except ConvertError as e:
+            raise ConvertError(f"{e}; a piece is probably truncated, missing or corrupt; nothing was written") from None
+        return n, n
     try:
         return check_checkpoint(path)
     except DamagedZip as e:
@@ -357,7 +388,7 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
                         raise ConvertError(f"{kind} mismatch: {output.name} is {got}, {source} says "
                                            f"{want}; a piece is corrupt or from another release")
                     compared.append(f"{kind} ({source})")
-            tensors, records = check_joined(tmp)
+            tensors, records = check_joined(tmp, _piece_match(pieces[0])["base"])
         fsync_dir(output.parent)
     except OSError as e:
         raise _as_convert_error(e) from None
@@ -369,9 +400,12 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
         fsync_dir(pieces[0].parent)
 
     def assets(d: Path) -> bool:
-        return (d / "params.json").is_file() and (d / "tokenizer.model").is_file()
+        return (d / "params.json").is_file() and any((d / t).is_file() for t in TOKENIZERS)
 
     return Result(output=output, pieces=pieces, nbytes=total, seconds=seconds, md5=got_md5,
                   sha256=got_sha, tensors=tensors, records=records, compared=compared,
                   removed_pieces=remove_pieces, split_ready=assets(output.parent),
-                  assets_beside_pieces=assets(pieces[0].parent))
+                  assets_beside_pieces=assets(pieces[0].parent),
+                  checked=(f"whole safetensors file ({tensors} tensors tiling its data; header and size exact)"
+                           if _piece_match(pieces[0])["base"].endswith(".safetensors") else
+                           f"loadable torch checkpoint ({tensors} tensors, {records} data records)"))

@@ -1,9 +1,11 @@
 """inspect: say what a file or directory is without reading tensor data.
 
-A checkpoint directory (torrent, Mistral fused, HF hub or Accessory layout) or hf://org/name,
-a single .pth/.pt/.safetensors file (its tensors' dtypes, count and bytes, and which layout its
-names belong to), a params.json/config.json (either naming), or a tokenizer.model. Only the
-pickled tensor descriptions or safetensors headers are read (weights_only).
+A checkpoint directory (torrent, Mistral fused, mistral-inference, HF hub or Accessory layout),
+Mistral's .tar download (its members listed) or hf://org/name, a single .pth/.pt/.safetensors
+file (its tensors' dtypes, count and bytes, and which layout its names belong to), a byte piece
+of one, a params.json/config.json (either naming), or a tokenizer (tokenizer.model, .v1, .v3;
+tekken.json named as what it is). Only the pickled tensor descriptions or safetensors headers
+are read (weights_only).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import math
 from pathlib import Path
 
 from ..errors import ConvertError
-from ..formats import hub
+from ..formats import hub, mistral, tarball
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import open_checkpoint
 from ..formats.tokenizer import tokenizer_pieces
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import PREFIX
+from .concat import piece_of
 
 
 def inspect(path: Path) -> dict:
@@ -30,8 +33,20 @@ def inspect(path: Path) -> dict:
         raise ConvertError(f"{path}: no such file or directory")
     if path.is_dir():
         return _directory(path)
-    if path.name == "tokenizer.model":
+    if tarball.is_archive(path):
+        info = _directory(path)
+        info["archive"] = {"name": path.name, "bytes": path.stat().st_size}
+        info["files"] = tarball.listing(path)  # its members
+        return info
+    if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
+    if path.name == mistral.TEKKEN:
+        return _tekken(path)
+    piece = piece_of(path)
+    if piece is not None:
+        base, index = piece
+        return {"path": str(path), "what": f"byte piece {index} of {base} (not loadable alone): join the pieces "
+                f"with `mixtral-convert concat {path.parent}`", "file_bytes": path.stat().st_size}
     if path.suffix == ".json":
         raw = read_json(path)
         cfg = ModelConfig.from_params(raw, str(path))
@@ -50,9 +65,22 @@ def _directory(path: Path) -> dict:
         "files": [{"name": f.name, "bytes": f.stat().st_size} for f in ck.files],
         "tokenizer": ({"pieces": tokenizer_pieces(ck.tokenizer)} if ck.tokenizer else None),
     }
+    if ck.tokenizer is not None:
+        info["tokenizer_file"] = ck.tokenizer_where if ck.tokenizer_names else ck.tokenizer.name
+    elif ck.tokenizer_missing:
+        info["tokenizer_problem"] = ck.tokenizer_missing
     if ck.plan is not None:
         info["shard_tensors"] = [len(r) for r in ck.plan.ranks]
     return info
+
+
+def _tekken(path: Path) -> dict:
+    raw = read_json(path)
+    config = raw.get("config") if isinstance(raw, dict) else None
+    vocab = config.get("default_vocab_size") if isinstance(config, dict) else None
+    return {"path": str(path), "what": "Tekken tokenizer (Mistral's tiktoken-based format, not SentencePiece): "
+            "Accessory cannot load it; convert with --tokenizer PATH, a SentencePiece tokenizer.model of the "
+            "same vocabulary", "vocab_size": vocab}
 
 
 def _file(path: Path) -> dict:

@@ -35,6 +35,8 @@ class Checkpoint:
     plan: Optional[Plan] = None  # Accessory layouts: the plan their shards follow
     remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
     label: str = ""  # what the format is called in messages
+    tokenizer_missing: str = ""  # why none is usable although the source ships one (tekken.json): the message
+    tokenizer_names: dict = field(default_factory=dict)  # a temporary copy (of a tar member) -> its name in messages
 
     @property
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -49,6 +51,11 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.canonical.values())
+
+    @property
+    def tokenizer_where(self) -> str:
+        """How messages name the tokenizer: a tar member by its archive and name, not its copy."""
+        return self.tokenizer_names.get(self.tokenizer, str(self.tokenizer))
 
     @property
     def where(self) -> str:
@@ -73,13 +80,14 @@ class Checkpoint:
 class Reader:
     """A source format. `claims(dir, names)` says whether the directory (whose file names are
     `names`) is in this format; `open(dir, names)` reads it (descriptions only, no tensor data).
-    Two formats named in `conflicts` must not both claim one directory."""
+    Two formats named in `conflicts` must not both claim one directory (`conflict_why` says why)."""
 
     name: str
     what: str  # for "no checkpoint found": what files make this format
     claims: Callable[[Path, set[str]], bool]
     open: Callable[[Path, set[str]], Checkpoint]
     conflicts: tuple[str, ...] = ()
+    conflict_why: str = "multiple formats, which Accessory rejects"
 
 
 @dataclass(frozen=True)

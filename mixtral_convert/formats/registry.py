@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConvertError
-from . import accessory, hf, hub, torrent
+from . import accessory, hf, hub, mistral, tarball, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
-READERS: tuple[Reader, ...] = (accessory.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
+READERS: tuple[Reader, ...] = (accessory.READER, mistral.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
 TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET)}
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -42,24 +42,27 @@ def detect(path: Path, names: set[str]) -> Reader:
     """The reader for a directory whose file names are `names`."""
     claiming = [r for r in READERS if r.claims(path, names)]
     if not claiming:
-        why = torrent.hint(path, names)
+        why = torrent.hint(path, names) or mistral.hint(path, names)
         if why:
             raise ConvertError(why)
         raise ConvertError(f"{path}: no checkpoint found (expected {'; or '.join(r.what for r in READERS)})")
     first = claiming[0]
     for other in claiming[1:]:
         if other.name in first.conflicts:
-            raise ConvertError(f"{path}: holds both {first.what} and {other.what} (multiple formats, which "
-                               "Accessory rejects); move one set elsewhere")
+            raise ConvertError(f"{path}: holds both {first.what} and {other.what} ({first.conflict_why}); "
+                               "move one set elsewhere")
     return first
 
 
 def open_checkpoint(path) -> Checkpoint:
-    """A checkpoint directory (or one of its files), or hf://org/name[@rev], of any registered format."""
+    """A checkpoint directory (or one of its files), Mistral's .tar download, or
+    hf://org/name[@rev], of any registered format."""
     if hub.is_hub(path):
         ck = open_checkpoint(hub.resolve_checkpoint(path))
         ck.remote = hub.normalize(path)
         return ck
+    if tarball.is_archive(path):
+        return mistral.open_archive(path)
     path = checkpoint_dir(path)
     names = {p.name for p in path.iterdir()}
     return detect(path, names).open(path, names)

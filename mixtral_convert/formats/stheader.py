@@ -1,0 +1,122 @@
+"""A safetensors header parsed from any byte source, with the layout checked strictly.
+
+`formats.safetensorsfile.read_header` reads a file of its own. A tar member (mistral-inference's
+`.tar` downloads) is a safetensors file at an offset inside another file, and a file joined from
+byte pieces (`concat`) must be proved whole; both need the same header checks plus the layout
+ones the safetensors library applies when it opens a file: the tensors' data regions, sorted by
+offset, start at 0, follow one another without gap or overlap, and end exactly at the end of
+the data. A truncated or padded file fails here with a one-line error naming the fault; `check_file`
+adds the library's own opening of a whole file (what `concat` checks a joined file with).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ConvertError
+from .safetensorsfile import DTYPES, MAX_HEADER
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: where its bytes are, relative to the data start."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse(read_at: Callable[[int, int], bytes], size: int, where: str) -> tuple[list[Entry], int]:
+    """(entries in data order, offset of the data from the start of the file) of a safetensors
+    file of `size` bytes whose bytes `read_at(offset, n)` gives. ConvertError naming `where`."""
+    if size < 8:
+        raise ConvertError(f"{where}: {size} bytes, too short for a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", read_at(0, 8))
+    if n > MAX_HEADER or 8 + n > size:
+        raise ConvertError(f"{where}: safetensors header length {n} is impossible for a file of {size} bytes; "
+                           "the file is truncated or not safetensors")
+    raw = read_at(8, n)
+    if len(raw) != n:
+        raise ConvertError(f"{where}: the safetensors header is cut short ({len(raw)} of {n} bytes); truncated")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConvertError(f"{where}: safetensors header is not valid JSON; the file is corrupt or not "
+                           "safetensors") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{where}: safetensors header is not a JSON object; the file is corrupt")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise ConvertError(f"{where}: safetensors __metadata__ is not a JSON object; the file is corrupt")
+    start = 8 + n
+    entries = [_entry(name, info, where) for name, info in header.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    pos = 0
+    for e in entries:
+        if e.begin != pos:
+            what = "a gap" if e.begin > pos else "an overlap"
+            raise ConvertError(f"{where}: tensor '{e.name}' starts at data byte {e.begin}, the previous one ends at "
+                               f"{pos} ({what}); the header is corrupt")
+        pos = e.end
+    if start + pos != size:
+        diff = size - start - pos
+        how = (f"{diff} bytes after the last tensor" if diff > 0 else
+               f"{-diff} bytes missing from the end (truncated)")
+        raise ConvertError(f"{where}: the header's tensors need {start + pos} bytes, the file has {size} "
+                           f"({how}); the file is damaged: re-download it")
+    return entries, start
+
+
+def _entry(name: str, info, where: str) -> Entry:
+    try:
+        dtype = DTYPES[info["dtype"]]
+        shape = tuple(int(s) for s in info["shape"])
+        b, e = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ConvertError(f"{where}: tensor '{name}' has an unsupported or malformed header entry "
+                           f"({str(info)[:80]})") from None
+    if any(s < 0 for s in shape) or b < 0 or e - b != math.prod(shape) * dtype.itemsize:
+        raise ConvertError(f"{where}: tensor '{name}' has data_offsets [{b}, {e}] that do not fit its shape "
+                           f"{list(shape)} {info['dtype']}; the file is corrupt")
+    return Entry(name, dtype, shape, b, e)
+
+
+def parse_file(path, where: str = "") -> tuple[list[Entry], int]:
+    """`parse` of a file of its own."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+
+        def read_at(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
+        return parse(read_at, size, where or str(path))
+
+
+def check_file(path, where: str = "") -> int:
+    """A whole safetensors file: `parse_file`'s checks, then the safetensors library opens it and
+    lists the same tensors. Returns the tensor count."""
+    where = where or str(path)
+    try:
+        entries, _ = parse_file(path, where)
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+    except OSError as e:
+        raise ConvertError(f"{where}: cannot read ({e.strerror or e})") from None
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's own refusal: damaged content
+        raise ConvertError(f"{where}: not a loadable safetensors file ({str(e).strip()[:120]})") from None
+    if names != {e.name for e in entries}:
+        raise ConvertError(f"{where}: the safetensors library reads other tensors than the header lists; the file "
+                           "is corrupt")
+    return len(entries)
