@@ -1,7 +1,10 @@
 """Reading and writing torch's zip checkpoint format without holding tensors in memory.
 
 Reading: `load_lazy` maps the file (torch.load with mmap=True, weights_only=True): tensors are
-views of the page cache, read only when touched; nothing but tensors is ever unpickled.
+views of the page cache, read only when touched; nothing but tensors is ever unpickled. The
+zip's structure and every storage's record are checked first (`zipcheck`), so a damaged file
+is one ConvertError, never a traceback or a view of bytes the file does not hold there.
+`check_checkpoint` (concat's check of a joined file) adds a full torch.load.
 
 Writing: `write_checkpoint` streams a `{name: tensor}` file record by record. The small
 `data.pkl` (the dict of tensor descriptions) is pickled from stubs that reduce exactly as
@@ -23,14 +26,12 @@ import queue
 import re
 import struct
 import threading
-import zipfile
 import zlib
 
 try:  # ISA-L's CRC-32 is zlib's polynomial, ~3.5x as fast here (6.8 vs 1.9 GiB/s on one core)
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - isal is a dependency; plain zlib is the same result
     _crc32 = zlib.crc32
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -38,6 +39,8 @@ import torch
 
 from ..errors import ConvertError
 from ..io.lazy import Stored, TensorSpec
+from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, zip_layout, zip_records  # noqa: F401
+# (Record and zip_records are re-exported: verify's tests and concat import them from here)
 
 ALIGN = 64
 _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01
@@ -47,13 +50,17 @@ ZIP64_LIMIT = _U32  # sizes/offsets at or past this use zip64 records (tests low
 
 # ----------------------------------------------------------------------------- reading
 def load_lazy(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a torch zip checkpoint, as mmap-backed views; refuses anything else."""
+    """Every tensor of a torch zip checkpoint, as mmap-backed views; refuses anything else.
+    The zip's structure is checked first (`zip_layout`) and every storage against the size of
+    its record before any view is handed out: damage is a one-line ConvertError, never a view
+    of bytes the file does not hold there."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: not found")
-    if not zipfile.is_zipfile(path):
+    if not is_zip(path):
         raise ConvertError(f"{path}: not a torch zip checkpoint (no zip end record: truncated, "
-                           "or saved in torch's legacy format); re-download or re-save it with torch.save")
+                           "or saved in torch's legacy format); re-download it or re-save it with torch.save")
+    layout = zip_layout(path)
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -64,10 +71,11 @@ def load_lazy(path: Path) -> dict[str, torch.Tensor]:
                       "not allowed by weights_only"))
         raise ConvertError(f"{path}: refused to load: it holds objects other than tensors "
                            f"({first[:160]}); only plain tensor checkpoints are accepted") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: unreadable torch checkpoint ({msg[:200]}); "
-                           "the file may be truncated or corrupt") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - its zip holds together, so what fails is damaged content
+        raise DamagedZip(path, f"torch.load failed: {first_line(e)}") from None
+    check_storages(path, layout)
     if isinstance(obj, dict) and set(obj) == {"model"} and isinstance(obj["model"], dict):
         obj = obj["model"]  # Accessory also writes {"model": state_dict}
     if not isinstance(obj, dict):
@@ -84,120 +92,22 @@ def read_tensors(path: Path) -> dict[str, Stored]:
     return {k: Stored(t, k) for k, t in load_lazy(path).items()}
 
 
-@dataclass(frozen=True)
-class Record:
-    name: str
-    data_offset: int  # where the record's bytes start in the file
-    size: int
-    crc: int
-
-
-def zip_records(path: Path) -> list[Record]:
-    """The records of a zip file with the byte offset of their data (from the local headers)."""
-    out = []
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            f.seek(info.header_offset)
-            head = f.read(30)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                raise ConvertError(f"{path}: bad local header for record {info.filename}; file corrupt")
-            n, m = struct.unpack("<HH", head[26:30])
-            out.append(Record(info.filename, info.header_offset + 30 + n + m, info.file_size, info.CRC))
-    return out
-
-
 # ----------------------------------------------------------------------------- checking a whole file
-class DamagedZip(ConvertError):
-    """A torch zip checkpoint whose records do not hold together; `why` says where."""
-
-    def __init__(self, path: Path, why: str):
-        super().__init__(f"{path}: not a loadable torch checkpoint ({why}); the file is damaged or "
-                         "truncated: re-download it")
-        self.why = why
-
-
-def _fail(path: Path, why: str) -> DamagedZip:
-    return DamagedZip(path, why)
-
-
 def check_checkpoint(path: Path) -> tuple[int, int]:
-    """Check `path` is a torch zip checkpoint holding a dict of tensors: the zip's end record,
-    every entry's local header where the central directory says, every `data/N` record present
-    with the bytes its storage needs, and `torch.load(mmap, weights_only)` succeeding.
-    Returns (tensors, data records). Raises ConvertError."""
-    size = path.stat().st_size
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise _fail(path, f"no zip end record: {e}") from None
-    with zf, open(path, "rb") as f:
-        infos = zf.infolist()
-        if not infos:
-            raise _fail(path, "the zip is empty")
-        shift = min(i.header_offset for i in infos)  # zipfile moves offsets by what is missing
-        if shift != 0:
-            raise _fail(path, f"{-shift} bytes missing before the zip's directory" if shift < 0
-                        else f"{shift} extra bytes before the zip's directory")
-        records = {}
-        for info in infos:
-            f.seek(info.header_offset)
-            head = f.read(30)
-            if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                raise _fail(path, f"no local header for {info.filename} at {info.header_offset}")
-            nlen, xlen = struct.unpack("<HH", head[26:30])
-            if f.read(nlen).decode("utf-8", "replace") != info.filename:
-                raise _fail(path, f"local header at {info.header_offset} is not {info.filename}")
-            end = info.header_offset + 30 + nlen + xlen + info.compress_size
-            if info.compress_type != zipfile.ZIP_STORED or end > size:
-                raise _fail(path, f"record {info.filename} runs past the end of the file")
-            records[info.filename] = info.file_size
-    prefix = next((n[: -len("data.pkl")] for n in records if n.endswith("/data.pkl")), None)
-    if prefix is None:
-        raise _fail(path, "no data.pkl record")
-    needs = _storage_needs(path, prefix)
-    for key, nbytes in needs.items():
-        name = f"{prefix}data/{key}"
-        if name not in records:
-            raise _fail(path, f"record {name} is missing")
-        if records[name] < nbytes:
-            raise _fail(path, f"record {name} has {records[name]} bytes, its tensors need {nbytes}")
+    """Check `path` is a torch zip checkpoint holding a dict of tensors: its structure
+    (`zip_layout`), every `data/N` record present with the bytes its storage needs, and
+    `torch.load(mmap, weights_only)` succeeding. Returns (tensors, data records). Raises ConvertError."""
+    layout = zip_layout(path)
+    needs = check_storages(path, layout)
     try:
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means "not loadable"
-        raise _fail(path, f"torch.load failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DamagedZip(path, f"torch.load failed: {first_line(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _fail(path, "it does not hold a dict of tensors")
+        raise DamagedZip(path, "it does not hold a dict of tensors")
     n = len(state)
     del state
     return n, len(needs)
-
-
-def _storage_needs(path: Path, prefix: str) -> dict[str, int]:
-    """Bytes each storage record must hold, read from data.pkl with torch's weights-only
-    unpickler (no arbitrary code runs), storages stood in for by 'meta' storages of the right
-    size so that no tensor data is read."""
-    from torch import _weights_only_unpickler
-
-    needs: dict[str, int] = {}
-
-    def persistent_load(saved_id):
-        _, storage_type, key, _location, numel = saved_id
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = numel * torch._utils._element_size(dtype)
-        needs[key] = max(needs.get(key, 0), nbytes)
-        return torch.storage.TypedStorage(
-            wrap_storage=torch.UntypedStorage(nbytes, device="meta"), dtype=dtype, _internal=True)
-
-    with zipfile.ZipFile(path) as zf:
-        pkl = zf.read(prefix + "data.pkl")
-    try:
-        up = _weights_only_unpickler.Unpickler(io.BytesIO(pkl), encoding="utf-8")
-        up.persistent_load = persistent_load
-        up.load()
-    except Exception as e:  # noqa: BLE001
-        raise _fail(path, f"data.pkl does not unpickle: {e}") from None
-    return needs
-
 
 
 # ----------------------------------------------------------------------------- writing
