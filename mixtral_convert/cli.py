@@ -208,15 +208,19 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
                    "safetensors with q/k permuted, an index when several files) that transformers loads.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB).")
+@click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--to hf: the context length for config.json when the source does not state it (an HF "
+                   "config.json does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, "
+                   "65536 for 8x22B. Overrides the source's.")
 @_tokenizer_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer):
+def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, max_position_embeddings):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
     from .commands.merge import merge
     from .formats.hf import parse_size
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, max_position_embeddings=max_position_embeddings)
     _print_result("merged", res, quiet)
 
 

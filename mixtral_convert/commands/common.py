@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import ConvertError
 from ..formats import hub
 from ..formats.checkpoint import Checkpoint
-from ..formats.tokenizer import tokenizer_pieces
+from ..formats.tokenizer import HF_CONFIG, HF_JSON, find, tokenizer_pieces
 
 MARGIN = 64 << 20  # free space asked beyond the output's bytes (side files, directory entries)
 
@@ -31,27 +31,39 @@ def output_base(ck: Checkpoint) -> Path:
 
 
 def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
-    """--tokenizer PATH (a tokenizer.model or a directory holding one) or hf://org/name."""
+    """--tokenizer PATH (a tokenizer.model; a directory holding one, or tokenizer.json with
+    tokenizer_config.json; or that tokenizer.json) or hf://org/name."""
     if tokenizer is None:
         return
     if hub.is_hub(tokenizer):
         ck.tokenizer = hub.resolve_tokenizer(tokenizer)
         return
     tok = Path(tokenizer)
+    if tok.name in (HF_JSON, HF_CONFIG) and tok.is_file():
+        tok = tok.parent
     if tok.is_dir():
-        tok = tok / "tokenizer.model"
-    if not tok.is_file():
+        found = find(tok)
+        if found is None:
+            raise ConvertError(f"{tok}: --tokenizer directory holds no tokenizer.model, nor {HF_JSON} with "
+                               f"{HF_CONFIG}; pass a tokenizer.model file, a directory with either, or hf://org/name")
+        tok = found
+    if not tok.exists():
         raise ConvertError(f"{tok}: --tokenizer not found; pass a tokenizer.model file, its directory, or hf://org/name")
     ck.tokenizer = tok
 
 
 def check_tokenizer(ck: Checkpoint) -> Path:
-    """The tokenizer the output gets: present, and with one piece per embedding row."""
+    """The tokenizer the output gets: present, and with one piece (or HF token, added ones included)
+    per embedding row."""
     if ck.tokenizer is None:
-        raise ConvertError(ck.tokenizer_missing or f"{ck.where}: no tokenizer.model beside the checkpoint; "
-                           "Accessory needs one in the output: pass --tokenizer PATH (or hf://org/name), or copy "
-                           "the release's tokenizer.model there")
+        raise ConvertError(ck.tokenizer_missing or f"{ck.where}: no tokenizer.model (nor tokenizer.json with "
+                           "tokenizer_config.json) beside the checkpoint; Accessory needs one in the output: pass "
+                           "--tokenizer PATH (or hf://org/name), or copy the release's tokenizer.model there")
     pieces = tokenizer_pieces(ck.tokenizer)
+    if pieces != ck.cfg.vocab_size and ck.tokenizer.is_dir():
+        raise ConvertError(f"{ck.tokenizer / HF_JSON}: has {pieces} tokens (added tokens included) but the model's "
+                           f"vocabulary is {ck.cfg.vocab_size} rows; Accessory would mis-size the embedding: use the "
+                           "tokenizer files released with this checkpoint")
     if pieces != ck.cfg.vocab_size:
         raise ConvertError(f"{ck.tokenizer_where}: has {pieces} pieces but the model's vocabulary is "
                            f"{ck.cfg.vocab_size} rows; Accessory would mis-size the embedding: use the "

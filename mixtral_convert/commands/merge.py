@@ -4,7 +4,8 @@ layout or to the HF hub layout.
 Each canonical tensor is assembled from the shards through the same plan that split uses, read
 in the other direction, and streamed by the target format's writer (formats.registry.TARGETS:
 `torrent` writes consolidated.00.pth and params.json, `hf` safetensors with q/k permuted and
-config.json); tokenizer.model is checked and copied beside, and a manifest lists every file.
+config.json); the tokenizer is checked and carried beside (tokenizer.model and the HF tokenizer
+files; `hf` builds those a tokenizer.model alone lacks), and a manifest lists every file.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
+from ..formats import hf
 from ..formats.registry import open_checkpoint, target
-from ..io.atomic import atomic_output_dir, copy_file, write_manifest
+from ..formats.tokenizer import carry
+from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from .common import MARGIN, Result, check_tokenizer, output_base, use_tokenizer
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
-          to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None) -> Result:
+          to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
+          max_position_embeddings: Optional[int] = None) -> Result:
     tgt = target(to)
     ck = open_checkpoint(shards)
     use_tokenizer(ck, tokenizer)
@@ -31,14 +35,20 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
     ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
+    if to == "hf":
+        max_position_embeddings = hf.prepare(ck, max_position_embeddings)
+    elif max_position_embeddings is not None:
+        raise ConvertError(f"--max-position-embeddings is for --to hf (config.json's context length); the {to} "
+                           "layout has no place for it: leave it out")
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
-            files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size)
+            files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size,
+                              max_position_embeddings=max_position_embeddings)
         if ck.tokenizer is not None:
-            files["tokenizer.model"] = copy_file(ck.tokenizer, tmp / "tokenizer.model")
+            files.update(carry(ck.tokenizer, tmp, skip=files))
         write_manifest(tmp, files, layout=to, world_size=1, source=dict(ck.source_info(), world_size=ck.N))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0)

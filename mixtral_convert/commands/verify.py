@@ -29,6 +29,8 @@ from ..errors import ConvertError
 from ..formats import accessory
 from ..formats.checkpoint import Checkpoint, read_tensors
 from ..formats.registry import open_checkpoint
+from ..formats.tokenizer import differences as tokenizer_differences
+from ..formats.tokenizer import find as find_tokenizer
 from ..formats.tokenizer import tokenizer_pieces
 from ..formats.torrent import TORRENT_FILE
 from ..io import manifest
@@ -217,19 +219,27 @@ def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report) -> Optio
 
 
 def _check_tokenizer(tok: Path, cfg: ModelConfig, src: Optional[Checkpoint], rep: Report) -> None:
+    """The tokenizer Accessory would load from the directory (tokenizer.model, else tokenizer.json
+    with tokenizer_config.json): its vocabulary equals the embedding's rows and, with a source,
+    every tokenizer file both have is the source's."""
     bad = rep.problems.append
-    if not tok.is_file():
-        return bad(f"{tok}: missing; Accessory loads the tokenizer from the checkpoint directory")
+    found = find_tokenizer(tok.parent)
+    if found is None:
+        return bad(f"{tok}: missing (nor tokenizer.json with tokenizer_config.json); Accessory loads the tokenizer "
+                   "from the checkpoint directory")
+    what = "tokenizer.model" if not found.is_dir() else "tokenizer.json"
     try:
-        pieces = tokenizer_pieces(tok)
+        pieces = tokenizer_pieces(found)
+        differs = tokenizer_differences(found, src.tokenizer) if src is not None and src.tokenizer else None
     except ConvertError as e:
         return bad(str(e))
+    unit = "pieces" if not found.is_dir() else "tokens"
     if pieces != cfg.vocab_size:
-        bad(f"{tok}: {pieces} pieces, but the embedding has {cfg.vocab_size} rows")
-    elif src is not None and src.tokenizer is not None and tok.read_bytes() != src.tokenizer.read_bytes():
-        bad(f"{tok}: differs from the source's {src.tokenizer}")
+        bad(f"{tok.parent / what}: {pieces} {unit}, but the embedding has {cfg.vocab_size} rows")
+    elif differs:
+        bad(differs)
     else:
-        rep.checks.append(f"tokenizer.model: {pieces} pieces = vocab_size")
+        rep.checks.append(f"{what}: {pieces} {unit} = vocab_size")
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ place that knows the names of an Accessory checkpoint directory's files.
 
 A directory holds `consolidated.RR-of-NN.model.pth` (or `.model.safetensors`) for every rank
 RR of N, `config.json` (the model's ModelArgs), `meta.json` ({"llama_type": "mixtral"} for the
-base layout, "mixtral_sparse" for the sparse one) and `tokenizer.model`. What each shard holds
+base layout, "mixtral_sparse" for the sparse one) and `tokenizer.model`, or, as Accessory also
+accepts, `tokenizer.json` with `tokenizer_config.json` (its tokenizer probe falls back to them);
+outputs carry those HF files beside tokenizer.model too when the source has them. What each shard holds
 is the partition table's business (model.layouts); this module reads and writes the files.
 """
 
@@ -17,12 +19,13 @@ from typing import Optional
 import torch
 
 from ..errors import ConvertError
-from ..io.atomic import atomic_file, copy_file, json_bytes, write_small
+from ..io.atomic import atomic_file, json_bytes, write_small
 from ..io.lazy import Lazy
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import Plan
 from .checkpoint import Checkpoint, Reader, check_tensors, find_tokenizer, read_tensors
 from .safetensorsfile import write_safetensors
+from .tokenizer import carry
 from .torchzip import write_checkpoint
 
 META = "meta.json"
@@ -98,8 +101,7 @@ def listing(path: Path, names: Optional[set[str]] = None) -> Listing:
     N, ext, files = list_shards(path, names)
     layout = read_layout(path)
     cfg = ModelConfig.from_json_file(path / CONFIG)
-    tok = path / TOKENIZER
-    return Listing(path, layout, cfg, N, ext, files, tok if tok.is_file() else None)
+    return Listing(path, layout, cfg, N, ext, files, find_tokenizer(path))
 
 
 # ----------------------------------------------------------------------------- the shards
@@ -172,12 +174,13 @@ def open_rank(path: Path, r: int) -> tuple[Plan, dict[str, Lazy], Optional[Path]
 READER = Reader(
     "accessory", f"{shard_file_name(0, 1)} shards with {CONFIG} and {META} (Accessory)",
     claims=lambda path, names: any(SHARD_RE.match(n) for n in names),
-    open=open_accessory, conflicts=("torrent",))
+    open=open_accessory, conflicts=("torrent", "mistral"))
 
 
 # ----------------------------------------------------------------------------- writing
 def side_files(cfg: ModelConfig, tokenizer: Path, layout: str, out: Path, atomic: bool) -> dict[str, dict]:
-    """config.json, meta.json and tokenizer.model into `out` (each renamed into place when
+    """config.json, meta.json and the tokenizer (tokenizer.model and the HF tokenizer files beside
+    it, or the HF files alone; formats.tokenizer.carry) into `out` (each renamed into place when
     `atomic`, for a directory shared with other processes); their manifest entries."""
     files = {}
     for name, data in ((CONFIG, json_bytes(cfg.to_accessory())), (META, json_bytes({"llama_type": LLAMA_TYPE[layout]}))):
@@ -186,9 +189,5 @@ def side_files(cfg: ModelConfig, tokenizer: Path, layout: str, out: Path, atomic
                 files[name] = write_small(tmp, data)
         else:
             files[name] = write_small(out / name, data)
-    if atomic:
-        with atomic_file(out / TOKENIZER) as tmp:
-            files[TOKENIZER] = copy_file(tokenizer, tmp)
-    else:
-        files[TOKENIZER] = copy_file(tokenizer, out / TOKENIZER)
+    files.update(carry(tokenizer, out, atomic=atomic))
     return files

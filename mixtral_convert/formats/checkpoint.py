@@ -19,7 +19,7 @@ from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..model.config import ModelConfig
 from ..model.layouts import Plan
-from . import safetensorsfile, torchzip
+from . import safetensorsfile, tokenizer, torchzip
 
 
 @dataclass
@@ -108,8 +108,8 @@ def read_tensors(path: Path) -> dict[str, Lazy]:
 
 
 def find_tokenizer(path: Path) -> Optional[Path]:
-    tok = path / "tokenizer.model"
-    return tok if tok.is_file() else None
+    """tokenizer.model, else the directory itself when it holds an HF tokenizer (formats.tokenizer)."""
+    return tokenizer.find(path)
 
 
 def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None:

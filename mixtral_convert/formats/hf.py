@@ -2,11 +2,15 @@
 and writing it (`merge --to hf`).
 
 A directory with `config.json` (MixtralConfig names), `model.safetensors` or several files
-listed by `model.safetensors.index.json`, and `tokenizer.model`. Names map through the table
+listed by `model.safetensors.index.json`, and `tokenizer.model` or the HF tokenizer files
+(`tokenizer.json`, `tokenizer_config.json`). Names map through the table
 in `model.names`; q_proj and k_proj rows are in HF's rotate-half order, so the canonical wq/wk are
 `RowPermuted` views: a block of canonical rows is a gather of HF rows, read a block at a time
 like every other lazy tensor. Writing goes the other way: canonical tensors, q/k permuted
-lazily, streamed into safetensors files of at most `max_shard_size` bytes each.
+lazily, streamed into safetensors files of at most `max_shard_size` bytes each, beside
+config.json (the context length carried from the source or given, BOS/EOS ids from the
+tokenizer), generation_config.json and the tokenizer files (formats.tokenizer): a directory
+transformers' AutoTokenizer, AutoModelForCausalLM and pipeline load as they load a hub repository.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..io.lazy import Lazy, TensorSpec
 from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
+from . import tokenizer
 from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
 from .safetensorsfile import read_tensors as read_safetensors, write_safetensors
 
@@ -165,12 +170,35 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: Optional[int] = None, **_options) -> dict[str, dict]:
-    """The HF hub layout into `tmp`: safetensors (q/k permuted, split at max_shard_size with an
-    index when several) and config.json."""
-    files = write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress),
-                             max_shard_size or DEFAULT_MAX_SHARD)
-    files["config.json"] = write_small(tmp / "config.json", json_bytes(ck.cfg.to_hf_config(dtype_name(ck.dtype))))
+def prepare(ck: Checkpoint, max_position_embeddings: Optional[int] = None) -> int:
+    """What a complete repository needs, checked before anything is written: a tokenizer whose
+    HF files can be carried or built, and the context length (the option, else the source's).
+    Returns the context length."""
+    if ck.tokenizer is None:
+        raise ConvertError(f"{ck.where}: no tokenizer beside the checkpoint, and merge --to hf writes a complete "
+                           "HF repository (tokenizer.json, tokenizer_config.json): pass --tokenizer PATH (or "
+                           "hf://org/name)")
+    tokenizer.check_hf_ready(ck.tokenizer)
+    max_pos = max_position_embeddings or ck.cfg.max_position_embeddings
+    if max_pos is None:
+        raise ConvertError(f"{ck.where}: the source does not state the model's context length "
+                           "(max_position_embeddings); pass --max-position-embeddings N (32768 for Mixtral-8x7B, "
+                           "65536 for 8x22B)")
+    return max_pos
+
+
+def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: Optional[int] = None,
+          max_position_embeddings: Optional[int] = None, **_options) -> dict[str, dict]:
+    """The HF hub layout into `tmp`: the tokenizer files this target builds (formats.tokenizer;
+    the caller carries tokenizer.model and the HF files the source has), safetensors (q/k permuted,
+    split at max_shard_size with an index when several) and config.json."""
+    max_pos = prepare(ck, max_position_embeddings)
+    ids = tokenizer.specials(ck.tokenizer)
+    files = tokenizer.write_hf_tokenizer(ck.tokenizer, tmp)
+    files.update(write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress),
+                                  max_shard_size or DEFAULT_MAX_SHARD))
+    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_pos, ids.bos_id, ids.eos_id)
+    files["config.json"] = write_small(tmp / "config.json", json_bytes(cfg))
     return files
 
 

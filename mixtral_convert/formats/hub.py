@@ -22,7 +22,8 @@ from . import accessory
 
 PREFIX = "hf://"
 _SPEC = re.compile(r"hf:/{1,2}(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[\w.\-/]+))?\Z")
-SMALL_FILES = ["config.json", "params.json", accessory.META, "model.safetensors.index.json", "tokenizer.model"]
+SMALL_FILES = ["config.json", "params.json", accessory.META, "model.safetensors.index.json", "tokenizer.model",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 
 def is_hub(spec) -> bool:

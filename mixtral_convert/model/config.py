@@ -7,8 +7,9 @@ relative to them; nothing here knows Mixtral-8x7B's numbers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from ..errors import ConvertError
 
@@ -35,6 +36,11 @@ class ModelConfig:
     experts_per_tok: int
     norm_eps: float = 1e-5
     rope_theta: float = DEFAULT_ROPE_THETA
+    # the context length the model was trained for (HF's max_position_embeddings: 32768 for
+    # Mixtral-8x7B, 65536 for 8x22B). Only an HF config.json states it; the torrent's params.json
+    # does not, and Accessory's max_seq_len is the runtime's cache size (its loader overwrites
+    # it), not this. Not part of the model's identity: configs that lack it compare equal.
+    max_position_embeddings: Optional[int] = field(default=None, compare=False)
 
     # ----- reading -------------------------------------------------------------------
     @classmethod
@@ -68,6 +74,8 @@ class ModelConfig:
                 experts_per_tok=_int(moe, "num_experts_per_tok", where + " moe"),
                 norm_eps=float(params.get("norm_eps", 1e-5)),
                 rope_theta=float(params.get("rope_theta") or DEFAULT_ROPE_THETA),
+                max_position_embeddings=(_int(params, "max_position_embeddings", where)
+                                         if params.get("max_position_embeddings") is not None else None),
             )
         except (TypeError, ValueError) as e:
             raise ConvertError(f"{where}: malformed value ({e})") from None
@@ -91,6 +99,7 @@ class ModelConfig:
             "head_dim": hf.get("head_dim"), "hidden_dim": hf.get("intermediate_size"),
             "n_heads": hf.get("num_attention_heads"), "n_kv_heads": hf.get("num_key_value_heads"),
             "vocab_size": hf.get("vocab_size"), "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": rope,
+            "max_position_embeddings": hf.get("max_position_embeddings"),
             "moe": {"num_experts": hf.get("num_local_experts"), "num_experts_per_tok": hf.get("num_experts_per_tok")},
         }
         for ours, theirs in (("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
@@ -102,19 +111,26 @@ class ModelConfig:
             raise ConvertError(f"{where}: missing required key 'num_experts_per_tok'")
         return cls.from_params(params, where)
 
-    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict:
-        """config.json of the HF hub layout (transformers' MixtralConfig names)."""
-        return {
+    def to_hf_config(self, torch_dtype: str = "bfloat16", max_position_embeddings: Optional[int] = None,
+                     bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> dict:
+        """config.json of the HF hub layout (transformers' MixtralConfig names). The context length
+        is the argument, else the one read from the source; with neither the key is left out, never
+        guessed (merge --to hf refuses before that). BOS/EOS ids are the tokenizer's."""
+        max_pos = max_position_embeddings or self.max_position_embeddings
+        cfg = {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
             "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
             "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_tok,
-            "max_position_embeddings": 32768, "sliding_window": None, "hidden_act": "silu",
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "max_position_embeddings": max_pos, "sliding_window": None, "hidden_act": "silu",
+            "tie_word_embeddings": False, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
             "torch_dtype": torch_dtype,
         }
+        if max_pos is None:
+            del cfg["max_position_embeddings"]
+        return cfg
 
     @classmethod
     def from_json_file(cls, path: Path) -> "ModelConfig":
@@ -122,6 +138,8 @@ class ModelConfig:
 
     def check(self, where: str) -> None:
         for name, value in asdict(self).items():
+            if value is None and name == "max_position_embeddings":
+                continue
             if name in ("norm_eps", "rope_theta"):
                 if not value > 0:
                     raise ConvertError(f"{where}: '{name}' must be positive, got {value}")

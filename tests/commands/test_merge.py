@@ -40,7 +40,8 @@ def test_merge_to_hf_declares_the_tensors_dtype(wide_src, tmp_path, capsys):
     shutil.copytree(wide_src, src)
     sd = {k: v.float() for k, v in load(src / "consolidated.00.pth").items()}
     write_pth(src / "consolidated.00.pth", sd)
-    assert cli("merge", src, "--to", "hf", "-o", tmp_path / "hf", "-q", capsys=capsys)[0] == 0
+    assert cli("merge", src, "--to", "hf", "-o", tmp_path / "hf", "-q", "--max-position-embeddings", 4096,
+               capsys=capsys)[0] == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
     from safetensors import safe_open
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:

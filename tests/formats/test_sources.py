@@ -190,7 +190,7 @@ def test_merge_to_hf_is_the_hub_layout(sources, wide_src, tmp_path, capsys):
     # from a sparse safetensors Accessory directory, split into several files
     out = tmp_path / "hf"
     code, _, err = cli("merge", sources["sparse-st"], "--to", "hf", "--max-shard-size", "60KB", "-o", out, "-q",
-                       capsys=capsys)
+                       "--max-position-embeddings", 4096, capsys=capsys)
     assert code == 0, err
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -210,16 +210,19 @@ def test_merge_to_hf_is_the_hub_layout(sources, wide_src, tmp_path, capsys):
     assert (out / "tokenizer.model").read_bytes() == (wide_src / "tokenizer.model").read_bytes()
     # the default: one model.safetensors; and the HF output is a source again, back to the torrent
     one = tmp_path / "hf1"
-    assert cli("merge", sources["base-st"], "--to", "hf", "-o", one, "-q", capsys=capsys)[0] == 0
+    assert cli("merge", sources["base-st"], "--to", "hf", "-o", one, "-q", "--max-position-embeddings", 4096,
+               capsys=capsys)[0] == 0
     assert sorted(p.name for p in one.iterdir() if p.suffix in (".safetensors", ".json")) == [
-        "config.json", "mixtral-convert-manifest.json", "model.safetensors"]
+        "config.json", "generation_config.json", "mixtral-convert-manifest.json", "model.safetensors",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     got = load_file(one / "model.safetensors")
     assert all(same_bytes(got[k], want[k]) for k in want)
     for d in (out, one):
         assert cli("merge", d, "-o", tmp_path / f"{d.name}-back", "-q", capsys=capsys)[0] == 0
         assert_same_as_torrent(wide_src, tmp_path / f"{d.name}-back")
     # the torrent itself goes to hf too
-    assert cli("merge", wide_src, "--to", "hf", "-o", tmp_path / "t", "-q", capsys=capsys)[0] == 0
+    assert cli("merge", wide_src, "--to", "hf", "-o", tmp_path / "t", "-q", "--max-position-embeddings", 4096,
+               capsys=capsys)[0] == 0
     got = load_file(tmp_path / "t" / "model.safetensors")
     assert all(same_bytes(got[k], want[k]) for k in want)
 
@@ -236,7 +239,8 @@ def test_odd_shapes_through_hf_and_fused(odd_src, tmp_path, capsys):
         assert ModelConfig.from_json_file(out / "config.json") == cfg
         assert cli("verify", out, "--source", odd_src, "-q", capsys=capsys)[0] == 0
         back = tmp_path / f"hfback{i}"
-        assert cli("merge", out, "--to", "hf", "-o", back, "-q", capsys=capsys)[0] == 0
+        assert cli("merge", out, "--to", "hf", "-o", back, "-q", "--max-position-embeddings", 4096,
+                   capsys=capsys)[0] == 0
         got, want = load_file(back / "model.safetensors"), hf_state(load(odd_src / "consolidated.00.pth"), cfg)
         assert set(got) == set(want) and all(same_bytes(got[k], want[k]) for k in want)
 
@@ -404,7 +408,7 @@ def test_transformers_loads_merge_to_hf_with_forward_parity(tmp_path, capsys):
     W = load(src / "consolidated.00.pth")
     shards, hf = tmp_path / "shards", tmp_path / "hf"
     assert cli("split-sparse", src, "-n", 2, "-o", shards, "-q", "--format", "safetensors", capsys=capsys)[0] == 0
-    assert cli("merge", shards, "--to", "hf", "-o", hf, "-q", capsys=capsys)[0] == 0
+    assert cli("merge", shards, "--to", "hf", "-o", hf, "-q", "--max-position-embeddings", 64, capsys=capsys)[0] == 0
     model, info = transformers.MixtralForCausalLM.from_pretrained(hf, local_files_only=True, output_loading_info=True,
                                                                    dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -450,3 +454,16 @@ def test_hf_qk_permutation_is_read_in_bounded_blocks():
     assert torch.equal(canon.read(17, 40, 2, 5), W[17:40, 2:5])
     back = RowPermuted(Stored(W), qk_perm(n * hd, n, to_hf=True))
     assert torch.equal(back.read(0, n * hd), to_hf_rows(W, n))
+
+
+@pytest.mark.parametrize("other", ["consolidated.00.pth", "consolidated.safetensors"])
+def test_accessory_shards_beside_another_format_refused(sources, tmp_path, capsys, other):
+    """Accessory refuses a directory of several formats ('multiple formats'); so does every command."""
+    d = tmp_path / "both"
+    d.mkdir()
+    for f in sources["base-st"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / other).write_bytes(b"x")
+    code, _, err = cli("split", d, "-n", 2, "-o", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "holds both" in err and other.split(".")[1] in err and "Accessory rejects" in err, err
+    assert not (tmp_path / "o").exists()
