@@ -47,18 +47,20 @@ def cli(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bar or summary; print only the md5 and sha256 lines.")
 def concat(inputs, output, md5, sha256, checksums, force, remove_pieces, quiet):
-    """Join the torrent's byte pieces (consolidated.00.pth-split0 ... -splitN) into one
-    checkpoint, verified, instead of `cat`.
+    """Join a checkpoint's byte pieces into one file, verified, instead of `cat`: the torrent's
+    consolidated.00.pth-split0 ... -splitN, or the consolidated.safetensors.0 ... .N that
+    Mixtral-8x22B's mirrors ship.
 
-    INPUT is a directory (its *-splitN pieces are taken) or piece files, in any order; they are
-    joined in numeric order of the suffix (split10 after split9). Missing, duplicate or empty
-    pieces, and pieces of different base names, are refused by name.
+    INPUT is a directory (its pieces are taken) or piece files, in any order; they are joined in
+    numeric order of the suffix (split10 after split9). Missing, duplicate or empty pieces, and
+    pieces of different base names, are refused by name.
 
     While copying, md5 and sha256 are computed (and compared with --md5, --sha256 or
-    --checksums when given). Then, even without a checksum, the result must be a loadable torch
-    checkpoint: a complete zip with every record where its directory says, every tensor record
-    with the bytes its tensors need, and torch.load(weights_only=True) giving a dict of tensors.
-    This catches a truncated piece.
+    --checksums when given). Then, even without a checksum, the result must be whole: a torch
+    checkpoint must be a complete zip with every record where its directory says, every tensor
+    record with the bytes its tensors need, and torch.load(weights_only=True) giving a dict of
+    tensors; a safetensors file must have a header that parses, tensors that tile its data and
+    the exact size. This catches a truncated piece.
 
     The data goes to a hidden temporary file beside OUTPUT, fsynced and renamed only when every
     check passed; on any failure, Ctrl-C or SIGTERM it is removed. An existing OUTPUT is refused
@@ -84,15 +86,14 @@ def concat(inputs, output, md5, sha256, checksums, force, remove_pieces, quiet):
     if quiet:
         return
     compared = ", ".join(r.compared) if r.compared else "none given (printed above)"
-    click.echo(f"checked: loadable torch checkpoint ({r.tensors} tensors, {r.records} data "
-               f"records); checksums matched: {compared}")
+    click.echo(f"checked: {r.checked}; checksums matched: {compared}")
     if r.removed_pieces:
         click.echo(f"removed the {len(r.pieces)} pieces")
     if r.split_ready:
-        click.echo(f"params.json and tokenizer.model are beside it: `mixtral-convert split "
+        click.echo(f"params.json and the tokenizer are beside it: `mixtral-convert split "
                    f"{r.output.parent}` can now run on that directory")
     elif r.assets_beside_pieces:
-        click.echo(f"params.json and tokenizer.model are beside the pieces: copy them next to "
+        click.echo(f"params.json and the tokenizer are beside the pieces: copy them next to "
                    f"{r.output.name}, then `mixtral-convert split {r.output.parent}` can run")
 
 
@@ -152,12 +153,18 @@ _ranks_option = click.option(
          "RANK+WORLD_SIZE, ...")
 
 
+_cast_option = click.option(
+    "--dtype", "cast", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+    help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
+         "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
+
+
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
-           tokenizer=None, ranks=None) -> None:
+           tokenizer=None, ranks=None, cast=None) -> None:
     from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
-                    ranks=_parse_ranks(ranks))
+                    ranks=_parse_ranks(ranks), dtype=cast)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
@@ -167,35 +174,37 @@ def _split_options(f):
     """The options split and split-sparse share."""
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
-                            _format_option, _tokenizer_option)):
+                            _format_option, _tokenizer_option, _cast_option)):
         f = option(f)
     return f
 
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
+def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
     attention heads, embedding columns and output rows, and a copy of the norms and router.
-    SRC is any supported checkpoint: the torrent release, Mistral's fused consolidated.NN.pt,
-    an HF hub directory, hf://org/name[@rev], or an Accessory directory to re-shard.
+    SRC is any supported checkpoint: the torrent release, a mistral-inference folder
+    (consolidated.safetensors) or Mistral's uncompressed .tar (read in place), Mistral's fused
+    consolidated.NN.pt, an HF hub directory, hf://org/name[@rev], or an Accessory directory to
+    re-shard.
     Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks)
+    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
+def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
     and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
     Default output: SRC/converted_sparse.
     """
-    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks)
+    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast)
 
 
 @cli.command("merge")
@@ -213,14 +222,15 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer):
                    "config.json does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, "
                    "65536 for 8x22B. Overrides the source's.")
 @_tokenizer_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, max_position_embeddings):
+@_cast_option
+def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, max_position_embeddings):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
     from .commands.merge import merge
     from .formats.hf import parse_size
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
-                tokenizer=tokenizer, max_position_embeddings=max_position_embeddings)
+                tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings)
     _print_result("merged", res, quiet)
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from ..errors import ConvertError
 from ..formats import hub
 from ..formats.checkpoint import Checkpoint
 from ..formats.tokenizer import HF_CONFIG, HF_JSON, find, tokenizer_pieces
+from ..io.lazy import Cast
 
+CAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MARGIN = 64 << 20  # free space asked beyond the output's bytes (side files, directory entries)
 
 
@@ -69,3 +74,17 @@ def check_tokenizer(ck: Checkpoint) -> Path:
                            f"{ck.cfg.vocab_size} rows; Accessory would mis-size the embedding: use the "
                            "tokenizer.model released with this checkpoint")
     return ck.tokenizer
+
+
+def cast_to(ck: Checkpoint, dtype: Optional[str]) -> None:
+    """--dtype: the checkpoint's tensors read in `dtype` (a block at a time, as they are written);
+    None or the source's own dtype changes nothing. The source's dtype is kept in `source_dtype`."""
+    if dtype is None:
+        return
+    if dtype not in CAST_DTYPES:
+        raise ConvertError(f"--dtype {dtype}: use one of {', '.join(CAST_DTYPES)}")
+    source = ck.dtype  # refuses a source of mixed dtypes
+    if CAST_DTYPES[dtype] == source:
+        return
+    ck.source_dtype = source
+    ck.canonical = {k: Cast(t, CAST_DTYPES[dtype], ck.where) for k, t in ck.canonical.items()}

@@ -20,12 +20,13 @@ from ..formats.registry import open_checkpoint, target
 from ..formats.tokenizer import carry
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
-from .common import MARGIN, Result, check_tokenizer, output_base, use_tokenizer
+from ..formats.checkpoint import dtype_name
+from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
-          max_position_embeddings: Optional[int] = None) -> Result:
+          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None) -> Result:
     tgt = target(to)
     ck = open_checkpoint(shards)
     use_tokenizer(ck, tokenizer)
@@ -40,6 +41,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     elif max_position_embeddings is not None:
         raise ConvertError(f"--max-position-embeddings is for --to hf (config.json's context length); the {to} "
                            "layout has no place for it: leave it out")
+    cast_to(ck, dtype)
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
@@ -50,5 +52,6 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
                               max_position_embeddings=max_position_embeddings)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
-        write_manifest(tmp, files, layout=to, world_size=1, source=dict(ck.source_info(), world_size=ck.N))
+        write_manifest(tmp, files, layout=to, world_size=1, dtype=dtype_name(ck.dtype),
+                       source=dict(ck.source_info(), world_size=ck.N))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0)

@@ -24,14 +24,14 @@ from typing import Optional, Sequence
 
 from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_writer, side_files
-from ..formats.checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
 from ..io.lazy import TensorSpec
 from ..io.prefetch import file_producer
 from ..io.progress import Progress, human_bytes, progress_bar
 from ..model.layouts import Plan
-from .common import MARGIN, Result, check_tokenizer, output_base, use_tokenizer
+from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 
 DEFAULT_OUT = {"base": "converted", "sparse": "converted_sparse"}
 _PART = ".mixtral-convert-part-{:05d}.json"
@@ -56,15 +56,16 @@ def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, 
 
 def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
     return dict(layout=layout, llama_type=LLAMA_TYPE[layout], world_size=N, shard_format=fmt,
-                source=ck.source_info())
+                dtype=dtype_name(ck.dtype), source=ck.source_info())
 
 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
           quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
-          tokenizer=None) -> Result:
+          tokenizer=None, dtype: Optional[str] = None) -> Result:
     shard_writer(fmt)  # an unknown format fails before anything is read
     ck = open_checkpoint(src)
     use_tokenizer(ck, tokenizer)
+    cast_to(ck, dtype)
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
     tokenizer = check_tokenizer(ck)
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]

@@ -27,8 +27,8 @@ import torch
 
 from ..errors import ConvertError
 from ..formats import accessory
-from ..formats.checkpoint import Checkpoint, read_tensors
-from ..formats.registry import open_checkpoint
+from ..formats.checkpoint import Checkpoint, dtype_name, read_tensors
+from ..formats.registry import TARGETS, open_checkpoint
 from ..formats.tokenizer import differences as tokenizer_differences
 from ..formats.tokenizer import find as find_tokenizer
 from ..formats.tokenizer import tokenizer_pieces
@@ -39,6 +39,7 @@ from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..model.config import ACCESSORY_KEYS, ModelConfig, read_json
 from ..model.layouts import Plan
+from .common import CAST_DTYPES, cast_to
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _verify_manifest(shards: Path, rep: Report, quiet: bool) -> None:
         return
     rep.checks.append(f"{len(m['files'])} files listed in the manifest, all present with their recorded sizes, "
                       "none unlisted")
-    if m.get("layout") == "torrent":  # a merge output
+    if m.get("layout") in TARGETS:  # a merge output (torrent or HF layout): it must open as one
         try:
             ck = open_checkpoint(shards)
             if ck.tokenizer is not None and tokenizer_pieces(ck.tokenizer) != ck.cfg.vocab_size:
@@ -109,7 +110,7 @@ def _verify_manifest(shards: Path, rep: Report, quiet: bool) -> None:
                            f"{ck.cfg.vocab_size} rows")
         except ConvertError as e:
             return bad(str(e))
-        rep.checks.append("params.json, tensor names, shapes and dtype consistent")
+        rep.checks.append(f"{ck.describe()}: config, tensor names, shapes and dtype consistent")
     elif _structure(shards, None, rep) is None or rep.problems:
         return
     total = sum(e["size"] for e in m["files"].values())
@@ -180,8 +181,11 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         opened = [read_tensors(f) for f in files]
     except ConvertError as e:
         return bad(str(e))
+    dtypes = accessory.shard_dtypes(layout, cfg, N, opened)
+    if src is not None:
+        _cast_source_like_shards(src, set(dtypes.values()), rep)
     try:
-        plan = Plan(layout, cfg, N, src.dtypes if src is not None else accessory.shard_dtypes(layout, cfg, N, opened))
+        plan = Plan(layout, cfg, N, src.dtypes if src is not None else dtypes)
     except ConvertError as e:
         return bad(f"{shards}: {e}")
     structure = accessory.structure_problems(plan, files, opened)
@@ -190,6 +194,23 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         return None
     rep.checks.append("every shard's keys, shapes and dtypes match the layout")
     return plan, files, opened
+
+
+def _cast_source_like_shards(src: Checkpoint, shard_dtypes: set, rep: Report) -> None:
+    """Shards written with --dtype hold the source's values cast to their dtype: compare them with
+    the source cast the same way (and say so). Anything else is left to the structure check."""
+    if len(shard_dtypes) != 1:
+        return
+    want = shard_dtypes.pop()
+    names = {v: k for k, v in CAST_DTYPES.items()}
+    try:
+        have = src.dtype
+    except ConvertError:
+        return
+    if want != have and want in names:
+        cast_to(src, names[want])
+        rep.checks.append(f"the shards are {names[want]}: compared with the source's {dtype_name(have)} values "
+                          f"cast to {names[want]} the same way")
 
 
 def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report) -> Optional[ModelConfig]:

@@ -35,6 +35,7 @@ class Checkpoint:
     plan: Optional[Plan] = None  # Accessory layouts: the plan their shards follow
     remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
     label: str = ""  # what the format is called in messages
+    source_dtype: Optional[torch.dtype] = None  # set when --dtype casts the tensors as they are read
     tokenizer_missing: str = ""  # why none is usable although the source ships one (tekken.json): the message
     tokenizer_names: dict = field(default_factory=dict)  # a temporary copy (of a tar member) -> its name in messages
 
@@ -72,8 +73,11 @@ class Checkpoint:
 
     def source_info(self) -> dict:
         """The source's identity, as the manifest records it."""
-        return {"path": self.remote or str(self.path.resolve()), "format": self.kind,
+        info = {"path": self.remote or str(self.path.resolve()), "format": self.kind,
                 "files": {f.name: f.stat().st_size for f in self.files}}
+        if self.source_dtype is not None:
+            info["dtype"] = dtype_name(self.source_dtype)
+        return info
 
 
 @dataclass(frozen=True)
@@ -133,3 +137,7 @@ def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None
     if len(dtypes) > 1:
         desc = ", ".join(f"{str(dt).replace('torch.', '')} (e.g. '{k}')" for dt, k in dtypes.items())
         raise ConvertError(f"{where}: mixed dtypes {desc}; convert the checkpoint to a single dtype first")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -256,11 +256,7 @@ class _ZipWriter:
         version = 45 if zip64 else 20
         self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, version, 0x08, 0, 0, _DOS_DATE, 0,
                                 small, small, len(fname), len(extra)) + fname + extra)
-        written = 0
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            written += view.nbytes
-            self._write(view, is_data=True)
+        written = self._data(chunks, size)
         crc = self.sums.take_crc()
         self.crcs.append(crc)
         if written != size:
@@ -283,6 +279,14 @@ class _ZipWriter:
         self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, version, 0x08, 0, 0, _DOS_DATE,
                                         crc, csize, csize, len(fname), len(cextra), 0, 0, 0, 0, coff)
                             + fname + cextra)
+
+    def _data(self, chunks: Iterable, size: int) -> int:
+        written = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            written += view.nbytes
+            self._write(view, is_data=True)
+        return written
 
     def finish(self) -> None:
         cd_offset = self.pos
@@ -307,19 +311,7 @@ def write_checkpoint(path: Path, specs: list[TensorSpec],
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     zw = _ZipWriter(fd, "archive/", hasher)
     try:
-        pkl = checkpoint_pickle(specs)
-        zw.record("data.pkl", len(pkl), [pkl])
-        zw.record(".format_version", 1, [b"1"])
-        zw.record(".storage_alignment", 2, [b"64"])
-        zw.record("byteorder", 6, [b"little"])
-        for i, spec in enumerate(specs):
-            zw.record(f"data/{i}", spec.nbytes, produce(spec))
-        zw.record("version", 2, [b"3\n"])
-        # torch writes a random id; ours derives from the content, so that the same tensors
-        # always give the same file, byte for byte (parallel and repeated runs compare equal)
-        sid = hashlib.sha1(pkl + b"".join(struct.pack("<I", c) for c in zw.crcs)).hexdigest().encode()[:20]
-        zw.record(".data/serialization_id", len(sid), [sid])
-        zw.finish()
+        _records(zw, specs, produce)
         zw.sums.finish()  # every byte hashed
         if fsync:
             os.fsync(fd)
@@ -327,3 +319,47 @@ def write_checkpoint(path: Path, specs: list[TensorSpec],
     finally:
         zw.sums.close()
         os.close(fd)
+
+
+def _records(zw: _ZipWriter, specs: list[TensorSpec], produce: Callable[[TensorSpec], Iterator]) -> None:
+    """Every record of a checkpoint of `specs`, in the order torch writes them, and the directory."""
+    pkl = checkpoint_pickle(specs)
+    zw.record("data.pkl", len(pkl), [pkl])
+    zw.record(".format_version", 1, [b"1"])
+    zw.record(".storage_alignment", 2, [b"64"])
+    zw.record("byteorder", 6, [b"little"])
+    for i, spec in enumerate(specs):
+        zw.record(f"data/{i}", spec.nbytes, produce(spec))
+    zw.record("version", 2, [b"3\n"])
+    # torch writes a random id; ours derives from the content, so that the same tensors always
+    # give the same file, byte for byte (parallel and repeated runs compare equal)
+    sid = hashlib.sha1(pkl + b"".join(struct.pack("<I", c) for c in zw.crcs)).hexdigest().encode()[:20]
+    zw.record(".data/serialization_id", len(sid), [sid])
+    zw.finish()
+
+
+class _NoSums:
+    def take_crc(self) -> int:
+        return 0
+
+
+class _Sizer(_ZipWriter):
+    """The writer's layout without a file, data or checksums: only the positions."""
+
+    def __init__(self, prefix: str):  # not super().__init__: that starts the checksum threads
+        self.fd, self.prefix, self.pos, self.sums = -1, prefix, 0, _NoSums()
+        self.central, self.crcs = [], []
+
+    def _write(self, data, is_data: bool = False) -> None:
+        self.pos += memoryview(data).nbytes
+
+    def _data(self, chunks: Iterable, size: int) -> int:
+        self.pos += size
+        return size
+
+
+def checkpoint_size(specs: list[TensorSpec]) -> int:
+    """The exact size of the file `write_checkpoint` writes for `specs`, without writing it."""
+    zw = _Sizer("archive/")
+    _records(zw, specs, lambda spec: ())
+    return zw.pos

@@ -51,7 +51,22 @@ TOLERANCES = {
     # a different expert, so it is reported but not judged; the mean error and top-1 are
     # (docs/parity.md has the figures).
     "bfloat16": Tolerance(max_rel=None, rms_rel=0.1, top1=0.9),
+    # float16 (as the shards' storage dtype, after --dtype float16): 3 more mantissa bits than
+    # bf16, so an eighth of its bound, judged the same way.
+    "float16": Tolerance(max_rel=None, rms_rel=0.0125, top1=0.95),
 }
+LOOSER = ("float32", "float16", "bfloat16")  # by mantissa bits, most to fewest
+
+
+def tolerance_for(compute: str, stored: Optional[torch.dtype], reference: Optional[torch.dtype]) -> tuple[str, Tolerance]:
+    """The tolerance of the compute dtype, or of the shards' storage dtype where --dtype made it
+    coarser than the source's: the logits then also differ by the rounding of every weight."""
+    name = compute
+    if stored is not None and stored != reference:
+        stored_name = str(stored).replace("torch.", "")
+        if stored_name in LOOSER and LOOSER.index(stored_name) > LOOSER.index(name):
+            name = stored_name
+    return name, TOLERANCES[name]
 
 
 @dataclass
@@ -67,6 +82,7 @@ class ParityReport:
     max_abs_logit: Optional[float] = None
     top1_agreement: Optional[float] = None
     tolerance: Optional[Tolerance] = None
+    tolerance_dtype: str = ""  # whose tolerance: the compute dtype's, or the shards' storage dtype's
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -80,12 +96,15 @@ class ParityReport:
                 "max_rel_diff": self.max_rel_diff, "rms_rel_diff": self.rms_rel_diff, "max_abs_logit": self.max_abs_logit,
                 "top1_agreement": self.top1_agreement,
                 "tolerance": self.tolerance.as_dict() if self.tolerance else None,
+                "tolerance_dtype": self.tolerance_dtype or self.dtype,
                 "problems": self.problems, "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
         if self.max_abs_diff is None:
             return f"forward ({self.dtype}, {self.device}): not compared"
-        return (f"forward ({self.dtype}, {self.device}, tokens {self.tokens_shape}): max abs diff "
+        judged = (f", judged with the {self.tolerance_dtype} tolerance (the shards' dtype)"
+                  if self.tolerance_dtype not in ("", self.dtype) else "")
+        return (f"forward ({self.dtype}, {self.device}, tokens {self.tokens_shape}{judged}): max abs diff "
                 f"{self.max_abs_diff:.3g} (max |logit| {self.max_abs_logit:.3g}), max rel diff "
                 f"{self.max_rel_diff:.3g}, rms rel diff {self.rms_rel_diff:.3g}, top-1 agreement {self.top1_agreement:.4f}")
 
@@ -105,19 +124,21 @@ def compare(ref: torch.Tensor, out: torch.Tensor, rep: ParityReport, tol: Tolera
     rep.rms_rel_diff = (out - ref).norm().item() / norm if norm > 0 else (out - ref).norm().item()
     rep.top1_agreement = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     rep.tolerance = tol
+    within = f"{rep.dtype}" + (f" (shards stored in {rep.tolerance_dtype})" if rep.tolerance_dtype not in ("", rep.dtype)
+                               else "")
     bad = rep.problems.append
     if tol.max_rel is not None:
         bound = tol.max_rel * max(1.0, scale)
         if not rep.max_abs_diff <= bound:
             where = ([int(i) for i in torch.nonzero(diff == diff.max())[0]] if torch.isfinite(diff).all() else "?")
             bad(f"forward: max |sharded - reference| {rep.max_abs_diff:.3g} at [b, s, v] = {where} exceeds "
-                f"{bound:.3g} ({tol.max_rel:g} * max(1, max|logit| {scale:.3g})) in {rep.dtype}: the layout does "
+                f"{bound:.3g} ({tol.max_rel:g} * max(1, max|logit| {scale:.3g})) in {within}: the layout does "
                 "not compute the source's model")
     if not rep.rms_rel_diff <= tol.rms_rel:
         bad(f"forward: ||sharded - reference|| / ||reference|| is {rep.rms_rel_diff:.3g}, above {tol.rms_rel:g} in "
-            f"{rep.dtype}: the layout does not compute the source's model")
+            f"{within}: the layout does not compute the source's model")
     if not rep.top1_agreement >= tol.top1:
-        bad(f"forward: top-1 agreement {rep.top1_agreement:.3f} is below {tol.top1} in {rep.dtype}")
+        bad(f"forward: top-1 agreement {rep.top1_agreement:.3f} is below {tol.top1} in {within}")
 
 
 def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
@@ -150,6 +171,7 @@ def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dt
     except ConvertError as e:
         rep.problems.append(f"forward: {e}")
     else:
-        compare(ref, out, rep, TOLERANCES[dtype])
+        rep.tolerance_dtype, tol = tolerance_for(dtype, model.weights_dtype, ref_model.weights_dtype)
+        compare(ref, out, rep, tol)
     rep.seconds = time.perf_counter() - t0
     return rep

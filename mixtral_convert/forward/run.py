@@ -38,20 +38,23 @@ class Model:
     tokenizer: Optional[Path]
     how: str
     sharded: bool
+    weights_dtype: Optional[torch.dtype] = None  # the dtype the checkpoint stores (None: mixed)
 
 
 def open_model(path, dtype: torch.dtype, device: str) -> Model:
     """The forward of the checkpoint at `path`: sharded for an Accessory layout, else the reference."""
     ck = open_checkpoint(Path(path))
     cfg = ck.cfg
+    stored = {t.dtype for t in ck.canonical.values()}
+    weights_dtype = stored.pop() if len(stored) == 1 else None
     if ck.plan is not None:
         plan = ck.plan
         ranks = [TensorGetter(shard) for shard in ck.shards]
         return Model(cfg, lambda t: sharded_forward(plan, ranks, t, dtype=dtype, device=device), ck.tokenizer,
-                     f"sharded forward, {ck.describe()}, in one process", True)
+                     f"sharded forward, {ck.describe()}, in one process", True, weights_dtype)
     get = TensorGetter(ck.canonical)
     return Model(cfg, lambda t: forward(cfg, get, t, dtype=dtype, device=device),
-                 ck.tokenizer, f"reference forward, {ck.describe()}", False)
+                 ck.tokenizer, f"reference forward, {ck.describe()}", False, weights_dtype)
 
 
 def run(job: Job, distributed: bool = False) -> Optional[Result]:

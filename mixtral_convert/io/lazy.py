@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..errors import ConvertError
+
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
 
 
@@ -198,3 +200,39 @@ class TensorGetter:
             while len(self.recent) > self.keep:
                 self.recent.popitem(last=False)
         return t
+
+
+FLOAT16_MAX = 65504.0  # the largest finite float16
+
+
+class CastOverflow(ConvertError):
+    """Values of a tensor that a cast to float16 would turn into infinities."""
+
+    def __init__(self, where: str, name: str, count: int):
+        super().__init__(f"{where}: tensor '{name}' has {count} value(s) beyond ±{FLOAT16_MAX:g}, which float16 "
+                         "cannot hold (they would become inf); keep the source's dtype or use --dtype bfloat16")
+        self.name, self.count = name, count
+
+
+class Cast(Lazy):
+    """`base` in another dtype, cast a block at a time as it is read. A cast to float16 refuses
+    finite values beyond its range (they would silently become inf): `CastOverflow` names the
+    tensor and counts them in the whole tensor."""
+
+    def __init__(self, base: Lazy, dtype: torch.dtype, where: str = "source"):
+        self.base, self.dtype, self.shape, self.name, self.where = base, dtype, base.shape, base.name, where
+
+    def read(self, r0, r1, c0=None, c1=None):
+        block = self.base.read(r0, r1, c0, c1)
+        if self.dtype == torch.float16 and block.dtype != torch.float16 and block.numel() \
+                and _beyond_float16(block).any():
+            raise CastOverflow(self.where, self.name, self.overflow_count())
+        return block.to(self.dtype)
+
+    def overflow_count(self) -> int:
+        return sum(int(_beyond_float16(b).sum()) for b in self.base.blocks())
+
+
+def _beyond_float16(t: torch.Tensor) -> torch.Tensor:
+    t = t.float()  # compared in float32: in bfloat16 the bound itself rounds up to 65536
+    return t.isfinite() & (t.abs() > FLOAT16_MAX)

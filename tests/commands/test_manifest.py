@@ -26,10 +26,13 @@ def outputs(wide_src, tmp_path_factory):
             main([str(a) for a in args] + ["-o", str(d / name), "-q"])
         except SystemExit as e:
             assert e.code == 0
-    try:
-        main(["merge", str(d / "sparse"), "-o", str(d / "merged"), "-q"])
-    except SystemExit as e:
-        assert e.code == 0
+    for args in (["merge", str(d / "sparse"), "-o", str(d / "merged"), "-q"],
+                 ["merge", str(d / "base"), "--to", "hf", "-o", str(d / "hf"), "--max-position-embeddings", "4096",
+                  "--max-shard-size", "200KB", "-q"]):
+        try:
+            main(args)
+        except SystemExit as e:
+            assert e.code == 0
     return d
 
 
@@ -53,7 +56,7 @@ def test_manifest_lists_every_file_and_the_source(outputs, wide_src, name):
         assert src["files"]["consolidated.00.pth"]["mtime"].endswith("Z")
 
 
-@pytest.mark.parametrize("name", ["base", "sparse", "merged"])
+@pytest.mark.parametrize("name", ["base", "sparse", "merged", "hf"])
 def test_verify_without_source_passes_on_clean_output(outputs, capsys, name):
     code, out, err = cli("verify", outputs / name, "--json", capsys=capsys)
     rep = json.loads(out)
@@ -97,6 +100,16 @@ def test_verify_without_source_catches_corruption(outputs, tmp_path, capsys, wha
     lines = err.strip().splitlines()
     assert code == 1, out + err
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0] and words in lines[0], err
+
+
+def test_verify_without_source_catches_corruption_of_an_hf_output(outputs, tmp_path, capsys):
+    d = tmp_path / "hf"
+    shutil.copytree(outputs / "hf", d)
+    first = sorted(d.glob("model-*.safetensors"))[0]
+    assert len(list(d.glob("model-*.safetensors"))) > 1  # several files and an index
+    _flip(first, first.stat().st_size - 10)
+    code, out, err = cli("verify", d, capsys=capsys)
+    assert code == 1 and first.name in err and "sha256" in err, out + err
 
 
 def test_structure_is_checked_too(outputs, tmp_path, capsys):
