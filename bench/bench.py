@@ -1,27 +1,51 @@
 #!/usr/bin/env python3
-"""make bench: mixtral-convert against `cp` and against the load-everything approach.
+"""make bench: mixtral-convert against cp/cat and the load-everything approach, with the disk's noise shown.
 
-Generates a checkpoint whose every tensor has Mixtral-8x7B's full size (L layers, random
-finite bf16), then measures, each from a cold page cache where the machine allows dropping it:
-cp + sync (one read, one write: the physical limit), the load-everything baselines written
-here (torch.load the whole file, slice, torch.save per rank, as the seed tutorial's scripts
-do), split -n N, split-sparse -n N, merge and verify. For each: wall time, peak anonymous RSS
-(sampled from /proc: the memory that cannot be dropped) and max RSS (VmHWM). Prints a table
-with ratios to cp and to the baseline, writes it as JSON, and checks that our shards hold the
-same tensors, byte for byte, as the baseline's.
+Generates a checkpoint whose every tensor has Mixtral-8x7B's full size (L layers, random finite bf16),
+then, --runs times, runs each step right after its reference run, every run from a cold page cache
+(sync; echo 3 > /proc/sys/vm/drop_caches: needs root, otherwise the report says WARM):
 
-    python bench/bench.py [--layers 2 4] [--world-size 8] [--dir bench-out] [--json bench.json]
+    cp SRC DST && sync              then  split-sparse SRC -n N
+    cp SRC DST && sync              then  split SRC -n N
+    cp -r SHARDS DST && sync        then  merge SHARDS              (SHARDS: split's output)
+    cat SRC SHARDS > /dev/null      then  verify SHARDS --source SRC
+    cat PIECES > DST && sync        then  concat PIECES --sha256 HEX (SRC cut in --pieces byte pieces)
+
+With `--steps ...,baseline`, the load-everything baseline written here (torch.load the whole file,
+slice, torch.save per rank, as the seed tutorial's scripts do) also runs right after split and
+split-sparse. Ratios are taken per pair (tool run / the reference run just before it), so drift of
+the disk hits both; the report gives each ratio's median and spread (min-max) over the runs, the
+median wall and CPU seconds (user + sys of the process tree, from wait4), and the peak anonymous RSS
+(sampled from /proc every 10 ms: the memory that cannot be dropped; the highest of the runs).
+
+Checks: every run's output files have the same sha256 as the first run's (the manifest aside: it
+records the time and the source's mtime) and the manifest's sha256 agree with them; merge and concat
+give back the source byte for byte; with baseline, our shards hold the same tensors, byte for byte,
+as the baseline's (first run).
+
+Disk: at most about 2x the source at a time (3x with baseline). split-sparse runs before split so
+that only split's shards are kept for merge and verify; the source is removed before merge's pair and
+put back from merge's output once its sha256 equals the source's (concat's likewise). Every output is
+deleted once measured, the generated source at the end unless --keep; a run that would not fit in
+the free space is refused before anything is written.
+
+    python bench/bench.py [--layers 2 4 8] [--runs 3] [--steps split,merge] [--dir D] [--json F] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
+import math
 import os
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +56,19 @@ sys.path.insert(0, str(ROOT))
 # The benchmark's subject: every tensor exactly Mixtral-8x7B's size (docs/formats.md, "Torrent release").
 MIXTRAL_8X7B = dict(dim=4096, hidden_dim=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
                     num_experts=8, experts_per_tok=2, norm_eps=1e-5, rope_theta=1e6)
+MIXTRAL_8X22B = dict(dim=6144, hidden_dim=16384, n_heads=48, n_kv_heads=8, head_dim=128, vocab_size=32768,
+                     num_experts=8, experts_per_tok=2, norm_eps=1e-5, rope_theta=1e6)
+PROJECT = {"Mixtral-8x7B": (MIXTRAL_8X7B, 32), "Mixtral-8x22B": (MIXTRAL_8X22B, 56)}
+
+BASE = "consolidated.00.pth"
+MANIFEST = "mixtral-convert-manifest.json"
+ORDER = ("split-sparse", "split", "merge", "verify", "concat")  # within a repetition (see "Disk" above)
+STEPS = ("split", "split-sparse", "merge", "verify", "concat", "baseline")
+REFERENCE = {"split-sparse": "cp + sync", "split": "cp + sync", "merge": "cp -r shards + sync",
+             "verify": "cat src shards > /dev/null", "concat": "cat pieces > out + sync"}
+MC = [sys.executable, "-m", "mixtral_convert"]
+GB = 1e9
+MiB = 2**20
 
 
 def drop_caches() -> bool:
@@ -69,33 +106,40 @@ def _status(pid: int) -> dict[str, int]:
     return vals
 
 
-def measure(cmd: list[str], env=None) -> dict:
-    """Run cmd; wall time, peak anonymous RSS and max RSS of its process tree (sampled every 10 ms)."""
+def measure(cmd: list[str]) -> dict:
+    """Run cmd: wall time, CPU time (user + sys of it and every descendant it waited for, from wait4),
+    peak anonymous RSS and max RSS of its process tree (sampled every 10 ms)."""
     peak = {"anon": 0, "rss": 0, "hwm": 0}
     done = threading.Event()
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def sample():
+    def sample(pid: int) -> None:
         while not done.is_set():
             anon = rss = 0
-            for pid in _tree(p.pid):
-                s = _status(pid)
+            for p in _tree(pid):
+                s = _status(p)
                 anon += s.get("RssAnon", 0)
                 rss += s.get("VmRSS", 0)
                 peak["hwm"] = max(peak["hwm"], s.get("VmHWM", 0))
             peak["anon"], peak["rss"] = max(peak["anon"], anon), max(peak["rss"], rss)
             time.sleep(0.01)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = p.communicate()
-    wall = time.perf_counter() - t0
-    done.set()
-    th.join()
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return {"wall_s": wall, "peak_anon_bytes": peak["anon"], "max_rss_bytes": max(peak["rss"], peak["hwm"])}
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        th = threading.Thread(target=sample, args=(p.pid,), daemon=True)
+        th.start()
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        th.join()
+        if p.returncode != 0:
+            log.seek(0)
+            out = log.read()[-3000:].decode(errors="replace")
+            raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{out}")
+    # max RSS from the samples, not ru_maxrss: that counts the forked Python before exec
+    return {"wall_s": wall, "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "peak_anon_bytes": peak["anon"], "max_rss_bytes": max(peak["rss"], peak["hwm"])}
 
 
 BASELINE = r'''
@@ -145,86 +189,341 @@ def same_tensors(a_dir: Path, b_dir: Path) -> str:
     return ""
 
 
-def run_layers(L: int, N: int, work: Path, runs: int, skip_baseline: bool) -> dict:
-    import torch
-    from mixtral_convert.synth import tiny_config, write_torrent
-    src = work / f"src-L{L}"
-    if not (src / "consolidated.00.pth").exists():
-        print(f"generating a {L}-layer full-width checkpoint in {src} ...", flush=True)
-        write_torrent(src, tiny_config(n_layers=L, **MIXTRAL_8X7B), seed=0, dtype=torch.bfloat16)
-    size = (src / "consolidated.00.pth").stat().st_size
-    mc = [sys.executable, "-m", "mixtral_convert"]
-    rows: dict[str, list[dict]] = {}
-    cold = True
-
-    def bench(name, cmd, before=None):
-        nonlocal cold
-        for _ in range(runs):
-            if before:
-                before()
-            cold = drop_caches() and cold
-            rows.setdefault(name, []).append(measure(cmd))
-            print(f"  L={L} {name}: {rows[name][-1]['wall_s']:.1f} s", flush=True)
-
-    out = {k: work / f"{k}-L{L}" for k in ("cp", "base", "sparse", "bl-base", "bl-sparse", "merged")}
-    rm = lambda *ps: [shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True) for p in ps]  # noqa: E731
-    bench("cp+sync", ["sh", "-c", f"cp {src}/consolidated.00.pth {out['cp']} && sync"], lambda: rm(out["cp"]))
-    rm(out["cp"])
-    checks = {}
-    for layout, cmd in (("base", "split"), ("sparse", "split-sparse")):
-        bench(cmd, mc + [cmd, str(src), "-n", str(N), "-o", str(out[layout]), "-q"], lambda l=layout: rm(out[l]))
-        if not skip_baseline:
-            bl = out["bl-" + layout]
-            bench(f"baseline {cmd}", [sys.executable, "-c", BASELINE, str(src / "consolidated.00.pth"), str(bl),
-                                      layout, str(N)], lambda b=bl: rm(b))
-            checks[f"{cmd} == baseline"] = same_tensors(out[layout], bl) or "identical"
-            rm(bl)
-    bench("merge", mc + ["merge", str(out["base"]), "-o", str(out["merged"]), "-q"], lambda: rm(out["merged"]))
-    rm(out["merged"], out["sparse"])
-    bench("verify", mc + ["verify", str(out["base"]), "--source", str(src), "-q"])
-    rm(out["base"])
-    result = {"layers": L, "world_size": N, "checkpoint_bytes": size, "cold_cache": cold, "runs": {}}
-    for name, rs in rows.items():
-        result["runs"][name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"n": len(rs)}
-    result["checks"] = checks
-    return result
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| L | step | wall s | x cp | x baseline | peak anon MiB | max RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+def hash_dir(d: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def rm(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def cut(path: Path, n: int, directory: Path) -> list[Path]:
+    """The torrent's byte pieces of `path`: BASE-split0 .. -split{n-1} in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    size = path.stat().st_size
+    bounds = [size * i // n for i in range(n + 1)]
+    pieces = []
+    with open(path, "rb") as src:
+        for i in range(n):
+            pieces.append(directory / f"{BASE}-split{i}")
+            with open(pieces[-1], "wb") as dst:
+                off, left = bounds[i], bounds[i + 1] - bounds[i]
+                while left:
+                    k = os.copy_file_range(src.fileno(), dst.fileno(), left, off)
+                    if k <= 0:
+                        raise SystemExit(f"short read cutting {path} at byte {off}")
+                    off, left = off + k, left - k
+    return pieces
+
+
+def model_bytes(params: dict, n_layers: int) -> int:
+    """Tensor bytes (bf16) of the model: ModelConfig.canonical_shapes."""
+    from mixtral_convert.synth import tiny_config
+    shapes = tiny_config(n_layers=n_layers, **params).canonical_shapes().values()
+    return 2 * sum(math.prod(s) for s in shapes)
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Layers:
+    """Every repetition of every step on one L-layer checkpoint."""
+
+    def __init__(self, L: int, a: argparse.Namespace):
+        self.L, self.a, self.n = L, a, str(a.world_size)
+        w = a.dir
+        self.src_dir = w / f"src-L{L}"
+        self.src = self.src_dir / BASE
+        self.tmp, self.sparse, self.base, self.merged, self.bl, self.pieces = (
+            w / f"{k}-L{L}" for k in ("ref", "sparse", "base", "merged", "baseline", "pieces"))
+        self.runs: list[dict] = []
+        self.hashes: dict[str, list[dict[str, str]]] = {}
+        self.problems: dict[str, list[str]] = {}
+        self.checks: dict[str, str] = {}
+        self.cold = True
+        self.baseline = "baseline" in a.steps
+
+    def prepare(self) -> None:
+        est = model_bytes(MIXTRAL_8X7B, self.L)
+        have = self.src.stat().st_size if self.src.exists() else 0
+        copies = 3 if self.baseline else 2
+        need = copies * est + (1 << 30) - have
+        free = shutil.disk_usage(self.a.dir).free
+        if free < need:
+            raise SystemExit(f"L={self.L}: needs about {need / GB:.1f} GB free in {self.a.dir} ({copies} copies "
+                             f"of a {est / GB:.1f} GB checkpoint + 1 GiB), {free / GB:.1f} GB are; "
+                             "use --dir or fewer layers")
+        if self.baseline and 1.25 * est > mem_available():
+            self.baseline = False
+            self.checks["baseline"] = (f"skipped: it loads the whole {est / GB:.1f} GB checkpoint; "
+                                       f"{mem_available() / GB:.1f} GB of memory available")
+        if not self.src.exists():
+            import torch
+
+            from mixtral_convert.synth import tiny_config, write_torrent
+            print(f"generating a {self.L}-layer full-width checkpoint in {self.src_dir} ...", flush=True)
+            write_torrent(self.src_dir, tiny_config(n_layers=self.L, **MIXTRAL_8X7B), seed=0, dtype=torch.bfloat16)
+        self.size = self.src.stat().st_size
+        self.src_sha = sha256(self.src)
+
+    def timed(self, rep: int, step: str, role: str, cmd: list[str]) -> dict:
+        self.cold = drop_caches() and self.cold
+        load = os.getloadavg()[0]
+        r = measure([str(c) for c in cmd])
+        r |= {"rep": rep, "step": step, "role": role, "loadavg_1min_before": load, "cmd": " ".join(map(str, cmd))}
+        self.runs.append(r)
+        return r
+
+    def pair(self, rep: int, step: str, ref: list, tool: list, cleanup: Path | None = None) -> None:
+        r = self.timed(rep, step, "ref", ref)
+        if cleanup:
+            rm(cleanup)
+        t = self.timed(rep, step, "tool", tool)
+        print(f"  L={self.L} run {rep + 1}/{self.a.runs} {step:12s} {REFERENCE[step]:26s} {r['wall_s']:6.1f} s | "
+              f"tool {t['wall_s']:6.1f} s  x{t['wall_s'] / r['wall_s']:.2f}  cpu {t['cpu_s']:6.1f} s  "
+              f"anon {t['peak_anon_bytes'] / MiB:5.0f} MiB  (load {t['loadavg_1min_before']:.1f})", flush=True)
+
+    def record(self, rep: int, step: str, hashes: dict[str, str], out: Path | None = None) -> None:
+        """Compare this run's output hashes with the first run's, and with the manifest's."""
+        self.hashes.setdefault(step, []).append(hashes)
+        first = self.hashes[step][0]
+        bad = sorted(n for n in set(first) | set(hashes) if first.get(n) != hashes.get(n))
+        probs = self.problems.setdefault(f"{step}: every run's outputs have run 1's sha256", [])
+        if bad:
+            probs.append(f"run {rep + 1}: {', '.join(bad)} differ")
+        if out is not None:
+            files = json.loads((out / MANIFEST).read_text())["files"]
+            mism = sorted(n for n in set(files) | set(hashes) if files.get(n, {}).get("sha256") != hashes.get(n))
+            probs = self.problems.setdefault(f"{step}: the manifest's sha256 are the files'", [])
+            if mism:
+                probs.append(f"run {rep + 1}: {', '.join(mism)}")
+
+    def back_to_source(self, step: str, path: Path) -> None:
+        """`path` (merge's or concat's output) becomes the source again once it is byte for byte the source."""
+        got = self.hashes[step][-1].get(BASE)
+        if got != self.src_sha:
+            raise SystemExit(f"{step}'s {BASE} differs from the source (sha256 {got} != {self.src_sha}); "
+                             "the source was removed for this step and is regenerated on the next run")
+        if path != self.src:
+            os.replace(path, self.src)
+        self.checks[f"{step} gives back the source byte for byte"] = f"yes ({len(self.hashes[step])} runs)"
+
+    def split(self, rep: int, cmd: str, layout: str, out: Path, keep: bool) -> None:
+        tool = MC + [cmd, self.src_dir, "-n", self.n, "-o", out, "-q"]
+        if cmd not in self.a.steps:
+            if keep:  # merge or verify need split's shards: made outside the timing
+                subprocess.run([str(c) for c in tool], check=True)
+            return
+        self.pair(rep, cmd, ["sh", "-c", 'cp "$0" "$1" && sync', self.src, self.tmp], tool, cleanup=self.tmp)
+        self.record(rep, cmd, hash_dir(out), out)
+        if self.baseline:
+            b = self.timed(rep, cmd, "baseline", [sys.executable, "-c", BASELINE, self.src, self.bl, layout, self.n])
+            print(f"  L={self.L} run {rep + 1}/{self.a.runs} baseline {cmd}: {b['wall_s']:.1f} s "
+                  f"anon {b['peak_anon_bytes'] / MiB:.0f} MiB", flush=True)
+            if rep == 0:
+                self.checks[f"{cmd} == baseline (tensors, run 1)"] = same_tensors(out, self.bl) or "identical"
+            rm(self.bl)
+        if not keep:
+            rm(out)
+
+    def repetition(self, rep: int) -> None:
+        st = self.a.steps
+        self.split(rep, "split-sparse", "sparse", self.sparse, keep=False)
+        self.split(rep, "split", "base", self.base, keep="merge" in st or "verify" in st)
+        if "merge" in st:
+            self.src.unlink()  # merge's output takes its place: two copies on disk, not three
+            self.pair(rep, "merge", ["sh", "-c", 'cp -r "$0" "$1" && sync', self.base, self.tmp],
+                      MC + ["merge", self.base, "-o", self.merged, "-q"], cleanup=self.tmp)
+            self.record(rep, "merge", hash_dir(self.merged), self.merged)
+            self.back_to_source("merge", self.merged / BASE)
+            rm(self.merged)
+        if "verify" in st:
+            shards = sorted(self.base.glob("*.model.pth"))
+            self.pair(rep, "verify", ["sh", "-c", 'cat "$@" > /dev/null', "cat", self.src, *shards],
+                      MC + ["verify", self.base, "--source", self.src_dir, "-q"])
+        rm(self.base)
+        if "concat" in st:
+            pieces = cut(self.src, self.a.pieces, self.pieces)
+            self.src.unlink()  # concat's output takes its place
+            self.pair(rep, "concat", ["sh", "-c", 'cat "$@" > "$0" && sync', self.tmp, *pieces],
+                      MC + ["concat", self.pieces, "--sha256", self.src_sha, "-o", self.src, "-q"], cleanup=self.tmp)
+            self.record(rep, "concat", {BASE: sha256(self.src)})
+            self.back_to_source("concat", self.src)
+            rm(self.pieces)
+
+    def run(self) -> dict:
+        try:
+            self.prepare()
+            for rep in range(self.a.runs):
+                self.repetition(rep)
+        finally:
+            rm(self.tmp, self.sparse, self.base, self.merged, self.bl, self.pieces)
+            if not self.a.keep or not self.src.exists():
+                rm(self.src_dir)
+        for k, probs in self.problems.items():
+            n = len(self.hashes[k.split(":")[0]][0])
+            self.checks[k] = ("NO: " + "; ".join(probs)) if probs else f"yes ({n} file(s) x {self.a.runs} runs)"
+        res = {"layers": self.L, "world_size": int(self.n), "checkpoint_bytes": self.size,
+               "checkpoint_sha256": self.src_sha, "cold_cache": self.cold, "steps": list(self.a.steps),
+               "runs": self.runs, "output_sha256": self.hashes, "checks": self.checks}
+        res["summary"] = summarize(res)
+        return res
+
+
+def spread(v: list[float]) -> dict:
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
+
+
+def summarize(res: dict) -> dict:
+    gb = res["checkpoint_bytes"] / GB
+    out = {}
+    for step in ORDER:
+        rs = [x for x in res["runs"] if x["step"] == step]
+        if not rs:
+            continue
+        by = {role: {x["rep"]: x for x in rs if x["role"] == role} for role in ("ref", "tool", "baseline")}
+        ref, tool, bl = by["ref"], by["tool"], by["baseline"]
+        med = lambda d, k: statistics.median(x[k] for x in d.values())  # noqa: E731
+        s = {"reference": REFERENCE[step], "n": len(tool), "tool_wall_s": med(tool, "wall_s"),
+             "ref_wall_s": med(ref, "wall_s"), "tool_cpu_s": med(tool, "cpu_s"), "ref_cpu_s": med(ref, "cpu_s"),
+             "x_ref": spread([tool[k]["wall_s"] / ref[k]["wall_s"] for k in sorted(tool)]),
+             "peak_anon_bytes": max(x["peak_anon_bytes"] for x in tool.values()),
+             "peak_anon_median_bytes": med(tool, "peak_anon_bytes"),
+             "max_rss_bytes": max(x["max_rss_bytes"] for x in tool.values())}
+        s["tool_s_per_gb"], s["ref_s_per_gb"] = s["tool_wall_s"] / gb, s["ref_wall_s"] / gb
+        if bl:
+            s["baseline"] = {"wall_s": med(bl, "wall_s"), "cpu_s": med(bl, "cpu_s"),
+                             "x_ref": spread([bl[k]["wall_s"] / ref[k]["wall_s"] for k in sorted(bl)]),
+                             "peak_anon_bytes": max(x["peak_anon_bytes"] for x in bl.values()),
+                             "max_rss_bytes": max(x["max_rss_bytes"] for x in bl.values())}
+            s["x_baseline"] = spread([tool[k]["wall_s"] / bl[k]["wall_s"] for k in sorted(bl)])
+        out[step] = s
+    return out
+
+
+def ratio(d: dict) -> str:
+    return f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
+
+
+def tables(results: list[dict]) -> str:
+    lines = ["| L | GB | step | reference | ref s | tool s | tool/ref median (min-max) | tool/baseline | "
+             "tool CPU s | ref CPU s | tool s/GB | peak anon MiB | max RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        cp = res["runs"]["cp+sync"]["wall_s"]
-        for name, r in res["runs"].items():
-            base = res["runs"].get(f"baseline {name}") or res["runs"].get("baseline split")
-            xb = f"{r['wall_s'] / base['wall_s']:.2f}" if base and not name.startswith(("baseline", "cp")) else ""
-            lines.append(f"| {res['layers']} | {name} | {r['wall_s']:.1f} | {r['wall_s'] / cp:.2f} | {xb} | "
-                         f"{r['peak_anon_bytes'] / 2**20:.0f} | {r['max_rss_bytes'] / 2**20:.0f} |")
+        gb = res["checkpoint_bytes"] / GB
+        for step, s in res["summary"].items():
+            xb = ratio(s["x_baseline"]) if "x_baseline" in s else ""
+            lines.append(f"| {res['layers']} | {gb:.1f} | {step} | {s['reference']} | {s['ref_wall_s']:.1f} | "
+                         f"{s['tool_wall_s']:.1f} | {ratio(s['x_ref'])} | {xb} | {s['tool_cpu_s']:.1f} | "
+                         f"{s['ref_cpu_s']:.1f} | {s['tool_s_per_gb']:.2f} | {s['peak_anon_bytes'] / MiB:.0f} | "
+                         f"{s['max_rss_bytes'] / MiB:.0f} |")
+            if "baseline" in s:
+                b = s["baseline"]
+                lines.append(f"| {res['layers']} | {gb:.1f} | baseline {step} | {s['reference']} | "
+                             f"{s['ref_wall_s']:.1f} | {b['wall_s']:.1f} | {ratio(b['x_ref'])} |  | "
+                             f"{b['cpu_s']:.1f} |  | {b['wall_s'] / gb:.2f} | {b['peak_anon_bytes'] / MiB:.0f} | "
+                             f"{b['max_rss_bytes'] / MiB:.0f} |")
+    Ls = [r["layers"] for r in results]
+    head = " | ".join([f"s/GB L={L}" for L in Ls] + [f"tool/ref L={L}" for L in Ls] + [f"anon MiB L={L}" for L in Ls])
+    lines += ["", "Side by side (seconds per GB should stay flat as L grows, i.e. time linear in size; "
+              "peak memory should stay flat):", "", f"| step | {head} |", "|---" * (1 + 3 * len(Ls)) + "|"]
+    for step in ORDER:
+        cells = [r["summary"].get(step) for r in results]
+        if not any(cells):
+            continue
+        row = [f"{c['tool_s_per_gb']:.2f}" if c else "" for c in cells]
+        row += [ratio(c["x_ref"]) if c else "" for c in cells]
+        row += [f"{c['peak_anon_bytes'] / MiB:.0f}" if c else "" for c in cells]
+        lines.append(f"| {step} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def projection(results: list[dict]) -> tuple[str, dict]:
+    """Linear projection: the largest measured L's seconds per GB times each model's bytes."""
+    res = max(results, key=lambda r: r["layers"])
+    ratio_file = res["checkpoint_bytes"] / model_bytes(MIXTRAL_8X7B, res["layers"])  # container overhead
+    sizes = {name: model_bytes(p, n) * ratio_file for name, (p, n) in PROJECT.items()}
+    proj = {"from_layers": res["layers"], "bytes": sizes, "minutes": {}}
+    cols = " | ".join(f"{name} ({PROJECT[name][1]} layers, {b / GB:.0f} GB): tool min / ref min"
+                      for name, b in sizes.items())
+    lines = [f"Linear projection from the L={res['layers']} medians (seconds per GB x the model's bytes; "
+             "assumes the throughput stays what it was at that size):", "",
+             f"| step | tool s/GB | ref s/GB | {cols} |", "|---" * (3 + len(sizes)) + "|"]
+    for step, s in res["summary"].items():
+        mins = {name: (s["tool_s_per_gb"] * b / GB / 60, s["ref_s_per_gb"] * b / GB / 60) for name, b in sizes.items()}
+        proj["minutes"][step] = {n: {"tool": t, "ref": r} for n, (t, r) in mins.items()}
+        lines.append(f"| {step} | {s['tool_s_per_gb']:.2f} | {s['ref_s_per_gb']:.2f} | "
+                     + " | ".join(f"{t:.1f} / {r:.1f}" for t, r in mins.values()) + " |")
+    return "\n".join(lines), proj
+
+
+def machine(d: Path) -> dict:
+    df = subprocess.run(["df", "--output=source,fstype,size,avail", str(d)], capture_output=True, text=True)
+    src = df.stdout.splitlines()[-1].split() if df.returncode == 0 else ["?"] * 4
+    git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return {"cpus": os.cpu_count(), "mem_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "disk_device": src[0], "disk_fstype": src[1], "disk_size_kib": src[2], "disk_avail_kib_at_start": src[3],
+            "kernel": platform.release(), "python": platform.python_version(), "git": git.stdout.strip(),
+            "loadavg_at_start": os.getloadavg()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2])
     ap.add_argument("--world-size", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=1, help="runs per step (medians are reported)")
+    ap.add_argument("--runs", type=int, default=3, help="repetitions of every pair (medians and spreads reported)")
+    ap.add_argument("--steps", default="split,split-sparse,merge,verify,concat",
+                    help=f"comma-separated, from {','.join(STEPS)} (default: all but baseline)")
+    ap.add_argument("--pieces", type=int, default=10, help="byte pieces the checkpoint is cut in for concat")
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench.json")
-    ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     a = ap.parse_args()
+    a.steps = [s.strip() for s in a.steps.split(",") if s.strip()]
+    unknown = sorted(set(a.steps) - set(STEPS))
+    if unknown or not a.steps:
+        ap.error(f"--steps: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(STEPS)}")
+    if "baseline" in a.steps and not {"split", "split-sparse"} & set(a.steps):
+        ap.error("--steps baseline is compared with split and split-sparse: name one of them too")
+    if a.runs < 1:
+        ap.error("--runs must be at least 1")
     a.dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(a.dir),
+            "command": " ".join(sys.argv), "results": []}
     for L in a.layers:
-        results.append(run_layers(L, a.world_size, a.dir, a.runs, a.skip_baseline))
-        if not a.keep:
-            shutil.rmtree(a.dir / f"src-L{L}", ignore_errors=True)
-    info = {"machine": {"cpus": os.cpu_count(), "mem_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
-            "results": results}
+        info["results"].append(Layers(L, a).run())
+    m = info["machine"] | {"loadavg_at_end": os.getloadavg()}
+    info["machine"] = m
+    text, info["projection"] = projection(info["results"])
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(info, indent=2))
-    print(table(results))
-    for res in results:
+    a.json.write_text(json.dumps(info, indent=2) + "\n")
+    cold = all(r["cold_cache"] for r in info["results"])
+    print(f"\n{info['date']}: {m['cpus']} CPUs, {m['mem_bytes'] / 2**30:.1f} GiB memory, disk {m['disk_device']} "
+          f"({m['disk_fstype']}) for {a.dir}; {'cold' if cold else 'WARM (could not drop caches)'} page cache "
+          f"before every run; load average {m['loadavg_at_start'][0]:.1f} at the start, {m['loadavg_at_end'][0]:.1f} "
+          f"at the end; {a.runs} runs of each pair, N={a.world_size}; tree {m['git']}\n")
+    print(tables(info["results"]))
+    print()
+    print(text)
+    print()
+    for res in info["results"]:
         for k, v in res["checks"].items():
             print(f"L={res['layers']}: {k}: {v}")
     print(f"written {a.json}")
