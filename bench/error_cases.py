@@ -5,9 +5,20 @@ Mounts two small tmpfs (a full disk, a read-only one) when run as root; skips th
 
     .venv/bin/python bench/error_cases.py
 """
-import json, os, shutil, subprocess, sys, tempfile, pathlib, zipfile
+import json
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+
 import torch
+
 from mixtral_convert.synth import tiny_config, write_torrent
+
 T = pathlib.Path(tempfile.mkdtemp(prefix="errs-"))
 src = write_torrent(T / "src", tiny_config(), seed=1)
 CK = "consolidated.00.pth"
@@ -34,22 +45,36 @@ def sd_edit(fn):
 
 def params_edit(fn):
     def e(d):
-        p = json.loads((d / "params.json").read_text()); fn(p); (d / "params.json").write_text(json.dumps(p))
+        p = json.loads((d / "params.json").read_text())
+        fn(p)
+        (d / "params.json").write_text(json.dumps(p))
     return e
 
 print("| case | exit | message |\n|---|---|---|")
 run("missing SRC argument", "split")
 run("source directory does not exist", "split", T / "nope", "-o", T / "o")
 run("missing params.json", "split", variant("noparams", lambda d: (d / "params.json").unlink()), "-o", T / "o")
-run("params.json not JSON", "split", variant("badjson", lambda d: (d / "params.json").write_text("{dim: 64")), "-o", T / "o")
+run("params.json not JSON", "split", variant("badjson", lambda d: (d / "params.json").write_text("{dim: 64")),
+    "-o", T / "o")
 run("params.json missing a key", "split", variant("nokey", params_edit(lambda p: p.pop("dim"))), "-o", T / "o")
-run("params.json malformed value", "split", variant("badval", params_edit(lambda p: p.__setitem__("n_heads", "eight"))), "-o", T / "o")
-run("missing tensor", "split", variant("missing", sd_edit(lambda sd: sd.pop("layers.1.feed_forward.experts.2.w3.weight"))), "-o", T / "o")
-run("extra tensor", "split", variant("extra", sd_edit(lambda sd: sd.__setitem__("layers.0.attention.bias", torch.zeros(4)))), "-o", T / "o")
-run("wrongly shaped tensor", "split", variant("shape", sd_edit(lambda sd: sd.__setitem__("layers.0.attention.wk.weight", sd["layers.0.attention.wk.weight"][:-1].clone()))), "-o", T / "o")
-run("mixed dtypes", "split", variant("dtype", sd_edit(lambda sd: sd.__setitem__("norm.weight", sd["norm.weight"].float()))), "-o", T / "o")
+WK = "layers.0.attention.wk.weight"
+run("params.json malformed value", "split",
+    variant("badval", params_edit(lambda p: p.__setitem__("n_heads", "eight"))), "-o", T / "o")
+run("missing tensor", "split",
+    variant("missing", sd_edit(lambda sd: sd.pop("layers.1.feed_forward.experts.2.w3.weight"))), "-o", T / "o")
+run("extra tensor", "split",
+    variant("extra", sd_edit(lambda sd: sd.__setitem__("layers.0.attention.bias", torch.zeros(4)))), "-o", T / "o")
+run("wrongly shaped tensor", "split",
+    variant("shape", sd_edit(lambda sd: sd.__setitem__(WK, sd[WK][:-1].clone()))), "-o", T / "o")
+run("mixed dtypes", "split",
+    variant("dtype", sd_edit(lambda sd: sd.__setitem__("norm.weight", sd["norm.weight"].float()))), "-o", T / "o")
+
+
 def trunc(d):
-    b = (d / CK).read_bytes(); (d / CK).write_bytes(b[: len(b) // 2])
+    b = (d / CK).read_bytes()
+    (d / CK).write_bytes(b[: len(b) // 2])
+
+
 run("truncated checkpoint", "split", variant("trunc", trunc), "-o", T / "o")
 run("not a zip checkpoint", "split", variant("notzip", lambda d: (d / CK).write_bytes(b"hello" * 100)), "-o", T / "o")
 def tok(d):
@@ -64,29 +89,32 @@ class Evil:
         return (os.system, ("echo PWNED > " + str(T / "pwned"),))
 run("pickled callable", "inspect", variant("evil", lambda d: torch.save({"x": Evil()}, d / CK)))
 print(f"|   (the callable ran: {(T / 'pwned').exists()}) | | |")
-(T / "full").mkdir(); (T / "full" / "x").write_text("mine")
+(T / "full").mkdir()
+(T / "full" / "x").write_text("mine")
 run("non-empty -o without --force", "split", src, "-n", 2, "-o", T / "full")
 (T / "ro").mkdir()
 if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=50m", "tmpfs", str(T / "ro")]).returncode == 0:
     run("unwritable -o (read-only filesystem)", "split", src, "-n", 2, "-o", T / "ro" / "o")
     subprocess.run(["umount", str(T / "ro")])
-mnt = T / "tiny"; mnt.mkdir()
+mnt = T / "tiny"
+mnt.mkdir()
 if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)]).returncode == 0:
     run("not enough free space on -o's disk", "split", src, "-n", 2, "-o", mnt / "o")
     print(f"|   (left on that disk: {sorted(p.name for p in mnt.iterdir())}) | | |")
     subprocess.run(["umount", str(mnt)])
 run("unknown option", "split", src, "--world", 2)
 out = T / "good"
-subprocess.run([sys.executable, "-m", "mixtral_convert", "split", str(src), "-n", "2", "-o", str(out), "-q"], check=True)
+subprocess.run([sys.executable, "-m", "mixtral_convert", "split", str(src), "-n", "2", "-o", str(out), "-q"],
+               check=True)
 run("verify, clean", "verify", out, "--source", src, "-q")
 shard = out / "consolidated.01-of-02.model.pth"
 b = bytearray(shard.read_bytes())
 with zipfile.ZipFile(shard) as z:
     info = z.getinfo("archive/data/5")
-import struct
 n, m = struct.unpack("<HH", bytes(b[info.header_offset + 26:info.header_offset + 30]))
 off = info.header_offset + 30 + n + m + 3
-b[off] ^= 0x01; shard.write_bytes(bytes(b))
+b[off] ^= 0x01
+shard.write_bytes(bytes(b))
 run("verify --source, one flipped bit in rank 1", "verify", out, "--source", src)
 run("verify without --source (manifest), same bit", "verify", out)
 shutil.rmtree(T, ignore_errors=True)

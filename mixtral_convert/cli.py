@@ -159,29 +159,43 @@ _cast_option = click.option(
          "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
 
 
+_dry_run_option = click.option(
+    "--dry-run", is_flag=True,
+    help="Detect and validate the source and the output directory, then print the plan (every output file "
+         "with its exact size, the tensors per rank, the dtype, the space needed against the space free) "
+         "and write nothing.")
+
+
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
-           tokenizer=None, ranks=None, cast=None) -> None:
+           tokenizer=None, ranks=None, cast=None, dry_run=False) -> None:
     from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
-                    ranks=_parse_ranks(ranks), dtype=cast)
+                    ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
+    if dry_run:
+        return _print_dry_run(res)
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
+
+
+def _print_dry_run(rep) -> None:
+    for line in rep.lines():
+        click.echo(line)
 
 
 def _split_options(f):
     """The options split and split-sparse share."""
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
-                            _format_option, _tokenizer_option, _cast_option)):
+                            _format_option, _tokenizer_option, _cast_option, _dry_run_option)):
         f = option(f)
     return f
 
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast):
+def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -192,19 +206,19 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast):
     re-shard.
     Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast)
+    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast):
+def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
     and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
     Default output: SRC/converted_sparse.
     """
-    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast)
+    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run)
 
 
 @cli.command("merge")
@@ -223,14 +237,17 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
                    "65536 for 8x22B. Overrides the source's.")
 @_tokenizer_option
 @_cast_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, max_position_embeddings):
+@_dry_run_option
+def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, max_position_embeddings, dry_run):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
     from .commands.merge import merge
     from .formats.hf import parse_size
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
-                tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings)
+                tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings, dry_run=dry_run)
+    if dry_run:
+        return _print_dry_run(res)
     _print_result("merged", res, quiet)
 
 
@@ -257,6 +274,7 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     is equal, 1 on the first mismatch (named), 2 on bad usage or unreadable input (or no
     manifest and no --source)."""
     import json
+
     from .commands.verify import verify
     if run_forward and source is None:  # refused before anything is hashed
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
@@ -297,6 +315,7 @@ def inspect_cmd(path, as_json):
     config, dtypes, tensor count and bytes), a single .pth file, a config or a tokenizer.
     Reads no tensor data and unpickles nothing but tensor descriptions."""
     import json
+
     from .commands.inspect import inspect
     from .io.progress import human_bytes
     info = inspect(path)

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-
 from helpers import ODD, WIDE
+
 from mixtral_convert.synth import tiny_config, write_torrent
 
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from helpers import cli, load
-from mixtral_convert.synth import tiny_config, write_torrent
+
 from mixtral_convert.formats.torchzip import write_checkpoint
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
+from mixtral_convert.synth import tiny_config, write_torrent
 
 
 def one_line_error(err: str) -> str:

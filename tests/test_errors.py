@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import cli, load
-from mixtral_convert.synth import tiny_config, train_tokenizer, write_torrent
+
 from mixtral_convert.formats.torchzip import write_checkpoint
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
+from mixtral_convert.synth import tiny_config, train_tokenizer, write_torrent
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mixtral_convert"
 
@@ -83,7 +83,8 @@ def _damages(src: Path):
 
     return [
         ("params.json missing", lambda: (src / "params.json").unlink(), ["params.json", "not found"]),
-        ("params.json not JSON", lambda: (src / "params.json").write_text("{not json"), ["params.json", "not valid JSON"]),
+        ("params.json not JSON", lambda: (src / "params.json").write_text("{not json"),
+         ["params.json", "not valid JSON"]),
         ("params.json key missing", lambda: (src / "params.json").write_text(
             json.dumps({k: v for k, v in params.items() if k != "n_heads"})), ["params.json", "'n_heads'"]),
         ("params.json value wrong", lambda: (src / "params.json").write_text(
@@ -97,7 +98,8 @@ def _damages(src: Path):
         ("wrong shape", lambda: _write(src / "consolidated.00.pth", dict(
             sd, **{"layers.1.feed_forward.experts.3.w2.weight": torch.zeros(5, 5, dtype=torch.bfloat16)})),
          ["'layers.1.feed_forward.experts.3.w2.weight'", "shape [5, 5]"]),
-        ("mixed dtypes", lambda: _write(src / "consolidated.00.pth", dict(sd, **{"norm.weight": sd["norm.weight"].half()})),
+        ("mixed dtypes",
+         lambda: _write(src / "consolidated.00.pth", dict(sd, **{"norm.weight": sd["norm.weight"].half()})),
          ["mixed dtypes", "float16", "bfloat16"]),
         ("truncated checkpoint", lambda: (src / "consolidated.00.pth").write_bytes(
             (src / "consolidated.00.pth").read_bytes()[:-5000]), ["consolidated.00.pth", "truncated"]),

@@ -13,8 +13,8 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from helpers import cli, is_root
 
-from helpers import WIDE, cli, is_root
 from mixtral_convert.io.atomic import MARKER
 from mixtral_convert.synth import tiny_config, write_torrent
 

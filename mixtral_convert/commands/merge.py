@@ -16,17 +16,21 @@ from typing import Optional
 
 from ..errors import ConvertError
 from ..formats import hf
+from ..formats.checkpoint import dtype_name
 from ..formats.registry import open_checkpoint, target
-from ..formats.tokenizer import carry
+from ..formats.tokenizer import carried, carry
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
-from ..formats.checkpoint import dtype_name
+from . import dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
+from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
-          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None) -> Result:
+          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None, dry_run: bool = False):
+    """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
+    say what would be written (a dryrun.DryRun)."""
     tgt = target(to)
     ck = open_checkpoint(shards)
     use_tokenizer(ck, tokenizer)
@@ -45,6 +49,14 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
+    if dry_run:
+        options = dict(max_shard_size=max_shard_size, max_position_embeddings=max_position_embeddings)
+        planned = [Planned(*p) for p in tgt.plan(ck, **options)]
+        if ck.tokenizer is not None:
+            skip = {p.name for p in planned}
+            planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in
+                        carried(ck.tokenizer, skip=skip).items()]
+        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to))
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
@@ -52,6 +64,9 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
                               max_position_embeddings=max_position_embeddings)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
-        write_manifest(tmp, files, layout=to, world_size=1, dtype=dtype_name(ck.dtype),
-                       source=dict(ck.source_info(), world_size=ck.N))
+        write_manifest(tmp, files, **_manifest_info(ck, to))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+
+
+def _manifest_info(ck, to: str) -> dict:
+    return dict(layout=to, world_size=1, dtype=dtype_name(ck.dtype), source=dict(ck.source_info(), world_size=ck.N))

@@ -18,20 +18,22 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConvertError
-from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_writer, side_files
+from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
+from ..formats.tokenizer import carried
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
 from ..io.lazy import TensorSpec
 from ..io.prefetch import file_producer
 from ..io.progress import Progress, human_bytes, progress_bar
 from ..model.layouts import Plan
+from . import dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
+from .dryrun import DryRun, Planned
 
 DEFAULT_OUT = {"base": "converted", "sparse": "converted_sparse"}
 _PART = ".mixtral-convert-part-{:05d}.json"
@@ -61,7 +63,9 @@ def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
           quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
-          tokenizer=None, dtype: Optional[str] = None) -> Result:
+          tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False):
+    """Write `src` in `layout` for N ranks (a Result); with `dry_run`, only say what would be
+    written (a dryrun.DryRun)."""
     shard_writer(fmt)  # an unknown format fails before anything is read
     ck = open_checkpoint(src)
     use_tokenizer(ck, tokenizer)
@@ -71,6 +75,8 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
     if ranks is None:
         ranks = ranks_from_env(N)
+    if dry_run:
+        return _dry_run(ck, plan, tokenizer, out, sorted(set(ranks)) if ranks is not None else None, force, fmt)
     if ranks is not None:
         return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt)
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
@@ -85,6 +91,21 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
         files.update(side_files(ck.cfg, tokenizer, layout, tmp, atomic=False))
         write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+
+
+def _dry_run(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: Optional[list[int]], force: bool,
+             fmt: str) -> DryRun:
+    N, layout = plan.N, plan.layout
+    planned = []
+    for r in (ranks if ranks is not None else range(N)):
+        specs = [TensorSpec(k, st.shape, st.dtype) for k, st in plan.ranks[r].items()]
+        planned.append(Planned(shard_file_name(r, N, fmt), shard_size(specs, fmt), f"rank {r}: {len(specs)} tensors",
+                               {"rank": r}))
+    planned += [Planned(name, len(data), "") for name, data in side_contents(ck.cfg, layout).items()]
+    planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in carried(tokenizer).items()]
+    cmd = "split" if layout == "base" else "split-sparse"
+    return dryrun.dry_run(f"{cmd} -n {N}", ck, out, force, planned, _manifest_info(ck, layout, N, fmt),
+                   shared=ranks is not None)
 
 
 def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: list[int], force: bool,

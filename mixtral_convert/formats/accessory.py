@@ -24,9 +24,9 @@ from ..io.lazy import Lazy
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import Plan
 from .checkpoint import Checkpoint, Reader, check_tensors, find_tokenizer, read_tensors
-from .safetensorsfile import write_safetensors
+from .safetensorsfile import header_bytes, write_safetensors
 from .tokenizer import carry
-from .torchzip import write_checkpoint
+from .torchzip import checkpoint_size, write_checkpoint
 
 META = "meta.json"
 CONFIG = "config.json"
@@ -123,7 +123,7 @@ def structure_problems(plan: Plan, files: list[Path], shards: list[dict[str, Laz
     """Each shard's key set, shapes and dtypes against the plan; one line per problem. `ranks`:
     which ranks `files`/`shards` are (default: all, in order)."""
     out = []
-    for r, f, sd in zip(ranks if ranks is not None else range(plan.N), files, shards):
+    for r, f, sd in zip(ranks if ranks is not None else range(plan.N), files, shards, strict=True):
         want = plan.ranks[r]
         for k, st in want.items():
             if k not in sd:
@@ -178,12 +178,24 @@ READER = Reader(
 
 
 # ----------------------------------------------------------------------------- writing
+def side_contents(cfg: ModelConfig, layout: str) -> dict[str, bytes]:
+    """config.json and meta.json, as bytes."""
+    return {CONFIG: json_bytes(cfg.to_accessory()), META: json_bytes({"llama_type": LLAMA_TYPE[layout]})}
+
+
+def shard_size(specs: list, fmt: str) -> int:
+    """The exact size of the shard file `shard_writer(fmt)` writes for `specs`."""
+    if fmt == "pth":
+        return checkpoint_size(specs)
+    return len(header_bytes(specs)) + sum(s.nbytes for s in specs)
+
+
 def side_files(cfg: ModelConfig, tokenizer: Path, layout: str, out: Path, atomic: bool) -> dict[str, dict]:
     """config.json, meta.json and the tokenizer (tokenizer.model and the HF tokenizer files beside
     it, or the HF files alone; formats.tokenizer.carry) into `out` (each renamed into place when
     `atomic`, for a directory shared with other processes); their manifest entries."""
     files = {}
-    for name, data in ((CONFIG, json_bytes(cfg.to_accessory())), (META, json_bytes({"llama_type": LLAMA_TYPE[layout]}))):
+    for name, data in side_contents(cfg, layout).items():
         if atomic:
             with atomic_file(out / name) as tmp:
                 files[name] = write_small(tmp, data)

@@ -97,11 +97,13 @@ class Reader:
 @dataclass(frozen=True)
 class Target:
     """An output format of merge. `write(ck, tmp, progress, options)` writes every file into the
-    temporary directory `tmp` and returns their manifest entries {name: {size, sha256}}."""
+    temporary directory `tmp` and returns their manifest entries {name: {size, sha256}};
+    `plan(ck, options)` says what it would write, writing nothing (--dry-run)."""
 
     name: str
     suffix: str  # default output: SOURCE + suffix
     write: Callable[..., dict[str, dict]]
+    plan: Callable[..., list[tuple[str, int, str]]]  # (name, exact size, what) of every file write writes
 
 
 def read_tensors(path: Path) -> dict[str, Lazy]:

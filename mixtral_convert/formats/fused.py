@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from ..model.config import ModelConfig
 from ..errors import ConvertError
+from ..model.config import ModelConfig
 
 _FUSED = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(w1|w2|w3|gate\.weight)\Z")
 

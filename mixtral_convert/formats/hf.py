@@ -30,7 +30,8 @@ from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
 from . import tokenizer
 from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
-from .safetensorsfile import read_tensors as read_safetensors, write_safetensors
+from .safetensorsfile import header_bytes, write_safetensors
+from .safetensorsfile import read_tensors as read_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -145,24 +146,33 @@ def plan_files(tensors: dict[str, Lazy], max_shard_size: int) -> list[tuple[str,
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def _weight_files(cfg: ModelConfig, canonical: dict[str, Lazy], max_shard_size: int):
+    """(HF tensors, [(file name, specs)], the index's bytes or None when one file)."""
+    if max_shard_size <= 0:
+        raise ConvertError(f"--max-shard-size must be positive, got {max_shard_size}")
+    tensors = hf_tensors(cfg, canonical)
+    files = [(fname, [TensorSpec(k, tensors[k].shape, tensors[k].dtype) for k in names])
+             for fname, names in plan_files(tensors, max_shard_size)]
+    index = None
+    if len(files) > 1:
+        weight_map = {s.name: fname for fname, specs in files for s in specs}
+        index = json_bytes({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                            "weight_map": weight_map})
+    return tensors, files, index
+
+
 def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], stream: Callable,
                      max_shard_size: int = DEFAULT_MAX_SHARD) -> dict[str, dict]:
     """The safetensors files (and the index when several) into `tmp`; manifest entries back.
     `stream(lazy)` yields a lazy tensor's bytes in blocks."""
-    if max_shard_size <= 0:
-        raise ConvertError(f"--max-shard-size must be positive, got {max_shard_size}")
-    tensors = hf_tensors(cfg, canonical)
+    tensors, files, index = _weight_files(cfg, canonical, max_shard_size)
     entries: dict[str, dict] = {}
-    weight_map: dict[str, str] = {}
-    for fname, names in plan_files(tensors, max_shard_size):
-        specs = [TensorSpec(k, tensors[k].shape, tensors[k].dtype) for k in names]
+    for fname, specs in files:
         h = hashlib.sha256()
         size = write_safetensors(tmp / fname, specs, lambda s: stream(tensors[s.name]), hasher=h)
         entries[fname] = {"size": size, "sha256": h.hexdigest()}
-        weight_map.update({k: fname for k in names})
-    if len(entries) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        entries[INDEX] = write_small(tmp / INDEX, json_bytes(index))
+    if index is not None:
+        entries[INDEX] = write_small(tmp / INDEX, index)
     return entries
 
 
@@ -202,7 +212,24 @@ def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: Optional[int] = N
     return files
 
 
-TARGET = Target("hf", "_hf", write)
+def plan(ck: Checkpoint, max_shard_size: Optional[int] = None, max_position_embeddings: Optional[int] = None,
+         **_options) -> list[tuple[str, int, str]]:
+    """What `write` would write: (file name, exact size, what it holds), nothing written."""
+    max_pos = prepare(ck, max_position_embeddings)
+    ids = tokenizer.specials(ck.tokenizer)
+    out = [(name, len(data), "tokenizer file built from the tokenizer") for name, data in
+           tokenizer.built(ck.tokenizer).items()]
+    _, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size or DEFAULT_MAX_SHARD)
+    for fname, specs in files:
+        out.append((fname, len(header_bytes(specs)) + sum(s.nbytes for s in specs), f"{len(specs)} tensors"))
+    if index is not None:
+        out.append((INDEX, len(index), "which file holds each tensor"))
+    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_pos, ids.bos_id, ids.eos_id)
+    out.append(("config.json", len(json_bytes(cfg)), f"MixtralConfig, max_position_embeddings {max_pos}"))
+    return out
+
+
+TARGET = Target("hf", "_hf", write, plan)
 
 
 def parse_size(text) -> int:

@@ -7,9 +7,9 @@ header alone.
 
 Reading: `read_header` parses and checks the header (one-line errors for every malformation);
 `read_tensors` then opens the file with the safetensors library (`safe_open`, which maps it)
-and gives a lazy tensor per entry that copies out only the block asked for. Writing: `write_safetensors` writes the header for known shapes and dtypes,
-then streams each tensor's bytes from a producer in blocks, with the same signature as
-`torchzip.write_checkpoint`.
+and gives a lazy tensor per entry that copies out only the block asked for. Writing:
+`write_safetensors` writes the header for known shapes and dtypes, then streams each tensor's
+bytes from a producer in blocks, with the same signature as `torchzip.write_checkpoint`.
 """
 
 from __future__ import annotations

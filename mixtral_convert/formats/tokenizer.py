@@ -138,17 +138,20 @@ def _copy(src: Path, dst: Path, atomic: bool) -> dict:
         return copy_file(src, tmp)
 
 
-def carry(tok: Path, out: Path, skip: Iterable[str] = (), atomic: bool = False) -> dict[str, dict]:
-    """tokenizer.model (when the tokenizer is one) and the HF files beside it, copied into `out`
-    (each renamed into place when `atomic`), except the names in `skip`; their manifest entries."""
+def carried(tok: Path, skip: Iterable[str] = ()) -> dict[str, Path]:
+    """What `carry` copies: output name -> source file."""
     skip = set(skip)
     files = {}
     if not tok.is_dir() and SP_FILE not in skip:
-        files[SP_FILE] = _copy(tok, out / SP_FILE, atomic)
-    for name, path in hf_files(tok).items():
-        if name not in skip:
-            files[name] = _copy(path, out / name, atomic)
+        files[SP_FILE] = tok
+    files.update({name: path for name, path in hf_files(tok).items() if name not in skip})
     return files
+
+
+def carry(tok: Path, out: Path, skip: Iterable[str] = (), atomic: bool = False) -> dict[str, dict]:
+    """tokenizer.model (when the tokenizer is one) and the HF files beside it, copied into `out`
+    (each renamed into place when `atomic`), except the names in `skip`; their manifest entries."""
+    return {name: _copy(path, out / name, atomic) for name, path in carried(tok, skip).items()}
 
 
 def check_hf_ready(tok: Path) -> None:
@@ -158,24 +161,28 @@ def check_hf_ready(tok: Path) -> None:
         hf_tokenizer.check_supported(hf_tokenizer.read_model(tok), str(tok))
 
 
-def write_hf_tokenizer(tok: Path, out: Path) -> dict[str, dict]:
-    """The tokenizer files an HF repository needs that `carry` does not copy: generation_config.json
-    always; tokenizer.json, tokenizer_config.json (with the chat template of a tokenizer_config.json
-    beside it) and special_tokens_map.json built from tokenizer.model when there is no HF pair."""
+def built(tok: Path) -> dict[str, bytes]:
+    """The tokenizer files an HF repository needs that `carry` does not copy, as bytes:
+    generation_config.json always; tokenizer.json, tokenizer_config.json (with the chat template
+    of a tokenizer_config.json beside it) and special_tokens_map.json built from tokenizer.model
+    when there is no HF pair."""
     sp = specials(tok)
     files = {}
     d = hf_dir(tok)
     if not has_hf_pair(d):
         m = hf_tokenizer.read_model(tok)
         template = _hf_config(d).get("chat_template") if (d / HF_CONFIG).is_file() else None
-        files[HF_JSON] = write_small(out / HF_JSON, hf_tokenizer.tokenizer_json(m, sp.bos, str(tok)))
-        files[HF_CONFIG] = write_small(out / HF_CONFIG, json_bytes(
-            hf_tokenizer.tokenizer_config(m, sp.bos, sp.eos, sp.unk, template)))
+        files[HF_JSON] = hf_tokenizer.tokenizer_json(m, sp.bos, str(tok))
+        files[HF_CONFIG] = json_bytes(hf_tokenizer.tokenizer_config(m, sp.bos, sp.eos, sp.unk, template))
         if not (d / HF_SPECIALS).is_file():
-            files[HF_SPECIALS] = write_small(out / HF_SPECIALS,
-                                             json_bytes(hf_tokenizer.special_tokens_map(sp.bos, sp.eos, sp.unk)))
-    files[GENERATION] = write_small(out / GENERATION, json_bytes(hf_tokenizer.generation_config(sp.bos_id, sp.eos_id)))
+            files[HF_SPECIALS] = json_bytes(hf_tokenizer.special_tokens_map(sp.bos, sp.eos, sp.unk))
+    files[GENERATION] = json_bytes(hf_tokenizer.generation_config(sp.bos_id, sp.eos_id))
     return files
+
+
+def write_hf_tokenizer(tok: Path, out: Path) -> dict[str, dict]:
+    """`built`'s files written into `out`; their manifest entries."""
+    return {name: write_small(out / name, data) for name, data in built(tok).items()}
 
 
 def differences(ours: Path, theirs: Path) -> Optional[str]:

@@ -40,6 +40,7 @@ import torch
 from ..errors import ConvertError
 from ..io.lazy import Stored, TensorSpec
 from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, zip_layout, zip_records  # noqa: F401
+
 # (Record and zip_records are re-exported: verify's tests and concat import them from here)
 
 ALIGN = 64

@@ -21,7 +21,7 @@ from ..io.prefetch import file_producer
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
 from .fused import is_fused, unfuse
-from .torchzip import load_lazy, write_checkpoint
+from .torchzip import checkpoint_size, load_lazy, write_checkpoint
 
 TORRENT_FILE = "consolidated.00.pth"
 PARAMS = "params.json"
@@ -87,4 +87,11 @@ def write(ck: Checkpoint, tmp: Path, progress, **_options) -> dict[str, dict]:
             PARAMS: write_small(tmp / PARAMS, json_bytes(ck.cfg.to_params()))}
 
 
-TARGET = Target("torrent", "_merged", write)
+def plan(ck: Checkpoint, **_options) -> list[tuple[str, int, str]]:
+    """What `write` would write: (file name, exact size, what it holds), nothing written."""
+    specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
+    return [(TORRENT_FILE, checkpoint_size(specs), f"{len(specs)} tensors"),
+            (PARAMS, len(json_bytes(ck.cfg.to_params())), "the model's hyper-parameters")]
+
+
+TARGET = Target("torrent", "_merged", write, plan)

@@ -150,7 +150,8 @@ def _checked_records(path: Path, zf: zipfile.ZipFile, f) -> dict[str, Record]:
         records[name] = Record(name, data, info.file_size, info.CRC)
         spans.append((off, end, name))
     spans.sort()
-    for (_, end, name), (nxt, _, other) in zip(spans, spans[1:] + [(getattr(zf, "start_dir", size), 0, "")]):
+    following = spans[1:] + [(getattr(zf, "start_dir", size), 0, "")]  # the directory comes after the last
+    for (_, end, name), (nxt, _, other) in zip(spans, following, strict=True):
         if end > nxt:
             raise DamagedZip(path, f"record {name} overlaps {other or 'the zip directory'}")
     return records
@@ -177,7 +178,8 @@ def zip_layout(path: Path) -> Layout:
             raise DamagedZip(path, "no data.pkl record")
         pkl = b""
         for name, rec in records.items():
-            if name.startswith(prefix) and _STORAGE.match(name[len(prefix):]) or (rec.size > SMALL_RECORD and name != prefix + "data.pkl"):
+            storage = name.startswith(prefix) and _STORAGE.match(name[len(prefix):])
+            if storage or (rec.size > SMALL_RECORD and name != prefix + "data.pkl"):
                 continue
             try:
                 content = zf.read(name)

@@ -43,7 +43,6 @@ from .inputs import check_tokens, load_tokens, torch_dtype
 from .job import Job, Result, compute
 from .sharded import Collective, combine, rank_steps
 
-
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer than this gives up
 
 

@@ -55,7 +55,7 @@ def compute(job: Job, cfg: ModelConfig, run: ForwardFn, tokenizer: Optional[Path
     logits = run(tokens)
     p = torch.softmax(logits[0, -1], dim=-1)
     vals, idx = torch.topk(p, min(job.top, cfg.vocab_size))
-    top = [(int(i), sp.id_to_piece(int(i)), float(v)) for v, i in zip(vals, idx)]
+    top = [(int(i), sp.id_to_piece(int(i)), float(v)) for v, i in zip(vals, idx, strict=True)]
     new = [top[0][0]] if job.new_tokens > 0 else []
     while len(new) < job.new_tokens:  # greedy; no KV cache: each step reruns the whole forward
         new.append(int(run(torch.tensor([ids + new]))[0, -1].argmax()))

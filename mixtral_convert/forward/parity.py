@@ -58,7 +58,8 @@ TOLERANCES = {
 LOOSER = ("float32", "float16", "bfloat16")  # by mantissa bits, most to fewest
 
 
-def tolerance_for(compute: str, stored: Optional[torch.dtype], reference: Optional[torch.dtype]) -> tuple[str, Tolerance]:
+def tolerance_for(compute: str, stored: Optional[torch.dtype],
+                  reference: Optional[torch.dtype]) -> tuple[str, Tolerance]:
     """The tolerance of the compute dtype, or of the shards' storage dtype where --dtype made it
     coarser than the source's: the logits then also differ by the rounding of every weight."""
     name = compute
@@ -93,7 +94,8 @@ class ParityReport:
     def as_dict(self) -> dict:
         return {"ok": self.ok, "dtype": self.dtype, "device": self.device, "tokens_shape": self.tokens_shape,
                 "reference": self.reference, "sharded": self.sharded, "max_abs_diff": self.max_abs_diff,
-                "max_rel_diff": self.max_rel_diff, "rms_rel_diff": self.rms_rel_diff, "max_abs_logit": self.max_abs_logit,
+                "max_rel_diff": self.max_rel_diff, "rms_rel_diff": self.rms_rel_diff,
+                "max_abs_logit": self.max_abs_logit,
                 "top1_agreement": self.top1_agreement,
                 "tolerance": self.tolerance.as_dict() if self.tolerance else None,
                 "tolerance_dtype": self.tolerance_dtype or self.dtype,
@@ -106,7 +108,8 @@ class ParityReport:
                   if self.tolerance_dtype not in ("", self.dtype) else "")
         return (f"forward ({self.dtype}, {self.device}, tokens {self.tokens_shape}{judged}): max abs diff "
                 f"{self.max_abs_diff:.3g} (max |logit| {self.max_abs_logit:.3g}), max rel diff "
-                f"{self.max_rel_diff:.3g}, rms rel diff {self.rms_rel_diff:.3g}, top-1 agreement {self.top1_agreement:.4f}")
+                f"{self.max_rel_diff:.3g}, rms rel diff {self.rms_rel_diff:.3g}, "
+                f"top-1 agreement {self.top1_agreement:.4f}")
 
 
 def compare(ref: torch.Tensor, out: torch.Tensor, rep: ParityReport, tol: Tolerance) -> None:
@@ -124,8 +127,8 @@ def compare(ref: torch.Tensor, out: torch.Tensor, rep: ParityReport, tol: Tolera
     rep.rms_rel_diff = (out - ref).norm().item() / norm if norm > 0 else (out - ref).norm().item()
     rep.top1_agreement = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     rep.tolerance = tol
-    within = f"{rep.dtype}" + (f" (shards stored in {rep.tolerance_dtype})" if rep.tolerance_dtype not in ("", rep.dtype)
-                               else "")
+    stored = rep.tolerance_dtype not in ("", rep.dtype)
+    within = rep.dtype + (f" (shards stored in {rep.tolerance_dtype})" if stored else "")
     bad = rep.problems.append
     if tol.max_rel is not None:
         bound = tol.max_rel * max(1.0, scale)

@@ -21,11 +21,12 @@ import os
 import shutil
 import signal
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from . import manifest as mf
 from ..errors import ConvertError
+from . import manifest as mf
 from .manifest import MANIFEST, OUTPUT_SUFFIXES
 from .progress import human_bytes
 
@@ -88,18 +89,21 @@ def _live_owner(marker: Path) -> Optional[str]:
         os.close(fd)
 
 
-def _remove_stale(d: Path, what: str) -> None:
-    """Remove a temporary or swapped-out directory a killed run of this tool left, or refuse."""
+def _remove_stale(d: Path, what: str, remove: bool = True) -> None:
+    """Remove a temporary or swapped-out directory a killed run of this tool left, or refuse
+    (with `remove` False: only refuse where removing would be refused)."""
     if d.is_dir() and not d.is_symlink():
         if (d / MARKER).is_file():
             owner = _live_owner(d / MARKER)
             if owner:
                 raise ConvertError(f"{d}: {owner} is writing this output now; wait for it to finish, or choose "
                                    "another -o")
-            shutil.rmtree(d)
+            if remove:
+                shutil.rmtree(d)
             return
         if not any(d.iterdir()):
-            d.rmdir()  # killed between creating it and marking it
+            if remove:
+                d.rmdir()  # killed between creating it and marking it
             return
     raise ConvertError(f"{d}: exists and was not made by mixtral-convert (no {MARKER} marker); it is in the "
                        f"way of the {what}: remove it or choose another -o")
@@ -192,17 +196,28 @@ def write_error(e: BaseException, out: Path, tmp: Path, need: int, free0, free_n
                         "choose another -o")
 
 
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it becomes `out`, on any failure or
-    interrupt it is removed. Everything is checked before anything is created."""
+@dataclass
+class Preflight:
+    """What `preflight` found: the output may be written there (else it raised)."""
+
+    out: Path
+    base: Path  # the nearest existing directory on the output's path: the disk that receives it
+    free: Optional[int]  # bytes free there (None: unknown)
+    ours: set
+    prev: Optional[dict]
+
+
+def preflight(out: Path, force: bool = False, need_bytes: int = 0, dry: bool = False) -> Preflight:
+    """Every check `atomic_output_dir` makes before it creates anything (ConvertError naming the
+    output and the fix when one fails). Creates nothing; removes a stale temporary directory a
+    killed run of this tool left, unless `dry`."""
     out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a directory; choose another -o")
     tmp, old = _temp_for(out), _old_for(out)
     for d, what in ((tmp, "temporary output"), (old, "replaced output")):
         if d.exists() or d.is_symlink():
-            _remove_stale(d, what)
+            _remove_stale(d, what, remove=not dry)
     ours, prev = _check_existing(out, force)
     base = _nearest_existing(out.parent)
     if not base.is_dir():
@@ -220,6 +235,16 @@ def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> It
         raise ConvertError(f"{out}: not enough free space on {base}: {human_bytes(need_bytes)} needed "
                            f"({need_bytes} bytes), {human_bytes(free0)} free ({free0} bytes); free some space "
                            "or choose another -o")
+    return Preflight(out, base, free0, ours, prev)
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it becomes `out`, on any failure or
+    interrupt it is removed. Everything is checked before anything is created."""
+    pf = preflight(out, force, need_bytes)
+    out, base, free0, ours, prev = pf.out, pf.base, pf.free, pf.ours, pf.prev
+    tmp, old = _temp_for(out), _old_for(out)
     created = []
     p = out.parent
     while not p.exists():

@@ -60,7 +60,7 @@ def readahead(t: torch.Tensor) -> None:
     lib = _lib()
     if lib is None or t.numel() == 0:
         return
-    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
     start = t.data_ptr()
     end = start + span * t.element_size()
     a = start - start % _PAGE

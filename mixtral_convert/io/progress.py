@@ -28,8 +28,8 @@ def progress_bar(description: str, total_bytes: int, quiet: bool = False) -> Ite
         yield Progress()
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress,
-                               TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import Progress as RichProgress
     bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                        TransferSpeedColumn(), TimeRemainingColumn(),
                        console=Console(stderr=True), transient=False)

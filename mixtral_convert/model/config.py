@@ -49,7 +49,8 @@ class ModelConfig:
         if not isinstance(params, dict):
             raise ConvertError(f"{where}: expected a JSON object, got {type(params).__name__}")
         if "dim" not in params and "hidden_size" in params:
-            return cls.from_hf_config(params, where)  # a params.json may use HF's names (docs/formats.md, "Mistral fused files")
+            # a params.json may use HF's names (docs/formats.md, "Mistral fused files")
+            return cls.from_hf_config(params, where)
         moe = params.get("moe")
         if not isinstance(moe, dict):
             raise ConvertError(f"{where}: missing the 'moe' object "
@@ -60,7 +61,8 @@ class ModelConfig:
             head_dim = int(params["head_dim"]) if params.get("head_dim") is not None else None
             if head_dim is None:
                 if dim % n_heads:
-                    raise ConvertError(f"{where}: 'head_dim' is absent and dim {dim} is not divisible by n_heads {n_heads}")
+                    raise ConvertError(f"{where}: 'head_dim' is absent and dim {dim} is not divisible by "
+                                       f"n_heads {n_heads}")
                 head_dim = dim // n_heads
             cfg = cls(
                 dim=dim,
@@ -148,7 +150,8 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConvertError(f"{where}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.experts_per_tok > self.num_experts:
-            raise ConvertError(f"{where}: num_experts_per_tok {self.experts_per_tok} exceeds num_experts {self.num_experts}")
+            raise ConvertError(f"{where}: num_experts_per_tok {self.experts_per_tok} exceeds num_experts "
+                               f"{self.num_experts}")
 
     # ----- writing -------------------------------------------------------------------
     def to_params(self) -> dict:

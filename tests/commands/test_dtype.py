@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import WIDE, cli, load, same_bytes, write_pth
+
 from mixtral_convert.synth import tiny_config, write_torrent
 
 

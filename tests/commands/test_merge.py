@@ -4,9 +4,8 @@ vocabulary, one dtype for every tensor; and it refuses before writing anything."
 import shutil
 
 import pytest
-import torch
-
 from helpers import cli, load, write_pth
+
 from mixtral_convert.synth import train_tokenizer
 
 

@@ -1,8 +1,8 @@
 """split then merge gives the source back bit for bit, for both layouts and every N."""
 
 import pytest
-
 from helpers import cli, load, same_bytes
+
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.model.layouts import valid_world_sizes
 
@@ -13,7 +13,8 @@ def test_split_merge_bit_exact(wide_src, tmp_path, capsys, layout, cmd, N):
     out = tmp_path / "shards"
     code, _, err = cli(cmd, wide_src, "-n", N, "-o", out, "-q", capsys=capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.glob("*.model.pth")) == [f"consolidated.{r:02d}-of-{N:02d}.model.pth" for r in range(N)]
+    names = [f"consolidated.{r:02d}-of-{N:02d}.model.pth" for r in range(N)]
+    assert sorted(p.name for p in out.glob("*.model.pth")) == names
     code, _, err = cli("merge", out, "-o", tmp_path / "merged", "-q", capsys=capsys)
     assert code == 0, err
     src, back = load(wide_src / "consolidated.00.pth"), load(tmp_path / "merged" / "consolidated.00.pth")

@@ -159,7 +159,8 @@ def _read_direct(case: Case, what: str, path: Path, fn, damaged: bytes, layout: 
         return None
     out = {}
     for name, t in got.items():
-        data = case.run(f"{what} reading {name!r}", lambda t=t: _raw(t) if isinstance(t, torch.Tensor) else _read_all(t))
+        data = case.run(f"{what} reading {name!r}",
+                        lambda t=t: _raw(t) if isinstance(t, torch.Tensor) else _read_all(t))
         if data is None:
             continue
         _check_held(case, what, name, data, t.shape, t.dtype, damaged, layout)

@@ -10,9 +10,9 @@ import socket
 
 import pytest
 import torch
+from helpers import ODD, cli, load, same_bytes
 from safetensors.torch import load_file, save_file
 
-from helpers import ODD, cli, load, same_bytes
 from mixtral_convert.model import names as hfnames
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.synth import tiny_config, write_torrent
@@ -73,7 +73,8 @@ def write_hf_dir(src, out, files=1, rope_parameters=False, tokenizer=True):
 
 
 def write_fused_dir(src, out, files=2, hf_params=False):
-    """docs/formats.md "Mistral fused files": per layer w1/w3 [E*H, D], w2 [E*H, D] of transposed experts, split by key."""
+    """docs/formats.md "Mistral fused files": per layer w1/w3 [E*H, D], w2 [E*H, D] of transposed experts,
+    split by key."""
     cfg = ModelConfig.from_json_file(src / "params.json")
     sd = load(src / "consolidated.00.pth")
     fused = {}
@@ -81,11 +82,13 @@ def write_fused_dir(src, out, files=2, hf_params=False):
         if ".feed_forward.experts." in k:
             continue
         fused[k.replace(".feed_forward.gate.", ".block_sparse_moe.gate.")] = v
+    def ex(L, e, w):
+        return sd[f"layers.{L}.feed_forward.experts.{e}.{w}.weight"]
+
     for L in range(cfg.n_layers):
-        ex = lambda e, w: sd[f"layers.{L}.feed_forward.experts.{e}.{w}.weight"]
-        fused[f"layers.{L}.block_sparse_moe.w1"] = torch.cat([ex(e, "w1") for e in range(cfg.num_experts)])
-        fused[f"layers.{L}.block_sparse_moe.w3"] = torch.cat([ex(e, "w3") for e in range(cfg.num_experts)])
-        fused[f"layers.{L}.block_sparse_moe.w2"] = torch.cat([ex(e, "w2").t() for e in range(cfg.num_experts)])
+        fused[f"layers.{L}.block_sparse_moe.w1"] = torch.cat([ex(L, e, "w1") for e in range(cfg.num_experts)])
+        fused[f"layers.{L}.block_sparse_moe.w3"] = torch.cat([ex(L, e, "w3") for e in range(cfg.num_experts)])
+        fused[f"layers.{L}.block_sparse_moe.w2"] = torch.cat([ex(L, e, "w2").t() for e in range(cfg.num_experts)])
     out.mkdir(parents=True)
     names = sorted(fused)
     for i in range(files):
@@ -392,7 +395,8 @@ def reference_logits(W: dict, cfg: ModelConfig, tokens: list[int]) -> torch.Tens
         for t in range(T):
             for j in range(cfg.experts_per_tok):
                 f = p + f"feed_forward.experts.{int(idx[t, j])}."
-                y[t] += top[t, j] * (W[f + "w2.weight"] @ (F.silu(W[f + "w1.weight"] @ x[t]) * (W[f + "w3.weight"] @ x[t])))
+                act = F.silu(W[f + "w1.weight"] @ x[t]) * (W[f + "w3.weight"] @ x[t])
+                y[t] += top[t, j] * (W[f + "w2.weight"] @ act)
         h = h + y
     return rms(h, W["norm.weight"]) @ W["output.weight"].T
 

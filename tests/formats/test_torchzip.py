@@ -83,8 +83,8 @@ def _producer_threads():
 
 
 def test_file_producer_streams_every_tensor_in_order_through_one_worker(tmp_path):
-    from mixtral_convert.io.prefetch import file_producer
     from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.io.prefetch import file_producer
     from mixtral_convert.io.progress import Progress
     sd = _sample()
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
@@ -99,8 +99,8 @@ def test_file_producer_streams_every_tensor_in_order_through_one_worker(tmp_path
 
 
 def test_file_producer_joins_its_worker_when_the_writer_fails(tmp_path):
-    from mixtral_convert.io.prefetch import file_producer
     from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.io.prefetch import file_producer
     from mixtral_convert.io.progress import Progress
     sd = _sample()
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
@@ -113,8 +113,8 @@ def test_file_producer_joins_its_worker_when_the_writer_fails(tmp_path):
 
 
 def test_file_producer_refuses_blocks_of_another_tensor():
-    from mixtral_convert.io.prefetch import file_producer
     from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.io.prefetch import file_producer
     from mixtral_convert.io.progress import Progress
     sd = _sample()
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
@@ -128,6 +128,7 @@ def test_prefetch_worker_never_blocks_on_a_full_queue_after_the_consumer_left():
     (Ctrl-C at the end of a file): closing must still join it, not wait forever."""
     import threading
     from contextlib import closing
+
     from mixtral_convert.io.prefetch import prefetched
     finished = threading.Event()
 

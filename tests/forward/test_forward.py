@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ODD, WIDE, cli, load, same_bytes
+
+from mixtral_convert.formats.torchzip import load_lazy
+from mixtral_convert.forward.reference import forward, generate_next_tokens
 from mixtral_convert.model import layouts
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.model.layouts import Chunk, ExpertSlice, Piece, valid_world_sizes
-from mixtral_convert.forward.reference import forward, generate_next_tokens
 from mixtral_convert.synth import tiny_config
-from mixtral_convert.formats.torchzip import load_lazy
 
 CMD = {"base": "split", "sparse": "split-sparse"}
 
@@ -60,10 +60,11 @@ PARITY = ([("wide", layout, N) for layout in ("base", "sparse") for N in (1, 2, 
 def test_parity_cases_are_every_valid_world_size():
     for name, kw in (("wide", WIDE), ("odd", ODD)):
         for layout in ("base", "sparse"):
-            assert {N for n, l, N in PARITY if (n, l) == (name, layout)} == set(valid_world_sizes(layout, tiny_config(**kw)))
+            listed = {N for n, lay, N in PARITY if (n, lay) == (name, layout)}
+            assert listed == set(valid_world_sizes(layout, tiny_config(**kw)))
 
 
-@pytest.mark.parametrize("name,layout,N", PARITY, ids=[f"{n}-{l}-N{N}" for n, l, N in PARITY])
+@pytest.mark.parametrize("name,layout,N", PARITY, ids=[f"{n}-{lay}-N{N}" for n, lay, N in PARITY])
 def test_verify_forward_parity(request, capsys, name, layout, N):
     src = request.getfixturevalue(f"{name}_src")
     d = converted(src, layout, N)
@@ -159,7 +160,8 @@ def test_torchrun_launch(wide_src, tokens, tmp_path):
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside python")
     d = converted(wide_src, "base", 2)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mixtral_convert",
                         "forward", str(d), "--tokens-file", str(tokens), "-o", str(tmp_path / "l.pt"), "--distributed"],
@@ -214,7 +216,8 @@ def test_bad_tokens_are_one_line_errors(wide_src, tmp_path, capsys, bad, message
 def test_usage_errors(wide_src, tokens, tmp_path, capsys):
     code, _, err = cli("forward", wide_src, "--tokens-file", tokens, capsys=capsys)
     assert code == 2 and "--output" in err
-    code, _, err = cli("forward", wide_src, "--tokens-file", tokens, "--prompt", "x", "-o", tmp_path / "l", capsys=capsys)
+    code, _, err = cli("forward", wide_src, "--tokens-file", tokens, "--prompt", "x", "-o", tmp_path / "l",
+                       capsys=capsys)
     assert code == 2 and "exactly one of" in err
     code, _, err = cli("forward", wide_src, "-o", tmp_path / "l", capsys=capsys)
     assert code == 2 and "exactly one of" in err
@@ -291,10 +294,11 @@ def test_forward_holds_one_layer_at_a_time():
     """The weights alive at once never exceed one layer's (plus the embedding and output)."""
     import weakref
 
-    from mixtral_convert.model.layouts import Plan
-    from mixtral_convert.forward.sharded import sharded_forward
-    from mixtral_convert.synth import materialize
     from test_sharded import split
+
+    from mixtral_convert.forward.sharded import sharded_forward
+    from mixtral_convert.model.layouts import Plan
+    from mixtral_convert.synth import materialize
 
     cfg = tiny_config(n_layers=6)
     W = materialize(cfg, seed=3)

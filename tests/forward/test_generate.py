@@ -3,8 +3,6 @@ transformers' greedy generate on the same random weights."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-
 from helpers import WIDE, cli, load
-from mixtral_convert.model.layouts import Plan
-from mixtral_convert.forward.reference import forward
+
 from mixtral_convert.forward.parity import TOLERANCES, ParityReport, compare
+from mixtral_convert.forward.reference import forward
 from mixtral_convert.forward.sharded import sharded_forward
+from mixtral_convert.model.layouts import Plan
 from mixtral_convert.synth import materialize, tiny_config
 
 pytestmark = [pytest.mark.gpu,
@@ -31,7 +31,7 @@ def model():
     return cfg, W, toks
 
 
-@pytest.mark.parametrize("layout,N,dtype", CASES, ids=[f"{l}-N{N}-{d}" for l, N, d in CASES])
+@pytest.mark.parametrize("layout,N,dtype", CASES, ids=[f"{lay}-N{N}-{d}" for lay, N, d in CASES])
 def test_sharded_matches_reference_on_cuda(model, layout, N, dtype):
     from test_sharded import split
     cfg, W, toks = model

@@ -13,10 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixtral_convert.forward.reference import attention, expert_name, forward, moe, rms_norm, rope_angles, route
 from mixtral_convert.model import names as hfnames
 from mixtral_convert.model.config import ModelConfig
-from mixtral_convert.forward.reference import (attention, expert_name, forward, moe, rms_norm, rope_angles,
-                                   route)
 
 transformers = pytest.importorskip("transformers")
 
@@ -196,7 +195,7 @@ def test_moe_matches_dense_definition():
     for t in range(x.shape[0]):
         p = torch.softmax(gate @ x[t], -1)
         top = torch.topk(p, cfg.experts_per_tok)
-        for pk, e in zip(top.values / top.values.sum(), top.indices.tolist()):
+        for pk, e in zip(top.values / top.values.sum(), top.indices.tolist(), strict=True):
             _, w1, w2, w3 = experts[e]
             want[t] += pk * (w2 @ (torch.nn.functional.silu(w1 @ x[t]) * (w3 @ x[t])))
     assert (got - want).abs().max() <= 1e-5

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.errors import ConvertError
-from mixtral_convert.model.layouts import Plan, valid_world_sizes
-from mixtral_convert.io.lazy import Stored
 from mixtral_convert.forward.reference import forward
 from mixtral_convert.forward.sharded import sharded_forward
+from mixtral_convert.io.lazy import Stored
+from mixtral_convert.model.config import ModelConfig
+from mixtral_convert.model.layouts import Plan, valid_world_sizes
 
 B, S = 2, 7
 
@@ -76,7 +76,7 @@ def reference(name: str):
     return _REF[name]
 
 
-@pytest.mark.parametrize("name,layout,N", CASES, ids=[f"{n}-{l}-N{N}" for n, l, N in CASES])
+@pytest.mark.parametrize("name,layout,N", CASES, ids=[f"{n}-{lay}-N{N}" for n, lay, N in CASES])
 def test_sharded_forward_matches_reference(name, layout, N):
     cfg = CONFIGS[name]
     W, toks, ref = reference(name)
@@ -146,9 +146,9 @@ def test_written_shards_on_disk(tmp_path, layout, N):
     """Shards written by `split` to disk, read back mmap'd, run sharded == the torrent's forward;
     and a greedy continuation through the sharded forward equals the reference one."""
     from mixtral_convert.commands.split import split as split_cmd
+    from mixtral_convert.formats.torchzip import load_lazy
     from mixtral_convert.forward.reference import generate_next_tokens
     from mixtral_convert.synth import tiny_config, write_torrent
-    from mixtral_convert.formats.torchzip import load_lazy
 
     cfg = tiny_config(n_kv_heads=4)
     src = write_torrent(tmp_path / "src", cfg, seed=2, dtype=torch.float32)

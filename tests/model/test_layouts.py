@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from helpers import cli, load, same_bytes
 
 
@@ -19,7 +18,8 @@ def test_base_layout(wide_src, tmp_path_factory, capsys, canonical, N):
     out = tmp_path_factory.mktemp("base") / "o"
     assert cli("split", wide_src, "-n", N, "-o", out, "-q", capsys=capsys)[0] == 0
     p = json.loads((wide_src / "params.json").read_text())
-    E, D, V, hd, KV, NH = p["moe"]["num_experts"], p["dim"], p["vocab_size"], p["head_dim"], p["n_kv_heads"], p["n_heads"]
+    E, D, V, hd = p["moe"]["num_experts"], p["dim"], p["vocab_size"], p["head_dim"]
+    KV, NH = p["n_kv_heads"], p["n_heads"]
     assert json.loads((out / "meta.json").read_text()) == {"llama_type": "mixtral"}
     for r in range(N):
         sd = load(out / f"consolidated.{r:02d}-of-{N:02d}.model.pth")
@@ -30,11 +30,13 @@ def test_base_layout(wide_src, tmp_path_factory, capsys, canonical, N):
         assert same_bytes(sd["llma.norm.weight"], c("norm.weight"))
         for L in range(p["n_layers"]):
             a = f"layers.{L}.attention."
-            assert same_bytes(sd["llma." + a + "wq.weight"], c(a + "wq.weight")[r * NH * hd // N:(r + 1) * NH * hd // N])
-            assert same_bytes(sd["llma." + a + "wk.weight"], c(a + "wk.weight")[r * KV * hd // N:(r + 1) * KV * hd // N])
-            assert same_bytes(sd["llma." + a + "wv.weight"], c(a + "wv.weight")[r * KV * hd // N:(r + 1) * KV * hd // N])
-            assert same_bytes(sd["llma." + a + "wo.weight"], c(a + "wo.weight")[:, r * NH * hd // N:(r + 1) * NH * hd // N])
-            assert same_bytes(sd[f"llma.layers.{L}.feed_forward.gate.weight"], c(f"layers.{L}.feed_forward.gate.weight"))
+            q, kv = slice(r * NH * hd // N, (r + 1) * NH * hd // N), slice(r * KV * hd // N, (r + 1) * KV * hd // N)
+            assert same_bytes(sd["llma." + a + "wq.weight"], c(a + "wq.weight")[q])
+            assert same_bytes(sd["llma." + a + "wk.weight"], c(a + "wk.weight")[kv])
+            assert same_bytes(sd["llma." + a + "wv.weight"], c(a + "wv.weight")[kv])
+            assert same_bytes(sd["llma." + a + "wo.weight"], c(a + "wo.weight")[:, q])
+            gate = f"layers.{L}.feed_forward.gate.weight"
+            assert same_bytes(sd["llma." + gate], c(gate))
             held = sorted({int(k.split(".")[5]) for k in sd if ".experts." in k and k.startswith(f"llma.layers.{L}.")})
             assert held == list(range(r * E // N, (r + 1) * E // N))
             for e in held:
@@ -74,7 +76,8 @@ def test_config_json_is_what_accessory_accepts(wide_src, tmp_path, capsys):
     assert cfg["hidden_dim"] == 48 and cfg["rope_theta"] == 1e6  # torrent params.json lacks rope_theta
     assert cfg["moe"] == {"num_experts_per_tok": 2, "num_experts": 8}
     import sentencepiece as spm
-    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "o" / "tokenizer.model")).get_piece_size() == cfg["vocab_size"]
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "o" / "tokenizer.model"))
+    assert sp.get_piece_size() == cfg["vocab_size"]
 
 
 # ----- the table's own guarantees -------------------------------------------------------------
@@ -94,6 +97,7 @@ def test_replicated_tensors_are_read_from_the_rank_the_table_names(wide_src, tmp
     """A replicated tensor's copies can differ (a shard edited by hand, a finetune that let the
     ranks drift); merge takes the copy of the rank the table names, never whichever comes first."""
     from helpers import write_pth
+
     from mixtral_convert.model import layouts
     d = tmp_path / "b2"
     assert cli("split", wide_src, "-n", 2, "-o", d, "-q", capsys=capsys)[0] == 0

@@ -1,0 +1,93 @@
+"""--dry-run: what split, split-sparse or merge would write, from the same detection, validation
+and plan as the real run, with nothing written.
+
+Every output file is listed with its exact size (the torch zip and safetensors writers' layouts
+are computed, not estimated; the manifest's size is its own with placeholder hashes, which have
+the real ones' length), with the tensors per rank, the dtype, and the space needed against the
+space free where the output would go. The output directory goes through the same checks as a
+real run (`io.atomic.preflight`): a run that would be refused is refused now, with the same line.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..formats.checkpoint import Checkpoint, dtype_name
+from ..io import manifest as mf
+from ..io.atomic import preflight
+from ..io.progress import human_bytes
+from .common import MARGIN
+
+
+@dataclass
+class Planned:
+    name: str
+    size: int
+    what: str = ""
+    entry: dict = field(default_factory=dict)  # what the manifest records beside size and sha256
+
+
+@dataclass
+class DryRun:
+    command: str
+    source: str
+    out: Path
+    dtype: str
+    source_dtype: str
+    files: list[Planned] = field(default_factory=list)
+    base: Optional[Path] = None
+    free: Optional[int] = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def need(self) -> int:
+        return self.nbytes + MARGIN
+
+    def as_dict(self) -> dict:
+        return {"dry_run": True, "command": self.command, "source": self.source, "out": str(self.out),
+                "dtype": self.dtype, "source_dtype": self.source_dtype,
+                "files": [{"name": f.name, "bytes": f.size, "what": f.what} for f in self.files],
+                "bytes": self.nbytes, "need_bytes": self.need, "free_bytes": self.free,
+                "disk": str(self.base) if self.base else None}
+
+    def lines(self) -> list[str]:
+        cast = f" (cast from {self.source_dtype})" if self.dtype != self.source_dtype else ""
+        out = [f"dry run: {self.command} would write {self.out} from {self.source}, {self.dtype}{cast}:"]
+        width = max(len(f.name) for f in self.files)
+        for f in self.files:
+            out.append(f"  {f.name:<{width}}  {human_bytes(f.size):>10}  ({f.size} bytes)  {f.what}".rstrip())
+        free = f"{human_bytes(self.free)} free" if self.free is not None else "free space unknown"
+        out.append(f"total {human_bytes(self.nbytes)} in {len(self.files)} files; needs {human_bytes(self.need)} "
+                   f"(with a {human_bytes(MARGIN)} margin), {free} on {self.base}")
+        out.append("nothing was written")
+        return out
+
+
+def dry_run(command: str, ck: Checkpoint, out: Path, force: bool, planned: list[Planned], info: dict,
+            shared: bool = False) -> DryRun:
+    """The report for `planned` files into `out` (plus the manifest), after the output checks
+    (`shared`: a directory other processes write into too, as with --ranks: only its disk's space)."""
+    fake = {p.name: {"size": p.size, "sha256": "0" * 64, **p.entry} for p in planned}
+    size = len(mf.encode(mf.build(fake, **info)))
+    planned = planned + [Planned(mf.MANIFEST, size, "every file's size and sha256, the source's identity")]
+    rep = DryRun(command, ck.where, Path(out), dtype_name(ck.dtype),
+                 dtype_name(ck.source_dtype or ck.dtype), planned)
+    if shared:
+        rep.base = _nearest_existing(Path(out).resolve())
+        rep.free = shutil.disk_usage(rep.base).free
+    else:
+        pf = preflight(out, force, need_bytes=rep.need, dry=True)
+        rep.out, rep.base, rep.free = pf.out, pf.base, pf.free
+    return rep
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
