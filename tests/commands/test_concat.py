@@ -493,3 +493,16 @@ def test_subprocess_entry_point(ckpt):
     md5, sha = digests(data)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"md5     {md5}\nsha256  {sha}\n"
+
+
+def test_the_refusal_check_sees_a_file_left_behind(tmp_path):
+    """`refused` compares the directory before and after: a joined file (or anything else) left
+    behind fails it even when the test names no output."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / f"{BASE}-split0").write_bytes(b"x")
+    before = listing(d)
+    no_leftovers(d, None, before)  # nothing changed: passes
+    (d / BASE).write_bytes(b"joined")
+    with pytest.raises(AssertionError, match="changed"):
+        no_leftovers(d, None, before)
