@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from ..errors import ConvertError
 from ..formats.mistral import TOKENIZERS
@@ -42,6 +42,7 @@ PARTIAL_SUFFIX = ".mixtral-convert-partial"
 # Bytes per buffer and buffers in flight (memory is bounded by NBUF * CHUNK): small enough that the
 # writer and both hashers find each buffer still in cache (the sizes were chosen by measurement:
 # docs/concat.md).
+HASHES = ("md5", "sha256")
 CHUNK = 1 << 20
 NBUF = 16
 
@@ -59,8 +60,8 @@ class Result:
     pieces: list[Path]
     nbytes: int
     seconds: float
-    md5: str
-    sha256: str
+    md5: Optional[str]  # None: not computed (no md5 was given or asked for)
+    sha256: Optional[str]
     tensors: int
     records: int
     compared: list[str]            # e.g. ["md5 (--md5)", "sha256 (SHA256SUMS)"]
@@ -242,14 +243,14 @@ class _Worker(threading.Thread):
                 self.done.put(slot)
 
 
-def _copy(pieces: list[Path], sizes: list[int], fd: int, progress) -> tuple[str, str]:
-    """Copy the pieces to fd in order; return (md5, sha256) of everything written."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
+def _copy(pieces: list[Path], sizes: list[int], fd: int, progress, kinds=HASHES) -> dict[str, str]:
+    """Copy the pieces to fd in order; return the hex digest of everything written for each hash
+    in `kinds` (only those are computed: md5 runs on one core at well under the disk's speed)."""
+    hashers = {k: getattr(hashlib, k)() for k in kinds}
     bufs = [bytearray(max(1, min(CHUNK, sum(sizes)))) for _ in range(NBUF)]
     done: queue.Queue = queue.Queue()
     writer = _Worker("write", lambda v: _write_all(fd, v), bufs, done)
-    workers = [writer, _Worker("md5", md5.update, bufs, done),
-               _Worker("sha256", sha.update, bufs, done)]
+    workers = [writer] + [_Worker(k, h.update, bufs, done) for k, h in hashers.items()]
     free = list(range(NBUF))
     pending = {}  # slot -> (consumers still to finish, nbytes)
 
@@ -305,7 +306,7 @@ def _copy(pieces: list[Path], sizes: list[int], fd: int, progress) -> tuple[str,
             w.todo.put(None)
         for w in workers:
             w.join(timeout=30)
-    return md5.hexdigest(), sha.hexdigest()
+    return {k: h.hexdigest() for k, h in hashers.items()}
 
 
 def _as_convert_error(e: BaseException) -> BaseException:
@@ -338,8 +339,9 @@ def check_joined(path: Path, name: str = "") -> tuple[int, int]:
 
 def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None = None,
            sha256: str | None = None, checksums: Path | None = None, force: bool = False,
-           remove_pieces: bool = False, quiet: bool = False) -> Result:
-    """Join the pieces into `output`, verified; see the module docstring."""
+           remove_pieces: bool = False, quiet: bool = False, hashes=()) -> Result:
+    """Join the pieces into `output`, verified; see the module docstring. The hashes computed are
+    those a given checksum needs and those in `hashes`; with neither, sha256 alone."""
     pieces = find_pieces(inputs)
     if output is None:
         output = default_output(pieces)
@@ -353,6 +355,11 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
     if output.exists() and not force:
         raise ConvertError(f"{output} already exists; use --force to overwrite it")
     expected = read_checksums(output.name, md5, sha256, checksums)
+    unknown = sorted(set(hashes) - set(HASHES))
+    if unknown:
+        raise ConvertError(f"--hash {unknown[0]}: use md5 or sha256")
+    needed = [k for k in HASHES if getattr(expected, k)] or ["sha256"]
+    kinds = [k for k in HASHES if k in needed or k in hashes]
     sizes = [p.stat().st_size for p in pieces]
     total = sum(sizes)
     tmp = partial_path(output)
@@ -370,7 +377,7 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
             try:
                 with progress_bar(f"concat {output.name}", total, quiet) as progress:
                     try:
-                        got_md5, got_sha = _copy(pieces, sizes, fd, progress)
+                        got = _copy(pieces, sizes, fd, progress, kinds)
                     except OSError as e:  # a failed write (disk full, I/O error): name the file
                         e.filename = e.filename or str(output)
                         raise
@@ -382,10 +389,10 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
             if written != total:
                 raise ConvertError(f"{tmp}: wrote {written} bytes, expected {total}")
             compared = []
-            for kind, got in (("md5", got_md5), ("sha256", got_sha)):
+            for kind in kinds:
                 for want, source in getattr(expected, kind):
-                    if want != got:
-                        raise ConvertError(f"{kind} mismatch: {output.name} is {got}, {source} says "
+                    if want != got[kind]:
+                        raise ConvertError(f"{kind} mismatch: {output.name} is {got[kind]}, {source} says "
                                            f"{want}; a piece is corrupt or from another release")
                     compared.append(f"{kind} ({source})")
             tensors, records = check_joined(tmp, _piece_match(pieces[0])["base"])
@@ -402,8 +409,8 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
     def assets(d: Path) -> bool:
         return (d / "params.json").is_file() and any((d / t).is_file() for t in TOKENIZERS)
 
-    return Result(output=output, pieces=pieces, nbytes=total, seconds=seconds, md5=got_md5,
-                  sha256=got_sha, tensors=tensors, records=records, compared=compared,
+    return Result(output=output, pieces=pieces, nbytes=total, seconds=seconds, md5=got.get("md5"),
+                  sha256=got.get("sha256"), tensors=tensors, records=records, compared=compared,
                   removed_pieces=remove_pieces, split_ready=assets(output.parent),
                   assets_beside_pieces=assets(pieces[0].parent),
                   checked=(f"whole safetensors file ({tensors} tensors tiling its data; header and size exact)"

@@ -44,12 +44,17 @@ def _lib():
 def reuse_freed_blocks() -> None:
     """Let glibc keep freed block-sized buffers for reuse instead of returning them to the OS:
     a fresh mmap'd buffer costs a page fault per 4 KiB on first touch, which slows every copy
-    (docs/performance.md). Resident memory stays bounded by the few blocks alive at once."""
+    (docs/performance.md), in one heap for all threads. Resident memory stays bounded by the
+    few blocks alive at once. Called once by the CLI's entry point, before any thread starts."""
     if not sys.platform.startswith("linux") or _lib() is None:
         return
     try:
         _lib().mallopt(-3, 2 * BLOCK_BYTES)  # M_MMAP_THRESHOLD
         _lib().mallopt(-1, 4 * BLOCK_BYTES)  # M_TRIM_THRESHOLD
+        # M_ARENA_MAX: one heap for every thread. Each worker thread (block producer, hashers)
+        # would otherwise get an arena of its own that keeps its freed blocks, and the kept
+        # blocks add up (docs/performance.md: split-sparse's peak anonymous memory).
+        _lib().mallopt(-8, 1)
     except AttributeError:
         pass
 

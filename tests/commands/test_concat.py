@@ -115,7 +115,7 @@ def test_shuffled_12_pieces_joined_in_order_with_hashlib_hashes(tmp_path, capsys
     shuffled = pieces[:]
     random.Random(3).shuffle(shuffled)
     assert shuffled != pieces
-    code, out, err = run(["concat", *shuffled], capsys)
+    code, out, err = run(["concat", *shuffled, "--hash", "md5", "--hash", "sha256"], capsys)
     assert code == 0, err
     joined = (tmp_path / "p" / BASE).read_bytes()
     assert joined == data
@@ -163,11 +163,38 @@ def test_no_hint_without_params_and_tokenizer(ckpt, capsys):
 
 
 def test_quiet_prints_only_hashes(ckpt, capsys):
+    """With no checksum to compare, sha256 alone is computed and printed."""
     data, d = ckpt
     code, out, err = run(["concat", d, "--quiet"], capsys)
     md5, sha = digests(data)
     assert code == 0 and err == ""
-    assert out == f"md5     {md5}\nsha256  {sha}\n"
+    assert out == f"sha256  {sha}\n"
+
+
+@pytest.mark.parametrize("given,printed", [
+    (["--sha256", "SHA"], ["sha256"]), (["--md5", "MD5"], ["md5"]),
+    (["--md5", "MD5", "--sha256", "SHA"], ["md5", "sha256"]),
+    (["--hash", "md5"], ["md5", "sha256"]), (["--md5", "MD5", "--hash", "sha256"], ["md5", "sha256"]),
+])
+def test_only_the_hashes_needed_are_computed(ckpt, capsys, monkeypatch, given, printed):
+    """md5 is computed only when a checksum needs it or --hash asks for it (it runs on one core,
+    slower than the disk); sha256 likewise, and alone when nothing is given."""
+    import hashlib as real
+    data, d = ckpt
+    md5, sha = digests(data)
+    computed = []
+
+    class Spy:
+        def __getattr__(self, name):
+            if name in ("md5", "sha256"):
+                computed.append(name)
+            return getattr(real, name)
+    monkeypatch.setattr(op, "hashlib", Spy())
+    argv = ["concat", d, "--force", "-q"] + [{"MD5": md5, "SHA": sha}.get(a, a) for a in given]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert sorted(computed) == printed
+    assert out == "".join(f"{k:<8}{ {'md5': md5, 'sha256': sha}[k] }\n" for k in printed)
 
 
 def test_output_into_directory(ckpt, tmp_path, capsys):
@@ -432,7 +459,7 @@ def test_small_buffers_many_chunks(ckpt, capsys, monkeypatch):
     """The reader/writer/hasher pipeline with many buffers in flight gives the same bytes."""
     data, d = ckpt
     monkeypatch.setattr(op, "CHUNK", 1000)
-    code, out, err = run(["concat", d, "-q"], capsys)
+    code, out, err = run(["concat", d, "-q", "--hash", "md5"], capsys)
     md5, sha = digests(data)
     assert code == 0 and out == f"md5     {md5}\nsha256  {sha}\n"
     assert (d / BASE).read_bytes() == data
@@ -492,7 +519,7 @@ def test_subprocess_entry_point(ckpt):
                        env=env, capture_output=True, text=True)
     md5, sha = digests(data)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"md5     {md5}\nsha256  {sha}\n"
+    assert r.stdout == f"sha256  {sha}\n"
 
 
 def test_the_refusal_check_sees_a_file_left_behind(tmp_path):

@@ -80,7 +80,7 @@ def test_pieces_joined_in_numeric_order_then_split_ready(tmp_path, capsys):
     code, out, err = cli("concat", *given, "--sha256", hashlib.sha256(data).hexdigest(), capsys=capsys)
     assert code == 0, err
     assert (d / BASE).read_bytes() == data
-    assert f"md5     {hashlib.md5(data).hexdigest()}" in out and "4 tensors" in out
+    assert f"sha256  {hashlib.sha256(data).hexdigest()}" in out and "md5" not in out and "4 tensors" in out
     assert "beside it" in out  # params.json and a tokenizer (.v3 counts) sit beside the result
     want = load_file(tmp_path / "orig.safetensors")
     got = load_file(d / BASE)
