@@ -3,6 +3,7 @@ cycle (function-level imports included), nothing done at import time, and the Ac
 names in one module."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,14 @@ def test_accessory_file_names_live_in_one_module():
                     spelled.setdefault(name, []).append(node.value)
     assert set(spelled) <= {"mixtral_convert.formats.accessory", "mixtral_convert.io.manifest"}, spelled
     assert "mixtral_convert.formats.accessory" in spelled
+
+
+def test_comments_cite_the_projects_own_docs():
+    """The package and its tests point at docs/ in the repository, never at a file outside it,
+    and every docs/ file they name exists."""
+    docs = PACKAGE.parent / "docs"
+    for path in list(PACKAGE.rglob("*.py")) + list((PACKAGE.parent / "tests").rglob("*.py")):
+        text = path.read_text()
+        assert "FORMATS.md" not in text or path.name == "test_structure.py", path
+        for name in set(re.findall(r"docs/([\w.-]+\.md)", text)):
+            assert (docs / name).is_file(), f"{path.name} cites docs/{name}, which does not exist"

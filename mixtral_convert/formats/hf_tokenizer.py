@@ -1,7 +1,7 @@
 """An HF tokenizer directory for a SentencePiece BPE model (Llama's and Mistral's
 `tokenizer.model`): `tokenizer.json` that encodes text to the same ids as SentencePiece does,
 `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json`, as Mixtral's hub
-repositories ship them (FORMATS.md section 10).
+repositories ship them (docs/formats.md, "HF tokenizer files").
 
 The model file is read as its protobuf wire format (`sentencepiece_model.proto`: pieces with
 score and type, the trainer's model type and byte fallback, the normalizer's rules), so no

@@ -1,7 +1,8 @@
-"""mistral-inference's release format (FORMATS.md section 8): `params.json`, one
-`consolidated.safetensors` of torrent-named tensors, and a SentencePiece tokenizer shipped as
-`tokenizer.model`, `tokenizer.model.v3` or `tokenizer.model.v1`; in a directory, or inside
-Mistral's uncompressed `.tar` download, which is read in place (nothing extracted).
+"""mistral-inference's release format (docs/formats.md, "mistral-inference folders and .tar
+downloads"): `params.json`, one `consolidated.safetensors` of torrent-named tensors, and a
+SentencePiece tokenizer shipped as `tokenizer.model`, `tokenizer.model.v3` or
+`tokenizer.model.v1`; in a directory, or inside Mistral's uncompressed `.tar` download, which is
+read in place (nothing extracted).
 
 - The directory reader (`READER`) claims `consolidated.safetensors`; a directory that also holds
   `consolidated.00.pth` (or `consolidated.NN.pt`) is ambiguous and refused, as mistral-inference

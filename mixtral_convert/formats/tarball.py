@@ -1,6 +1,6 @@
 """An uncompressed tar read in place: Mistral ships its releases as plain `.tar` downloads
-(FORMATS.md section 8), and a member's bytes are contiguous in the archive, so its tensors can
-be mapped where they lie instead of being extracted first.
+(docs/formats.md, "mistral-inference folders and .tar downloads"), and a member's bytes are
+contiguous in the archive, so its tensors can be mapped where they lie instead of being extracted first.
 
 `open_tar` lists the members (tar headers only: `tarfile` seeks past the data), refusing a
 compressed archive with what to do instead; an `Archive` maps the file once (read-only) and

@@ -1,4 +1,4 @@
-"""The tokenizer beside a checkpoint, in either form Accessory accepts (FORMATS.md section 10):
+"""The tokenizer beside a checkpoint, in either form Accessory accepts (docs/formats.md, "HF tokenizer files"):
 a SentencePiece `tokenizer.model`, or an HF tokenizer directory (`tokenizer.json` with
 `tokenizer_config.json`).
 

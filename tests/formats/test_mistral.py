@@ -1,5 +1,5 @@
-"""mistral-inference's release format (FORMATS.md section 8) in: a folder with
-consolidated.safetensors, params.json and tokenizer.model / .v3 / .v1, and Mistral's
+"""mistral-inference's release format (docs/formats.md, "mistral-inference folders and .tar
+downloads") in: a folder with consolidated.safetensors, params.json and tokenizer.model / .v3 / .v1, and Mistral's
 uncompressed .tar download read in place; the refusals (both weight files, tekken.json alone,
 compressed or truncated archives); and Mixtral-8x22B's shapes (6:1 heads to KV heads, vocab
 sizes that are not powers of two) on a scaled-down model.
