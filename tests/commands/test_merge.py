@@ -4,7 +4,8 @@ vocabulary, one dtype for every tensor; and it refuses before writing anything."
 import shutil
 
 import pytest
-from helpers import cli, load, write_pth
+import torch
+from helpers import cli, load, same_bytes, write_pth
 
 from mixtral_convert.synth import train_tokenizer
 
@@ -45,3 +46,36 @@ def test_merge_to_hf_declares_the_tensors_dtype(wide_src, tmp_path, capsys):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_accessory_finetune_directory_publishes_to_hf(wide_src, tmp_path, capsys):
+    """What LLaMA2-Accessory writes after finetuning (docs/formats.md, "Accessory finetune outputs"):
+    shards saved as {"model": state_dict} in the training precision (float32 here), a config.json
+    with every ModelArgs field, and optimizer / other / rank-specific files beside. merge --to hf
+    --dtype bfloat16 reads it as the model, ignores the rest, and writes the bf16 weights."""
+    import json
+
+    from safetensors import safe_open
+    epoch = tmp_path / "output" / "epoch0"
+    assert cli("split-sparse", wide_src, "-n", 2, "-o", epoch, "-q", capsys=capsys)[0] == 0
+    (epoch / "mixtral-convert-manifest.json").unlink()  # Accessory writes none
+    for f in sorted(epoch.glob("*.model.pth")):
+        torch.save({"model": {k: v.float() for k, v in load(f).items()}}, f)
+        torch.save({"optimizer": {"step": torch.tensor(3)}}, f.with_name(f.name.replace(".model.", ".optimizer.")))
+        torch.save({"epoch": torch.tensor(0)}, f.with_name(f.name.replace(".model.", ".other.")))
+    torch.save({"rng": torch.zeros(4)}, epoch / "rank-specific-00000-of-00002.pth")
+    cfg = json.loads((epoch / "config.json").read_text())
+    cfg.update(max_seq_len=4096, max_batch_size=32, load_balancing_weight=0.1, rope_scaling=None)
+    (epoch / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "my-model"
+    code, _, err = cli("merge", epoch, "--to", "hf", "--dtype", "bfloat16", "--max-position-embeddings", 32768,
+                       "-o", out, "-q", capsys=capsys)
+    assert code == 0, err
+    assert cli("verify", out, "-q", capsys=capsys)[0] == 0
+    canon = load(wide_src / "consolidated.00.pth")  # bf16 -> f32 -> bf16 is exact
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert same_bytes(f.get_tensor("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+                          canon["layers.1.feed_forward.experts.3.w2.weight"])
+        assert same_bytes(f.get_tensor("model.norm.weight"), canon["norm.weight"])
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32768
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
