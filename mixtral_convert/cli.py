@@ -171,12 +171,19 @@ _dry_run_option = click.option(
          "and write nothing.")
 
 
+_write_ranks_option = click.option(
+    "--write-ranks", type=click.Choice(["auto", "together", "in-turn"]), default="auto", show_default=True,
+    help="Write the N files together (a thread each, in step, so that a source region several ranks read is "
+         "read from the disk once) or one after another. auto: together when the source is larger than half "
+         "the memory available for the page cache. The files are the same either way.")
+
+
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
-           tokenizer=None, ranks=None, cast=None, dry_run=False) -> None:
+           tokenizer=None, ranks=None, cast=None, dry_run=False, write_ranks="auto") -> None:
     from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
-                    ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run)
+                    ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run, write_ranks=write_ranks)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
@@ -193,14 +200,15 @@ def _split_options(f):
     """The options split and split-sparse share."""
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
-                            _format_option, _tokenizer_option, _cast_option, _dry_run_option)):
+                            _format_option, _tokenizer_option, _cast_option, _dry_run_option,
+                            _write_ranks_option)):
         f = option(f)
     return f
 
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run):
+def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -211,19 +219,19 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, d
     re-shard.
     Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run)
+    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run, write_ranks)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run):
+def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
     and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
     Default output: SRC/converted_sparse.
     """
-    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run)
+    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run, write_ranks)
 
 
 @cli.command("merge")

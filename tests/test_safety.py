@@ -85,13 +85,16 @@ def stop_mid_write(p: subprocess.Popen, out: Path) -> None:
     assert tmp.is_dir() and (tmp / MARKER).is_file() and not out.exists()
 
 
+@pytest.mark.parametrize("mode", ["in-turn", "together"])
 @pytest.mark.parametrize("sig,code,line", [
     (signal.SIGINT, 130, "error: interrupted (SIGINT); nothing was left half-written"),
     (signal.SIGTERM, 143, "error: terminated (SIGTERM); nothing was left half-written"),
 ])
-def test_signal_mid_write_removes_everything(big_src, tmp_path, sig, code, line):
+def test_signal_mid_write_removes_everything(big_src, tmp_path, sig, code, line, mode):
+    """Also with the N files written together: the writer threads are stopped and joined before
+    the temporary directory is removed."""
     out = tmp_path / "o"
-    p = start("split", big_src, "-n", 8, "-o", out)
+    p = start("split", big_src, "-n", 8, "-o", out, "--write-ranks", mode)
     stop_mid_write(p, out)
     os.kill(p.pid, sig)
     os.kill(p.pid, signal.SIGCONT)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,7 +28,7 @@ from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
 from ..formats.tokenizer import carried
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
-from ..io.lazy import TensorSpec
+from ..io.lazy import BLOCK_BYTES, TensorSpec
 from ..io.prefetch import file_producer
 from ..io.progress import Progress, human_bytes, progress_bar
 from ..model.layouts import Plan
@@ -48,12 +49,85 @@ def ranks_from_env(N: int) -> Optional[list[int]]:
     return list(range(rank, N, world)) if world > 1 else None
 
 
-def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, fmt: str) -> dict:
+def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, fmt: str, gate=None,
+                block_bytes: int = BLOCK_BYTES) -> dict:
     specs = [TensorSpec(k, st.shape, st.dtype) for k, st in plan.ranks[r].items()]
     h = hashlib.sha256()
-    with file_producer(specs, lambda s: plan.shard_tensor(r, s.name, ck.canonical), prog) as produce:
+    with file_producer(specs, lambda s: plan.shard_tensor(r, s.name, ck.canonical), prog, gate,
+                       block_bytes) as produce:
         size = shard_writer(fmt)(path, specs, produce, hasher=h)
     return {"size": size, "sha256": h.hexdigest(), "rank": r}
+
+
+WRITE_RANKS = ("auto", "together", "in-turn")
+
+
+def _together(mode: str, plan: Plan, source_bytes: int) -> bool:
+    """Whether to write the ranks' files together: asked for, or (auto) when the source would not
+    stay in the page cache while the ranks are written one after another."""
+    if plan.N == 1 or len({len(shard) for shard in plan.ranks}) != 1 or mode == "in-turn":
+        return False
+    return mode == "together" or source_bytes > _available_memory() // 2
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62  # unknown: assume it fits
+
+
+class _Stopped(Exception):
+    """Another rank's writer failed, or the run was interrupted."""
+
+
+def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress, fmt: str) -> dict[str, dict]:
+    """Every rank's file at once, a thread each, kept within one tensor of each other (a barrier
+    before every tensor). Ranks that read the same source region (a band of columns of an expert's
+    w2, of wo, of the embedding) then read it while it is in the page cache for all of them: written
+    one rank after another, a source larger than memory was read again for every rank
+    (docs/performance.md). Smaller blocks keep the memory of N writers within the bound of one."""
+    N = plan.N
+    stop, barrier, results, errors = threading.Event(), threading.Barrier(N), {}, []
+
+    def gate(i: int) -> None:
+        if stop.is_set():
+            raise _Stopped()
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            raise _Stopped() from None
+
+    def job(r: int) -> None:
+        try:
+            results[r] = _write_rank(plan, r, ck, tmp / shard_file_name(r, N, fmt), prog, fmt, gate,
+                                     max(1 << 20, BLOCK_BYTES // N))
+        except _Stopped:
+            pass
+        except BaseException as e:  # re-raised by the caller's thread
+            errors.append(e)
+            stop.set()
+            barrier.abort()
+
+    threads = [threading.Thread(target=job, args=(r,), daemon=True) for r in range(N)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # in steps, so that Ctrl-C reaches this thread
+    finally:  # stop the others and wait for them before the output is cleaned up
+        stop.set()
+        barrier.abort()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return {shard_file_name(r, N, fmt): results[r] for r in range(N)}
 
 
 def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
@@ -63,10 +137,12 @@ def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
           quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
-          tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False):
+          tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False, write_ranks: str = "auto"):
     """Write `src` in `layout` for N ranks (a Result); with `dry_run`, only say what would be
     written (a dryrun.DryRun)."""
     shard_writer(fmt)  # an unknown format fails before anything is read
+    if write_ranks not in WRITE_RANKS:
+        raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
     ck = open_checkpoint(src)
     use_tokenizer(ck, tokenizer)
     cast_to(ck, dtype)
@@ -84,9 +160,12 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         files = {}
         with progress_bar(f"{layout} N={N}", total, quiet) as prog:
-            for r in range(N):
-                name = shard_file_name(r, N, fmt)
-                files[name] = _write_rank(plan, r, ck, tmp / name, prog, fmt)
+            if _together(write_ranks, plan, ck.nbytes):
+                files.update(_write_ranks_together(plan, ck, tmp, prog, fmt))
+            else:
+                for r in range(N):
+                    name = shard_file_name(r, N, fmt)
+                    files[name] = _write_rank(plan, r, ck, tmp / name, prog, fmt)
             fsync_all(tmp / n for n in files)
         files.update(side_files(ck.cfg, tokenizer, layout, tmp, atomic=False))
         write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt))

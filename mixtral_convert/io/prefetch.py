@@ -140,22 +140,26 @@ def stream(lazy: Lazy, progress: Progress):
             progress.advance(len(buf))
 
 
-def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy]):
+def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy],
+                 gate: Optional[Callable[[int], None]], block_bytes: int):
     lazies = [lazy_of(s) for s in specs]
     for i, s in enumerate(specs):
+        if gate is not None:
+            gate(i)  # e.g. wait until the other files' producers reach their tensor i too
         for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
             warm(ahead)  # the disk reads the next tensor's source while this one is written
-        for block in lazies[i].blocks():
+        for block in lazies[i].blocks(block_bytes):
             readahead(block)  # a view of a mapped file: the kernel starts reading it now
             yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
 
 
 @contextmanager
-def file_producer(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy], progress: Progress):
+def file_producer(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy], progress: Progress,
+                  gate: Optional[Callable[[int], None]] = None, block_bytes: int = BLOCK_BYTES):
     """`produce(spec)` for a writer that asks for `specs` in order: every tensor's blocks, computed
     ahead on one worker thread for the whole file (not one per tensor: see docs/performance.md),
-    which is joined on any exit."""
-    with closing(prefetched(_file_blocks(specs, lazy_of))) as blocks:  # on any exit, the worker is joined
+    which is joined on any exit. `gate(i)`, when given, runs on that thread before tensor i."""
+    with closing(prefetched(_file_blocks(specs, lazy_of, gate, block_bytes))) as blocks:  # joined on any exit
         def produce(spec: TensorSpec):
             left = spec.nbytes
             while left > 0:

@@ -65,3 +65,34 @@ def test_default_output_dirs_and_source_untouched(tmp_path, capsys):
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir() if p.is_file()}
     assert after == before
     assert not [p for p in src.iterdir() if p.name.startswith(".")]  # no temporary dirs left
+
+
+@pytest.mark.parametrize("cmd,fmt", [("split", "pth"), ("split-sparse", "pth"), ("split-sparse", "safetensors")])
+def test_ranks_written_together_or_in_turn_are_the_same_files(wide_src, tmp_path, capsys, cmd, fmt):
+    import hashlib
+    digests = {}
+    for mode in ("in-turn", "together"):
+        out = tmp_path / mode
+        code, _, err = cli(cmd, wide_src, "-n", 8, "-o", out, "--format", fmt, "--write-ranks", mode, "-q",
+                           capsys=capsys)
+        assert code == 0, err
+        digests[mode] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("consolidated.*")}
+    assert len(digests["together"]) == 8 and digests["together"] == digests["in-turn"]
+
+
+def test_a_rank_failing_while_written_together_stops_them_all(tmp_path, capsys):
+    """One rank's writer fails (a float16 overflow in a tensor only rank 1 holds): the others are
+    stopped, the error is the failing rank's one line, and nothing is left."""
+    import torch
+    from helpers import WIDE, load, write_pth
+
+    from mixtral_convert.synth import tiny_config, write_torrent
+    src = write_torrent(tmp_path / "src", tiny_config(**WIDE), seed=4, dtype=torch.float32)
+    sd = {k: v.clone() for k, v in load(src / "consolidated.00.pth").items()}
+    sd["layers.1.feed_forward.experts.2.w1.weight"][3, 3] = 1e6  # expert 2 of 8: rank 1 of 4 (base)
+    write_pth(src / "consolidated.00.pth", sd)
+    code, _, err = cli("split", src, "-n", 4, "-o", tmp_path / "o", "--dtype", "float16", "--write-ranks",
+                       "together", capsys=capsys)
+    assert code == 2 and "'layers.1.feed_forward.experts.2.w1.weight' has 1 value(s)" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
