@@ -134,13 +134,19 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     bad = rep.problems.append
     # data, byte for byte
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
-    def pairs():  # (rank, shard tensor, first row, actual block, expected block), in order
-        for r in range(N):
-            for key, st in plan.ranks[r].items():
-                expected = plan.shard_tensor(r, key, src.canonical)
-                actual = opened[r][key]
-                for r0, r1 in expected.row_blocks():
-                    yield r, st, r0, actual.read(r0, r1), expected.read(r0, r1).contiguous()
+    # Tensor by tensor across the ranks (the i-th tensor of every rank, then the next), not rank after
+    # rank: the ranks' pieces of one source tensor (the column bands of an expert's w2, say) are then
+    # compared while it is in the page cache, so a source larger than memory is read once, not per rank.
+    keys = [list(shard) for shard in plan.ranks]
+    order = [(r, keys[r][i]) for i in range(max(map(len, keys))) for r in range(N) if i < len(keys[r])]
+
+    def pairs():  # (rank, shard tensor, first row, actual block, expected block)
+        for r, key in order:
+            st = plan.ranks[r][key]
+            expected = plan.shard_tensor(r, key, src.canonical)
+            actual = opened[r][key]
+            for r0, r1 in expected.row_blocks():
+                yield r, st, r0, actual.read(r0, r1), expected.read(r0, r1).contiguous()
 
     with progress_bar("verify", total, quiet) as prog, closing(prefetched(pairs())) as blocks:
         for r, st, r0, a, e in blocks:
