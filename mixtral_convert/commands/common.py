@@ -12,6 +12,7 @@ import torch
 from ..errors import ConvertError
 from ..formats import hub
 from ..formats.checkpoint import Checkpoint
+from ..formats.mistral import TOKENIZERS as MISTRAL_TOKENIZERS
 from ..formats.tokenizer import HF_CONFIG, HF_JSON, find, tokenizer_pieces
 from ..io.lazy import Cast
 
@@ -37,7 +38,8 @@ def output_base(ck: Checkpoint) -> Path:
 
 def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
     """--tokenizer PATH (a tokenizer.model; a directory holding one, or tokenizer.json with
-    tokenizer_config.json; or that tokenizer.json) or hf://org/name."""
+    tokenizer_config.json, or Mistral's tokenizer.model.v3 / .v1; or that tokenizer.json) or
+    hf://org/name."""
     if tokenizer is None:
         return
     if hub.is_hub(tokenizer):
@@ -47,7 +49,7 @@ def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
     if tok.name in (HF_JSON, HF_CONFIG) and tok.is_file():
         tok = tok.parent
     if tok.is_dir():
-        found = find(tok)
+        found = find(tok) or next((tok / n for n in MISTRAL_TOKENIZERS if (tok / n).is_file()), None)
         if found is None:
             raise ConvertError(f"{tok}: --tokenizer directory holds no tokenizer.model, nor {HF_JSON} with "
                                f"{HF_CONFIG}; pass a tokenizer.model file, a directory with either, or hf://org/name")

@@ -382,3 +382,17 @@ def test_fused_names_in_safetensors_are_unfused(small, tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in fused.items()}, d / "consolidated.safetensors")
     assert cli("merge", write_tar(d, tmp_path / "f.tar"), "-o", tmp_path / "m", "-q", capsys=capsys)[0] == 0
     assert_same_as_torrent(small["torrent"], tmp_path / "m")
+
+
+def test_tokenizer_option_takes_a_directory_of_mistral_tokenizer_files(small, tmp_path, capsys):
+    """--tokenizer DIR finds Mistral's tokenizer.model.v3 (or .v1) there, as the reader does."""
+    d = write_release(small["torrent"], tmp_path / "r", tokenizer="")
+    tokdir = tmp_path / "tok"
+    tokdir.mkdir()
+    (tokdir / "tokenizer.model.v3").write_bytes((small["dir"] / "tokenizer.model.v3").read_bytes())
+    out = tmp_path / "o"
+    code, _, err = cli("split", d, "-n", 2, "-o", out, "-q", "--tokenizer", tokdir, capsys=capsys)
+    assert code == 0, err
+    assert (out / "tokenizer.model").read_bytes() == (tokdir / "tokenizer.model.v3").read_bytes()
+    code, _, err = cli("split", d, "-n", 2, "-o", tmp_path / "o2", "--tokenizer", tmp_path / "r", capsys=capsys)
+    assert code == 2 and "--tokenizer directory holds no tokenizer.model" in err
