@@ -23,7 +23,8 @@ from . import accessory
 PREFIX = "hf://"
 _SPEC = re.compile(r"hf:/{1,2}(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[\w.\-/]+))?\Z")
 SMALL_FILES = ["config.json", "params.json", accessory.META, "model.safetensors.index.json", "tokenizer.model",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "tokenizer.model.v3", "tokenizer.model.v1"]  # the last two: Mistral's names
 
 
 def is_hub(spec) -> bool:
@@ -85,8 +86,8 @@ def weight_patterns(d: Path) -> list[str]:
         return [accessory.SHARD_GLOB.format(ext=ext) for ext in accessory.SHARD_WRITERS]
     if (d / "config.json").is_file() and "hidden_size" in (read_json(d / "config.json") or {}):
         return ["model.safetensors"]
-    if (d / "params.json").is_file():
-        return ["consolidated.*.pt", "consolidated.*.pth"]
+    if (d / "params.json").is_file():  # the torrent's, Mistral's consolidated files or mistral-inference's
+        return ["consolidated.*.pt", "consolidated.*.pth", "consolidated.safetensors"]
     return []
 
 

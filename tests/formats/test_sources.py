@@ -471,3 +471,21 @@ def test_accessory_shards_beside_another_format_refused(sources, tmp_path, capsy
     code, _, err = cli("split", d, "-n", 2, "-o", tmp_path / "o", capsys=capsys)
     assert code == 2 and "holds both" in err and other.split(".")[1] in err and "Accessory rejects" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_hub_fetches_what_a_mistral_inference_repository_holds(tmp_path, monkeypatch):
+    """hf:// on a repository with params.json asks for consolidated.safetensors as well as the
+    consolidated.NN.pt files, and for Mistral's tokenizer.model.v3 / .v1 among the small files."""
+    from mixtral_convert.formats import hub
+    asked = []
+
+    def download(repo, rev, patterns, spec):
+        asked.append(list(patterns))
+        d = tmp_path / f"snap{len(asked)}"
+        d.mkdir()
+        (d / "params.json").write_text("{}")
+        return d
+    monkeypatch.setattr(hub, "download", download)
+    hub.resolve_checkpoint("hf://mistralai/some-release")
+    assert {"tokenizer.model.v3", "tokenizer.model.v1", "params.json"} <= set(asked[0])
+    assert "consolidated.safetensors" in asked[1] and "consolidated.*.pt" in asked[1]
