@@ -151,7 +151,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     with progress_bar("verify", total, quiet) as prog, closing(prefetched(pairs())) as blocks:
         for r, st, r0, a, e in blocks:
             a, e = _bytes_of(a), _bytes_of(e)
-            if not torch.equal(a, e):  # bytes, not values: NaN payloads are data
+            if not _same_bytes(a, e):  # bytes, not values: NaN payloads are data
                 return bad(_where(files[r], r, st, r0, a.numpy(), e.numpy()))
             rep.bytes_compared += a.numel()
             prog.advance(a.numel())
@@ -272,6 +272,19 @@ def _check_tokenizer(tok: Path, cfg: ModelConfig, src: Optional[Checkpoint], rep
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     return t.reshape(-1).view(torch.uint8)
+
+
+def _same_bytes(a: torch.Tensor, e: torch.Tensor) -> bool:
+    """Two byte tensors hold the same bytes: compared 8 bytes at a time where both allow it
+    (several times faster than byte by byte), else byte by byte."""
+    if a.numel() != e.numel():
+        return False
+    n = a.numel() - a.numel() % 8
+    try:
+        wide = torch.equal(a[:n].view(torch.int64), e[:n].view(torch.int64))
+    except RuntimeError:  # not 8-byte aligned in memory
+        return torch.equal(a, e)
+    return wide and torch.equal(a[n:], e[n:])
 
 
 def _where(f: Path, r: int, st, r0: int, a, e) -> str:
