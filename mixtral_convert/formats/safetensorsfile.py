@@ -5,11 +5,12 @@ The format: an 8-byte little-endian header length, a JSON header `{name: {"dtype
 the header), then the raw little-endian bytes. Every tensor's location is known from the
 header alone.
 
-Reading: `read_header` parses and checks the header (one-line errors for every malformation);
-`read_tensors` then opens the file with the safetensors library (`safe_open`, which maps it)
-and gives a lazy tensor per entry that copies out only the block asked for. Writing:
-`write_safetensors` writes the header for known shapes and dtypes, then streams each tensor's
-bytes from a producer in blocks, with the same signature as `torchzip.write_checkpoint`.
+Reading: `stheader.parse_file` parses and checks the header (one-line errors for every
+malformation, the tensors tiling the data exactly); `read_tensors` then opens the file with the
+safetensors library (`safe_open`, which maps it) and gives a lazy tensor per entry that copies
+out only the block asked for. Writing: `write_safetensors` writes the header for known shapes
+and dtypes, then streams each tensor's bytes from a producer in blocks, with the same signature
+as `torchzip.write_checkpoint`.
 """
 
 from __future__ import annotations
@@ -25,57 +26,9 @@ from safetensors import safe_open
 
 from ..errors import ConvertError
 from ..io.lazy import Lazy, TensorSpec
+from .stheader import DTYPES, parse_file
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 << 20  # the reference implementation's limit
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header without __metadata__, byte offset where tensor data starts)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ConvertError(f"{path}: too short for a safetensors file (truncated?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise ConvertError(f"{path}: safetensors header length {n} is impossible for a file of "
-                                   f"{size} bytes; the file is truncated or not safetensors")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: not found") from None
-    except OSError as e:
-        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ConvertError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise ConvertError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    start = 8 + n
-    for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            b, e = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConvertError(f"{path}: tensor '{name}' has an unsupported or malformed header entry "
-                               f"({str(info)[:80]})") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if e - b != numel * dtype.itemsize or b < 0 or start + e > size:
-            raise ConvertError(f"{path}: tensor '{name}' has data_offsets [{b}, {e}] that do not fit its shape "
-                               f"{shape} {info['dtype']} or the file's size; the file is truncated or corrupt")
-    return header, start
 
 
 class Sliced(Lazy):
@@ -96,15 +49,15 @@ def read_tensors(path: Path) -> dict[str, Lazy]:
     """Every tensor of a safetensors file as a lazy tensor. The header is checked first (a
     one-line error naming what is wrong), then the file is opened with the library."""
     path = Path(path)
-    header, _ = read_header(path)
+    entries, _ = parse_file(path)
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as e:  # the library's errors (SafetensorError and others): damaged input
         raise ConvertError(f"{path}: unreadable safetensors file ({str(e).strip()[:160]}); the file is damaged "
                            "or truncated: re-download it") from None
     out: dict[str, Lazy] = {}
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        out[name] = Sliced(handle, name, DTYPES[info["dtype"]], tuple(int(x) for x in info["shape"]))
+    for e in entries:  # in data order
+        out[e.name] = Sliced(handle, e.name, e.dtype, e.shape)
     return out
 
 

@@ -1,12 +1,13 @@
 """A safetensors header parsed from any byte source, with the layout checked strictly.
 
-`formats.safetensorsfile.read_header` reads a file of its own. A tar member (mistral-inference's
-`.tar` downloads) is a safetensors file at an offset inside another file, and a file joined from
-byte pieces (`concat`) must be proved whole; both need the same header checks plus the layout
-ones the safetensors library applies when it opens a file: the tensors' data regions, sorted by
-offset, start at 0, follow one another without gap or overlap, and end exactly at the end of
-the data. A truncated or padded file fails here with a one-line error naming the fault; `check_file`
-adds the library's own opening of a whole file (what `concat` checks a joined file with).
+`parse_file` reads a file of its own (what `safetensorsfile.read_tensors` checks first). A
+tar member (mistral-inference's `.tar` downloads) is a safetensors file at an offset inside
+another file, and a file joined from byte pieces (`concat`) must be proved whole; all need the
+same checks, including the layout ones the safetensors library applies when it opens a file:
+the tensors' data regions, sorted by offset, start at 0, follow one another without gap or
+overlap, and end exactly at the end of the data. A truncated or padded file fails here with a
+one-line error naming the fault; `check_file` adds the library's own opening of a whole
+file (what `concat` checks a joined file with).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ConvertError
-from .safetensorsfile import DTYPES, MAX_HEADER
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER = 100 << 20  # the reference implementation's limit
 
 
 @dataclass(frozen=True)
@@ -92,14 +99,19 @@ def _entry(name: str, info, where: str) -> Entry:
 
 def parse_file(path, where: str = "") -> tuple[list[Entry], int]:
     """`parse` of a file of its own."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
 
-        def read_at(offset: int, n: int) -> bytes:
-            f.seek(offset)
-            return f.read(n)
+            def read_at(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
 
-        return parse(read_at, size, where or str(path))
+            return parse(read_at, size, where or str(path))
+    except FileNotFoundError:
+        raise ConvertError(f"{where or path}: not found") from None
+    except OSError as e:
+        raise ConvertError(f"{where or path}: cannot read ({e.strerror or e})") from None
 
 
 def check_file(path, where: str = "") -> int:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mixtral_convert.errors import ConvertError
-from mixtral_convert.formats import checkpoint, registry, safetensorsfile, torchzip
+from mixtral_convert.formats import checkpoint, registry, safetensorsfile, stheader, torchzip
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 from mixtral_convert.model import names as hfnames
 from mixtral_convert.synth import materialize, tiny_config, write_torrent
@@ -139,9 +139,8 @@ def pristine(tmp_path_factory) -> dict:
         "num_attention_heads": CFG.n_heads, "num_key_value_heads": CFG.n_kv_heads, "head_dim": CFG.head_dim,
         "vocab_size": CFG.vocab_size, "rms_norm_eps": CFG.norm_eps, "rope_theta": CFG.rope_theta,
         "num_local_experts": CFG.num_experts, "num_experts_per_tok": CFG.experts_per_tok}))
-    header, start = safetensorsfile.read_header(st)
-    layout_st = {k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0],
-                     tuple(v["shape"]), safetensorsfile.DTYPES[v["dtype"]]) for k, v in header.items()}
+    entries, start = stheader.parse_file(st)
+    layout_st = {e.name: (start + e.begin, e.end - e.begin, e.shape, e.dtype) for e in entries}
     out["safetensors"] = (st, st.read_bytes(), [(0, start)], layout_st)
     return out
 
