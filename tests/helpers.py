@@ -51,3 +51,17 @@ def write_pth(path, sd: dict, **kw) -> int:
     """A {name: tensor} dict as a torch zip checkpoint, through the tool's own writer."""
     return write_checkpoint(Path(path), [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()],
                             lambda s: [tensor_bytes(sd[s.name])], **kw)
+
+
+def cut_bytes(data: bytes, n: int, directory, name_of) -> list:
+    """`data` cut into n byte pieces in `directory`, piece i named `name_of(i)` (as a torrent or a
+    mirror cuts a checkpoint); the piece paths in order."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = [len(data) * i // n for i in range(n + 1)]
+    pieces = []
+    for i in range(n):
+        p = directory / name_of(i)
+        p.write_bytes(data[bounds[i]:bounds[i + 1]])
+        pieces.append(p)
+    return pieces

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cut_bytes
 
 from mixtral_convert import entry as cli
 from mixtral_convert.commands import concat as op
@@ -43,14 +44,7 @@ def make_checkpoint(path: Path, scale: int = 1, seed: int = 0) -> bytes:
 
 def cut(data: bytes, n: int, directory: Path, base: str = BASE, pad: int = 0) -> list[Path]:
     """Cut data into n byte pieces named base-split0.. (suffix zero-padded to `pad` digits)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    bounds = [len(data) * i // n for i in range(n + 1)]
-    pieces = []
-    for i in range(n):
-        p = directory / f"{base}-split{i:0{pad}d}"
-        p.write_bytes(data[bounds[i]:bounds[i + 1]])
-        pieces.append(p)
-    return pieces
+    return cut_bytes(data, n, directory, lambda i: f"{base}-split{i:0{pad}d}")
 
 
 def run(argv, capsys):

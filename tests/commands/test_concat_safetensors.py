@@ -11,7 +11,7 @@ import struct
 
 import pytest
 import torch
-from helpers import cli, same_bytes
+from helpers import cli, cut_bytes, same_bytes
 from safetensors.torch import load_file, save_file
 
 from mixtral_convert.commands import concat as op
@@ -32,14 +32,8 @@ def make_safetensors(path, seed=0) -> bytes:
 
 
 def cut(data: bytes, n: int, directory, base=BASE) -> list:
-    directory.mkdir(parents=True, exist_ok=True)
-    bounds = [len(data) * i // n for i in range(n + 1)]
-    out = []
-    for i in range(n):
-        p = directory / f"{base}.{i}"
-        p.write_bytes(data[bounds[i]:bounds[i + 1]])
-        out.append(p)
-    return out
+    """Cut data into n byte pieces named base.0, base.1, ..."""
+    return cut_bytes(data, n, directory, lambda i: f"{base}.{i}")
 
 
 def crafted(entries: dict, data_len: int, meta=None) -> bytes:
