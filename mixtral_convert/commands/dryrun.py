@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..io import manifest as mf
-from ..io.atomic import preflight
+from ..io.atomic import nearest_existing, preflight
 from ..io.progress import human_bytes
 from .common import MARGIN
 
@@ -79,15 +79,9 @@ def dry_run(command: str, ck: Checkpoint, out: Path, force: bool, planned: list[
     rep = DryRun(command, ck.where, Path(out), dtype_name(ck.dtype),
                  dtype_name(ck.source_dtype or ck.dtype), planned)
     if shared:
-        rep.base = _nearest_existing(Path(out).resolve())
+        rep.base = nearest_existing(Path(out).resolve())
         rep.free = shutil.disk_usage(rep.base).free
     else:
         pf = preflight(out, force, need_bytes=rep.need, dry=True)
         rep.out, rep.base, rep.free = pf.out, pf.base, pf.free
     return rep
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path

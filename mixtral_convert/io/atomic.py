@@ -152,7 +152,8 @@ def _check_existing(out: Path, force: bool) -> tuple[set[str], Optional[dict]]:
     return ours | {MARKER}, prev
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists: the directory whose disk an output lands on."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -219,7 +220,7 @@ def preflight(out: Path, force: bool = False, need_bytes: int = 0, dry: bool = F
         if d.exists() or d.is_symlink():
             _remove_stale(d, what, remove=not dry)
     ours, prev = _check_existing(out, force)
-    base = _nearest_existing(out.parent)
+    base = nearest_existing(out.parent)
     if not base.is_dir():
         raise ConvertError(f"{out.parent}: '{base}' is not a directory; choose another -o")
     if not os.access(base, os.W_OK | os.X_OK):
