@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from ..io.lazy import Stored
 from ..model.config import ModelConfig
 from . import stheader, tarball
-from .checkpoint import Checkpoint, Reader, check_tensors
-from .fused import is_fused, unfuse
+from .checkpoint import Checkpoint, Reader
 from .tokenizer import tokenizer_pieces
-from .torrent import PARAMS, TORRENT_FILE
+from .torrent import PARAMS, TORRENT_FILE, canonical_of
 
 SAFETENSORS = "consolidated.safetensors"
 TOKENIZERS = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")  # in order of preference
@@ -62,11 +60,7 @@ def _no_tokenizer(where: str, names, cfg: ModelConfig) -> str:
 def _checkpoint(path: Path, cfg: ModelConfig, files: list[Path], tensors: dict, where: str,
                 tokenizer: Optional[Path], label: str) -> Checkpoint:
     """Canonical tensors (fused block_sparse_moe names unfused into views), checked against the config."""
-    if is_fused(tensors):
-        tensors = unfuse(cfg, tensors, where)
-    check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, where)
-    canonical = {k: Stored(tensors[k], k) for k in cfg.canonical_shapes()}
-    return Checkpoint(path, "mistral", cfg, files, tokenizer, 1, canonical, label=label)
+    return Checkpoint(path, "mistral", cfg, files, tokenizer, 1, canonical_of(cfg, tensors, where), label=label)
 
 
 # ----------------------------------------------------------------------------- a directory
@@ -76,10 +70,7 @@ def open_dir(path: Path, names: set[str]) -> Checkpoint:
         raise ConvertError(f"{path / PARAMS}: not found; mistral-inference releases ship params.json beside "
                            f"{SAFETENSORS}")
     cfg = ModelConfig.from_json_file(path / PARAMS)
-    try:
-        entries, start = stheader.parse_file(f)
-    except OSError as e:
-        raise ConvertError(f"{f}: cannot read ({e.strerror or e})") from None
+    entries, start = stheader.parse_file(f)  # OSError becomes a one-line ConvertError there
     mapping = tarball.Mapping(f)
     tensors = {e.name: mapping.tensor(start + e.begin, e.dtype, e.shape) for e in entries}
     tok_name = pick_tokenizer(names)

@@ -45,12 +45,18 @@ def open_consolidated(path: Path, names: list[str]) -> Checkpoint:
             tensors[k] = v
     where = str(files[0]) if len(files) == 1 else f"{path} ({', '.join(names)})"
     fused = is_fused(tensors)
-    if fused:
-        tensors = unfuse(cfg, tensors, where)
-    check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, where)
-    canonical = {k: Stored(tensors[k], k) for k in cfg.canonical_shapes()}
+    canonical = canonical_of(cfg, tensors, where)
     kind, label = ("fused", "Mistral fused block_sparse_moe layout") if fused else ("torrent", "torrent layout")
     return Checkpoint(path, kind, cfg, files, find_tokenizer(path), 1, canonical, label=label)
+
+
+def canonical_of(cfg: ModelConfig, tensors: dict, where: str) -> dict[str, Stored]:
+    """Torrent-named tensors (fused block_sparse_moe ones unfused into views) as the canonical lazy
+    tensors, checked against the config: what every params.json format's reader ends with."""
+    if is_fused(tensors):
+        tensors = unfuse(cfg, tensors, where)
+    check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, where)
+    return {k: Stored(tensors[k], k) for k in cfg.canonical_shapes()}
 
 
 def _consolidated_names(names: set[str]) -> list[str]:
