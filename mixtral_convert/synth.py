@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.torchzip import write_checkpoint
+from .encodings.torchzip import write_checkpoint
 from .io.lazy import BLOCK_BYTES, TensorSpec, tensor_bytes
 from .model.config import ModelConfig, write_json
 

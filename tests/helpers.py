@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mixtral_convert.formats.torchzip import write_checkpoint
+from mixtral_convert.encodings.torchzip import write_checkpoint
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 
 # shapes that admit N in {1, 2, 4, 8} for both layouts (E, KV, H, V, D all divisible by 8)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mixtral_convert"
-ROLES = {"model", "formats", "io", "commands", "forward"}
+ROLES = {"model", "encodings", "formats", "tokenizer", "io", "commands", "forward"}
 
 
 def modules() -> dict[str, Path]:

@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 
 from ..errors import ConvertError
-from ..formats import hub
 from ..formats.checkpoint import Checkpoint
 from ..formats.mistral import TOKENIZERS as MISTRAL_TOKENIZERS
-from ..formats.tokenizer import HF_CONFIG, HF_JSON, find, tokenizer_pieces
+from ..io import hub
 from ..io.lazy import Cast
+from ..tokenizer.files import HF_CONFIG, HF_JSON, find, tokenizer_pieces
 
 CAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MARGIN = 64 << 20  # free space asked beyond the output's bytes (side files, directory entries)

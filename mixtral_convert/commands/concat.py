@@ -9,7 +9,7 @@ What this module holds:
 - `concat`: streams the pieces into a hidden sibling temporary file with large buffers, hashing
   md5 and sha256 in worker threads while the main thread reads (hashlib releases the GIL on
   large buffers), fsyncs, checks the result is a loadable torch zip checkpoint (or a whole
-  safetensors file: `formats.stheader.check_file`), compares the
+  safetensors file: `encodings.safetensors.check_file`), compares the
   checksums, and only then renames it into place (and, if asked, removes the pieces). On any
   failure, SIGINT (KeyboardInterrupt) or SIGTERM (`entry.Terminated`) the temporary file is removed.
 - `check_checkpoint`: the zip / torch structure check used by `concat`.
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..encodings.safetensors import check_file as check_safetensors
+from ..encodings.torchzip import DamagedZip, check_checkpoint
 from ..errors import ConvertError
 from ..formats.mistral import TOKENIZERS
-from ..formats.stheader import check_file as check_safetensors
-from ..formats.torchzip import DamagedZip, check_checkpoint
 from ..io.atomic import atomic_file, fsync_dir
 from ..io.progress import human_bytes, progress_bar
 

@@ -14,14 +14,16 @@ import collections
 import math
 from pathlib import Path
 
+from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import hub, mistral, tarball
+from ..formats import mistral
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import open_checkpoint
-from ..formats.tokenizer import tokenizer_pieces
+from ..io import hub
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import PREFIX
+from ..tokenizer.files import tokenizer_pieces
 from .concat import piece_of
 
 

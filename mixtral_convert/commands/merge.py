@@ -18,9 +18,9 @@ from ..errors import ConvertError
 from ..formats import hf
 from ..formats.checkpoint import dtype_name
 from ..formats.registry import open_checkpoint, target
-from ..formats.tokenizer import carried, carry
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
+from ..tokenizer.files import carried, carry
 from . import dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned

@@ -26,12 +26,12 @@ from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
-from ..formats.tokenizer import carried
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
 from ..io.lazy import BLOCK_BYTES, TensorSpec
 from ..io.prefetch import file_producer
 from ..io.progress import Progress, human_bytes, progress_bar
 from ..model.layouts import Plan
+from ..tokenizer.files import carried
 from . import dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import DryRun, Planned

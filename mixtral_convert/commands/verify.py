@@ -29,9 +29,6 @@ from ..errors import ConvertError
 from ..formats import accessory
 from ..formats.checkpoint import Checkpoint, dtype_name, read_tensors
 from ..formats.registry import TARGETS, open_checkpoint
-from ..formats.tokenizer import differences as tokenizer_differences
-from ..formats.tokenizer import find as find_tokenizer
-from ..formats.tokenizer import tokenizer_pieces
 from ..formats.torrent import TORRENT_FILE
 from ..io import manifest
 from ..io.manifest import MANIFEST
@@ -39,6 +36,9 @@ from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..model.config import ACCESSORY_KEYS, ModelConfig, read_json
 from ..model.layouts import Plan
+from ..tokenizer.files import differences as tokenizer_differences
+from ..tokenizer.files import find as find_tokenizer
+from ..tokenizer.files import tokenizer_pieces
 from .common import CAST_DTYPES, cast_to
 
 

@@ -18,15 +18,15 @@ from typing import Optional
 
 import torch
 
+from ..encodings.safetensors import header_bytes, write_safetensors
+from ..encodings.torchzip import checkpoint_size, write_checkpoint
 from ..errors import ConvertError
 from ..io.atomic import atomic_file, json_bytes, write_small
 from ..io.lazy import Lazy
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import Plan
+from ..tokenizer.files import carry
 from .checkpoint import Checkpoint, Reader, check_tensors, find_tokenizer, read_tensors
-from .safetensorsfile import header_bytes, write_safetensors
-from .tokenizer import carry
-from .torchzip import checkpoint_size, write_checkpoint
 
 META = "meta.json"
 CONFIG = "config.json"
@@ -171,6 +171,11 @@ def open_rank(path: Path, r: int) -> tuple[Plan, dict[str, Lazy], Optional[Path]
     return plan, sd, ls.tokenizer
 
 
+def hub_weights(d: Path) -> list[str]:
+    """The shard files to fetch from a hub repository whose small files are in `d` ([] if not Accessory's)."""
+    return [SHARD_GLOB.format(ext=ext) for ext in SHARD_WRITERS] if (d / META).is_file() else []
+
+
 READER = Reader(
     "accessory", f"{shard_file_name(0, 1)} shards with {CONFIG} and {META} (Accessory)",
     claims=lambda path, names: any(SHARD_RE.match(n) for n in names),
@@ -192,7 +197,7 @@ def shard_size(specs: list, fmt: str) -> int:
 
 def side_files(cfg: ModelConfig, tokenizer: Path, layout: str, out: Path, atomic: bool) -> dict[str, dict]:
     """config.json, meta.json and the tokenizer (tokenizer.model and the HF tokenizer files beside
-    it, or the HF files alone; formats.tokenizer.carry) into `out` (each renamed into place when
+    it, or the HF files alone; tokenizer.files.carry) into `out` (each renamed into place when
     `atomic`, for a directory shared with other processes); their manifest entries."""
     files = {}
     for name, data in side_contents(cfg, layout).items():

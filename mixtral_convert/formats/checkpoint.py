@@ -15,11 +15,13 @@ from typing import Callable, Optional
 
 import torch
 
+from ..encodings import safetensors as safetensorsfile
+from ..encodings import torchzip
 from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..model.config import ModelConfig
 from ..model.layouts import Plan
-from . import safetensorsfile, tokenizer, torchzip
+from ..tokenizer import files as tokenizer
 
 
 @dataclass
@@ -114,7 +116,7 @@ def read_tensors(path: Path) -> dict[str, Lazy]:
 
 
 def find_tokenizer(path: Path) -> Optional[Path]:
-    """tokenizer.model, else the directory itself when it holds an HF tokenizer (formats.tokenizer)."""
+    """tokenizer.model, else the directory itself when it holds an HF tokenizer (tokenizer.files)."""
     return tokenizer.find(path)
 
 

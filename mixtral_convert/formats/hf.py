@@ -9,7 +9,7 @@ in `model.names`; q_proj and k_proj rows are in HF's rotate-half order, so the c
 like every other lazy tensor. Writing goes the other way: canonical tensors, q/k permuted
 lazily, streamed into safetensors files of at most `max_shard_size` bytes each, beside
 config.json (the context length carried from the source or given, BOS/EOS ids from the
-tokenizer), generation_config.json and the tokenizer files (formats.tokenizer): a directory
+tokenizer), generation_config.json and the tokenizer files (tokenizer.files): a directory
 transformers' AutoTokenizer, AutoModelForCausalLM and pipeline load as they load a hub repository.
 """
 
@@ -22,16 +22,16 @@ from typing import Callable, Optional
 
 import torch
 
+from ..encodings.safetensors import header_bytes, write_safetensors
+from ..encodings.safetensors import read_tensors as read_safetensors
 from ..errors import ConvertError
 from ..io.atomic import json_bytes, write_small
 from ..io.lazy import Lazy, TensorSpec
 from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
-from . import tokenizer
+from ..tokenizer import files as tokenizer
 from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
-from .safetensorsfile import header_bytes, write_safetensors
-from .safetensorsfile import read_tensors as read_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -199,7 +199,7 @@ def prepare(ck: Checkpoint, max_position_embeddings: Optional[int] = None) -> in
 
 def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: Optional[int] = None,
           max_position_embeddings: Optional[int] = None, **_options) -> dict[str, dict]:
-    """The HF hub layout into `tmp`: the tokenizer files this target builds (formats.tokenizer;
+    """The HF hub layout into `tmp`: the tokenizer files this target builds (tokenizer.files;
     the caller carries tokenizer.model and the HF files the source has), safetensors (q/k permuted,
     split at max_shard_size with an index when several) and config.json."""
     max_pos = prepare(ck, max_position_embeddings)
@@ -227,6 +227,18 @@ def plan(ck: Checkpoint, max_shard_size: Optional[int] = None, max_position_embe
     cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_pos, ids.bos_id, ids.eos_id)
     out.append(("config.json", len(json_bytes(cfg)), f"MixtralConfig, max_position_embeddings {max_pos}"))
     return out
+
+
+def hub_index(d: Path) -> list[str]:
+    """The safetensors files an index among a hub repository's small files (in `d`) lists."""
+    if not (d / INDEX).is_file():
+        return []
+    return sorted(set((read_json(d / INDEX).get("weight_map") or {}).values()))
+
+
+def hub_single(d: Path) -> list[str]:
+    """model.safetensors, when the hub repository's config.json is an HF one."""
+    return [SINGLE] if (d / "config.json").is_file() and "hidden_size" in (read_json(d / "config.json") or {}) else []
 
 
 TARGET = Target("hf", "_hf", write, plan)

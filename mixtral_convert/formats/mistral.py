@@ -28,11 +28,12 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..encodings import safetensors as stheader
+from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..model.config import ModelConfig
-from . import stheader, tarball
+from ..tokenizer.files import tokenizer_pieces
 from .checkpoint import Checkpoint, Reader
-from .tokenizer import tokenizer_pieces
 from .torrent import PARAMS, TORRENT_FILE, canonical_of
 
 SAFETENSORS = "consolidated.safetensors"

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..encodings import tar as tarball
 from ..errors import ConvertError
-from . import accessory, hf, hub, mistral, tarball, torrent
+from ..io import hub
+from . import accessory, hf, mistral, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
 READERS: tuple[Reader, ...] = (accessory.READER, mistral.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
 TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET)}
+# hf://: the small files that say what a repository holds, and who names its weight files, in order
+HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
+HUB_PROBES = (hf.hub_index, accessory.hub_weights, hf.hub_single, torrent.hub_weights)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
@@ -24,6 +29,15 @@ def target(name: str) -> Target:
     if name not in TARGETS:
         raise ConvertError(f"unknown merge target '{name}'; use one of {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+def hub_weight_patterns(d: Path) -> list[str]:
+    """The weight files of the first format whose small files are in `d` (one format, never two copies)."""
+    for probe in HUB_PROBES:
+        found = probe(d)
+        if found:
+            return found
+    return []
 
 
 def checkpoint_dir(path: Path) -> Path:
@@ -58,7 +72,7 @@ def open_checkpoint(path) -> Checkpoint:
     """A checkpoint directory (or one of its files), Mistral's .tar download, or
     hf://org/name[@rev], of any registered format."""
     if hub.is_hub(path):
-        ck = open_checkpoint(hub.resolve_checkpoint(path))
+        ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns))
         ck.remote = hub.normalize(path)
         return ck
     if tarball.is_archive(path):

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from ..encodings.torchzip import checkpoint_size, load_lazy, write_checkpoint
 from ..errors import ConvertError
 from ..io.atomic import fsync_all, json_bytes, write_small
 from ..io.lazy import Stored, TensorSpec
@@ -21,7 +22,6 @@ from ..io.prefetch import file_producer
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
 from .fused import is_fused, unfuse
-from .torchzip import checkpoint_size, load_lazy, write_checkpoint
 
 TORRENT_FILE = "consolidated.00.pth"
 PARAMS = "params.json"
@@ -72,6 +72,12 @@ CONSOLIDATED = Reader(
     "consolidated", f"consolidated.NN.pt with {PARAMS}",
     claims=lambda path, names: bool(_consolidated_names(names)),
     open=lambda path, names: open_consolidated(path, _consolidated_names(names)))
+
+
+def hub_weights(d: Path) -> list[str]:
+    """The torrent's, Mistral's consolidated or mistral-inference's weight files, when a hub repository's
+    small files (in `d`) hold a params.json."""
+    return ["consolidated.*.pt", "consolidated.*.pth", "consolidated.safetensors"] if (d / PARAMS).is_file() else []
 
 
 def hint(path: Path, names: set[str]) -> Optional[str]:

@@ -1,3 +1,3 @@
 """Moving bytes: lazy tensors (`lazy`, pure data), read-ahead and background production
 (`prefetch`), outputs that are never half-written (`atomic`), the manifest (`manifest`) and the
-progress bar (`progress`)."""
+progress bar (`progress`), and hf://org/name resolved through the hub cache (`hub`)."""

@@ -15,8 +15,8 @@ from helpers import cli, cut_bytes, same_bytes
 from safetensors.torch import load_file, save_file
 
 from mixtral_convert.commands import concat as op
+from mixtral_convert.encodings import safetensors as stheader
 from mixtral_convert.errors import ConvertError
-from mixtral_convert.formats import stheader
 
 BASE = "consolidated.safetensors"
 

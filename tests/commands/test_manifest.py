@@ -9,7 +9,7 @@ import torch
 from helpers import cli, load
 
 from mixtral_convert import __version__
-from mixtral_convert.formats.torchzip import write_checkpoint
+from mixtral_convert.encodings.torchzip import write_checkpoint
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 from mixtral_convert.synth import tiny_config, write_torrent
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import cli, load, same_bytes, write_pth
 
-from mixtral_convert.formats.torchzip import zip_records
+from mixtral_convert.encodings.torchzip import zip_records
 from mixtral_convert.synth import tiny_config, write_torrent
 
 
@@ -158,7 +158,7 @@ def test_nan_and_inf_payloads_are_data(tmp_path, capsys):
     w[3, 5] = 0x7F800001  # signalling NaN
     w[7, 9] = 0xFFC00000 - (1 << 32)  # negative NaN
     w[1, 1] = 0x7F800000  # +inf
-    from mixtral_convert.formats.torchzip import write_checkpoint
+    from mixtral_convert.encodings.torchzip import write_checkpoint
     from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
     write_checkpoint(src / "consolidated.00.pth", [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()],
                      lambda s: [tensor_bytes(sd[s.name])])

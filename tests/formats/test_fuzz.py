@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixtral_convert.encodings import safetensors as safetensorsfile
+from mixtral_convert.encodings import safetensors as stheader
+from mixtral_convert.encodings import torchzip
 from mixtral_convert.errors import ConvertError
-from mixtral_convert.formats import checkpoint, registry, safetensorsfile, stheader, torchzip
+from mixtral_convert.formats import checkpoint, registry
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 from mixtral_convert.model import names as hfnames
 from mixtral_convert.synth import materialize, tiny_config, write_torrent

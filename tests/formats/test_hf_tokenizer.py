@@ -12,8 +12,8 @@ import sentencepiece as spm
 from tokenizers import Tokenizer
 
 from mixtral_convert.errors import ConvertError
-from mixtral_convert.formats import hf_tokenizer as H
 from mixtral_convert.synth import train_tokenizer
+from mixtral_convert.tokenizer import hf as H
 
 
 def sp_of(path):

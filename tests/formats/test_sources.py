@@ -476,7 +476,8 @@ def test_accessory_shards_beside_another_format_refused(sources, tmp_path, capsy
 def test_hub_fetches_what_a_mistral_inference_repository_holds(tmp_path, monkeypatch):
     """hf:// on a repository with params.json asks for consolidated.safetensors as well as the
     consolidated.NN.pt files, and for Mistral's tokenizer.model.v3 / .v1 among the small files."""
-    from mixtral_convert.formats import hub
+    from mixtral_convert.formats import registry
+    from mixtral_convert.io import hub
     asked = []
 
     def download(repo, rev, patterns, spec):
@@ -486,6 +487,6 @@ def test_hub_fetches_what_a_mistral_inference_repository_holds(tmp_path, monkeyp
         (d / "params.json").write_text("{}")
         return d
     monkeypatch.setattr(hub, "download", download)
-    hub.resolve_checkpoint("hf://mistralai/some-release")
+    hub.resolve_checkpoint("hf://mistralai/some-release", registry.HUB_SMALL_FILES, registry.hub_weight_patterns)
     assert {"tokenizer.model.v3", "tokenizer.model.v1", "params.json"} <= set(asked[0])
     assert "consolidated.safetensors" in asked[1] and "consolidated.*.pt" in asked[1]

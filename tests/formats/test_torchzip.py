@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-import mixtral_convert.formats.torchzip as tf
+import mixtral_convert.encodings.torchzip as tf
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
 
 

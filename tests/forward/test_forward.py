@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import ODD, WIDE, cli, load, same_bytes
 
-from mixtral_convert.formats.torchzip import load_lazy
+from mixtral_convert.encodings.torchzip import load_lazy
 from mixtral_convert.forward.reference import forward, generate_next_tokens
 from mixtral_convert.model import layouts
 from mixtral_convert.model.config import ModelConfig

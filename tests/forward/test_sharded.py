@@ -146,7 +146,7 @@ def test_written_shards_on_disk(tmp_path, layout, N):
     """Shards written by `split` to disk, read back mmap'd, run sharded == the torrent's forward;
     and a greedy continuation through the sharded forward equals the reference one."""
     from mixtral_convert.commands.split import split as split_cmd
-    from mixtral_convert.formats.torchzip import load_lazy
+    from mixtral_convert.encodings.torchzip import load_lazy
     from mixtral_convert.forward.reference import generate_next_tokens
     from mixtral_convert.synth import tiny_config, write_torrent
 

@@ -14,17 +14,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import ConvertError
-from ..model.config import read_json
-from . import accessory
 
 PREFIX = "hf://"
 _SPEC = re.compile(r"hf:/{1,2}(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[\w.\-/]+))?\Z")
-SMALL_FILES = ["config.json", "params.json", accessory.META, "model.safetensors.index.json", "tokenizer.model",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-               "tokenizer.model.v3", "tokenizer.model.v1"]  # the last two: Mistral's names
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model.v3", "tokenizer.model.v1"]  # the last two: Mistral's names
 
 
 def is_hub(spec) -> bool:
@@ -77,30 +74,19 @@ def download(repo: str, revision: Optional[str], patterns: list[str], spec: str)
     return Path(path)
 
 
-def weight_patterns(d: Path) -> list[str]:
-    """The weight files to fetch, from the small files already there."""
-    if (d / "model.safetensors.index.json").is_file():
-        wm = read_json(d / "model.safetensors.index.json").get("weight_map") or {}
-        return sorted(set(wm.values()))
-    if (d / accessory.META).is_file():
-        return [accessory.SHARD_GLOB.format(ext=ext) for ext in accessory.SHARD_WRITERS]
-    if (d / "config.json").is_file() and "hidden_size" in (read_json(d / "config.json") or {}):
-        return ["model.safetensors"]
-    if (d / "params.json").is_file():  # the torrent's, Mistral's consolidated files or mistral-inference's
-        return ["consolidated.*.pt", "consolidated.*.pth", "consolidated.safetensors"]
-    return []
-
-
-def resolve_checkpoint(spec) -> Path:
-    """A local snapshot directory holding one checkpoint of the repository and its tokenizer."""
+def resolve_checkpoint(spec, small_files: list[str], weight_patterns: Callable[[Path], list[str]]) -> Path:
+    """A local snapshot directory holding one checkpoint of the repository and its tokenizer: first
+    the small files (`small_files`, the formats' configs, and the tokenizer's), then the weight files
+    `weight_patterns(directory of the small files)` names (the registry asks each format)."""
     repo, rev = parse(spec)
     spec = normalize(spec)
-    d = download(repo, rev, SMALL_FILES, spec)
+    small = list(dict.fromkeys(small_files + TOKENIZER_FILES))
+    d = download(repo, rev, small, spec)
     patterns = weight_patterns(d)
     if not patterns:
         raise ConvertError(f"{spec}: the repository has none of config.json (HF), params.json (Mistral) or "
                            "meta.json (Accessory); is it a Mixtral checkpoint?")
-    return download(repo, rev, SMALL_FILES + patterns, spec)
+    return download(repo, rev, small + patterns, spec)
 
 
 def resolve_tokenizer(spec) -> Path:

@@ -9,7 +9,7 @@ embedding's rows, is the piece count of a SentencePiece model or `len(tokenizer)
 The HF files beside either (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
 chat_template.jinja) travel with the model: every output carries them, so a chat template
 survives HF -> Accessory -> HF; `merge --to hf` builds them from a tokenizer.model that has
-none (formats.hf_tokenizer).
+none (tokenizer.hf).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 from ..errors import ConvertError
 from ..io.atomic import atomic_file, copy_file, json_bytes, write_small
 from ..model.config import read_json
-from . import hf_tokenizer
+from . import hf as hf_tokenizer
 
 SP_FILE = "tokenizer.model"
 HF_JSON, HF_CONFIG = "tokenizer.json", "tokenizer_config.json"
