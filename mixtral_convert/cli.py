@@ -239,25 +239,37 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_out_option
 @_force_option
 @_quiet_option
-@click.option("--to", "to", type=click.Choice(["torrent", "hf"]), default="torrent", show_default=True,
+@click.option("--to", "to", type=click.Choice(["torrent", "hf", "gguf"]), default="torrent", show_default=True,
               help="torrent: consolidated.00.pth + params.json; hf: the HF hub layout (config.json, "
-                   "safetensors with q/k permuted, an index when several files) that transformers loads.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB).")
+                   "safetensors with q/k permuted, an index when several files) that transformers loads; "
+                   "gguf: one .gguf file for llama.cpp, Ollama and LM Studio (-o PATH.gguf).")
+@click.option("--max-shard-size", default=None,
+              help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB; default 5GB). --to gguf: cut the "
+                   "file into PATH-00001-of-0000K.gguf pieces of at most this size, as llama.cpp's gguf-split "
+                   "does (default: one file).")
 @click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--to hf: the context length for config.json when the source does not state it (an HF "
+              help="--to hf or gguf: the context length when the source does not state it (an HF "
                    "config.json does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, "
                    "65536 for 8x22B. Overrides the source's.")
 @_tokenizer_option
-@_cast_option
+@click.option("--dtype", "cast", type=click.Choice(["float32", "bfloat16", "float16", "q8_0", "q4_k_m", "q5_k_m",
+                                                    "q6_k"]), default=None,
+              help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
+                   "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused. --to gguf "
+                   "also takes q8_0 (written by the tool) and the k-quants q4_k_m, q5_k_m, q6_k (llama.cpp's "
+                   "quantizer: pip install 'mixtral-convert[kquants]'); norms and the router stay F32.")
+@click.option("--name", default=None, help="--to gguf: general.name (default: the source's directory or repository).")
 @_dry_run_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, max_position_embeddings, dry_run):
+def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, name, max_position_embeddings,
+              dry_run):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
-    SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
+    SHARDS_merged), with --to hf the HF hub layout (default output SHARDS_hf), or with --to gguf
+    a GGUF file (default SHARDS.gguf) with its manifest beside it."""
     from .commands.merge import merge
     from .formats.hf import parse_size
-    res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
+    size = parse_size(max_shard_size) if max_shard_size is not None else None
+    res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=size, name=name,
                 tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings, dry_run=dry_run)
     if dry_run:
         return _print_dry_run(res)
@@ -289,12 +301,15 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     import json
 
     from .commands.verify import verify
+    from .forward.parity import parity
+    if shards.name.endswith(".gguf"):  # a GGUF output: a file, with its own checks and forward
+        from .commands.verify_gguf import verify_gguf as verify
+        from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
     rep = verify(shards, source, quiet=quiet or as_json)
     fwd = None
     if run_forward:
-        from .forward.parity import parity
         fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device)
     problems = list(rep.problems) + (fwd.problems if fwd else [])
     if as_json:

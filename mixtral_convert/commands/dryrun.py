@@ -70,18 +70,18 @@ class DryRun:
 
 
 def dry_run(command: str, ck: Checkpoint, out: Path, force: bool, planned: list[Planned], info: dict,
-            shared: bool = False) -> DryRun:
+            shared: bool = False, manifest: str = mf.MANIFEST, check=preflight) -> DryRun:
     """The report for `planned` files into `out` (plus the manifest), after the output checks
     (`shared`: a directory other processes write into too, as with --ranks: only its disk's space)."""
     fake = {p.name: {"size": p.size, "sha256": "0" * 64, **p.entry} for p in planned}
     size = len(mf.encode(mf.build(fake, **info)))
-    planned = planned + [Planned(mf.MANIFEST, size, "every file's size and sha256, the source's identity")]
-    rep = DryRun(command, ck.where, Path(out), dtype_name(ck.dtype),
+    planned = planned + [Planned(manifest, size, "every file's size and sha256, the source's identity")]
+    rep = DryRun(command, ck.where, Path(out), info.get("dtype") or dtype_name(ck.dtype),
                  dtype_name(ck.source_dtype or ck.dtype), planned)
     if shared:
         rep.base = nearest_existing(Path(out).resolve())
         rep.free = shutil.disk_usage(rep.base).free
     else:
-        pf = preflight(out, force, need_bytes=rep.need, dry=True)
+        pf = check(out, force, rep.need, True)  # the output checks of a real run
         rep.out, rep.base, rep.free = pf.out, pf.base, pf.free
     return rep

@@ -18,17 +18,19 @@ from ..errors import ConvertError
 from ..formats import hf
 from ..formats.checkpoint import dtype_name
 from ..formats.registry import open_checkpoint, target
+from ..io import beside
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
 from . import dryrun
-from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
+from .common import CAST_DTYPES, MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
-          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None, dry_run: bool = False):
+          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None, dry_run: bool = False,
+          name: Optional[str] = None):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun)."""
     tgt = target(to)
@@ -42,15 +44,26 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
     if to == "hf":
         max_position_embeddings = hf.prepare(ck, max_position_embeddings)
-    elif max_position_embeddings is not None:
-        raise ConvertError(f"--max-position-embeddings is for --to hf (config.json's context length); the {to} "
+    elif max_position_embeddings is not None and to != "gguf":
+        raise ConvertError(f"--max-position-embeddings is for --to hf and gguf (the context length); the {to} "
                            "layout has no place for it: leave it out")
-    cast_to(ck, dtype)
+    if name is not None and to != "gguf":
+        raise ConvertError(f"--name is for --to gguf (general.name); the {to} layout has no place for it")
+    options = dict(max_shard_size=max_shard_size, max_position_embeddings=max_position_embeddings)
+    if tgt.dtypes:  # the target applies --dtype itself
+        if dtype is not None and dtype not in tgt.dtypes:
+            raise ConvertError(f"--dtype {dtype}: --to {to} takes {', '.join(tgt.dtypes)}")
+        options.update(dtype=dtype, name=name)
+    elif dtype is not None and dtype not in CAST_DTYPES:
+        raise ConvertError(f"--dtype {dtype} is for --to gguf; --to {to} takes {', '.join(CAST_DTYPES)}")
+    else:
+        cast_to(ck, dtype)
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
+    if tgt.output == "file":
+        return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options)
     if dry_run:
-        options = dict(max_shard_size=max_shard_size, max_position_embeddings=max_position_embeddings)
         planned = [Planned(*p) for p in tgt.plan(ck, **options)]
         if ck.tokenizer is not None:
             skip = {p.name for p in planned}
@@ -60,13 +73,33 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
-            files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size,
-                              max_position_embeddings=max_position_embeddings)
+            files = tgt.write(ck, tmp, prog, **options)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
         write_manifest(tmp, files, **_manifest_info(ck, to))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
 
 
-def _manifest_info(ck, to: str) -> dict:
-    return dict(layout=to, world_size=1, dtype=dtype_name(ck.dtype), source=dict(ck.source_info(), world_size=ck.N))
+def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict):
+    """A target whose output is a file (PATH.gguf, its pieces beside it) and its manifest beside it."""
+    out = Path(out)
+    options = dict(options, out_name=out.name)
+    planned = [Planned(*p) for p in tgt.plan(ck, **options)]  # refusals come here, before anything is created
+    names = [p.name for p in planned]
+    info = _manifest_info(ck, tgt.name, options.get("dtype"))
+    if dry_run:
+        return dryrun.dry_run(f"merge --to {tgt.name}", ck, out, force, planned, info,
+                              manifest=beside.manifest_name(out),
+                              check=lambda o, f, need, dry: beside.preflight(o, names, f, need, dry))
+    t0 = time.perf_counter()
+    need = sum(p.size for p in planned) + MARGIN
+    with beside.atomic_output_files(out, names, force, need_bytes=need) as tmp:
+        with progress_bar(f"{tgt.name} from {ck.kind} N={ck.N}", ck.nbytes, quiet) as prog:
+            files = tgt.write(ck, tmp, prog, **options)
+        write_manifest(tmp, files, _name=beside.manifest_name(out), **info)
+    return Result(out, sorted(files), ck.nbytes, time.perf_counter() - t0)
+
+
+def _manifest_info(ck, to: str, dtype: Optional[str] = None) -> dict:
+    return dict(layout=to, world_size=1, dtype=dtype or dtype_name(ck.dtype),
+                source=dict(ck.source_info(), world_size=ck.N))

@@ -106,6 +106,12 @@ class Target:
     suffix: str  # default output: SOURCE + suffix
     write: Callable[..., dict[str, dict]]
     plan: Callable[..., list[tuple[str, int, str]]]  # (name, exact size, what) of every file write writes
+    # The --dtype values the target's writer applies itself (passed as the `dtype` option; the
+    # checkpoint is not cast first): GGUF keeps norms and the router in F32 and quantizes.
+    dtypes: tuple[str, ...] = ()
+    # "dir": the output is a directory; "file": the output names a file (PATH.gguf: what llama.cpp and
+    # Ollama take), written with its pieces and manifest beside it (io.beside), `out_name` its name
+    output: str = "dir"
 
 
 def read_tensors(path: Path) -> dict[str, Lazy]:

@@ -14,11 +14,11 @@ from pathlib import Path
 from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, hf, mistral, torrent
+from . import accessory, gguf, gguf_source, hf, mistral, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
 READERS: tuple[Reader, ...] = (accessory.READER, mistral.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
-TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET)}
+TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf.TARGET)}
 # hf://: the small files that say what a repository holds, and who names its weight files, in order
 HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
 HUB_PROBES = (hf.hub_index, accessory.hub_weights, hf.hub_single, torrent.hub_weights)
@@ -77,6 +77,8 @@ def open_checkpoint(path) -> Checkpoint:
         return ck
     if tarball.is_archive(path):
         return mistral.open_archive(path)
+    if str(path).endswith(".gguf") and Path(path).is_file():
+        return gguf_source.open_gguf(Path(path))
     path = checkpoint_dir(path)
     names = {p.name for p in path.iterdir()}
     return detect(path, names).open(path, names)

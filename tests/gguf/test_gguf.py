@@ -1,0 +1,257 @@
+"""`merge --to gguf`, read back with the gguf package's own reader (llama.cpp's judgement is in
+test_llama.py): every hyper-parameter and the vocabulary in the metadata, every tensor's bytes
+equal to the source cast (or Q8_0-quantized) the same way, norms and the router in F32, exact
+sizes in --dry-run, gguf-split's pieces, refusals before anything is written, nothing left
+after an interrupt or a full disk, --force only over its own output."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from conftest import CONTEXT, copy_source, merge_gguf
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader, quants
+from helpers import WIDE, cli, load
+
+from mixtral_convert.commands.merge import merge
+from mixtral_convert.formats.gguf import NAME_TABLE
+from mixtral_convert.model.config import ModelConfig
+
+TYPES = {"float32": (T.F32, torch.float32), "float16": (T.F16, torch.float16), "bfloat16": (T.BF16, torch.bfloat16)}
+
+
+def meta(r: GGUFReader) -> dict:
+    """Every metadata key -> its value (str, number, bool or list)."""
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def expected_tensors(canon: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GGUF name -> the source tensor it holds (experts stacked), from the name table, in the file's
+    order: the embedding, layer after layer, output_norm and output."""
+    rows = [(None, NAME_TABLE[0])] + [(L, r) for L in range(cfg.n_layers) for r in NAME_TABLE if "{L}" in r[0]] + \
+        [(None, r) for r in NAME_TABLE[1:] if "{L}" not in r[0]]
+    out = {}
+    for L, (c, g) in rows:
+        if "{e}" in c:
+            out[g.format(L=L)] = torch.stack([canon[c.format(L=L, e=e)] for e in range(cfg.num_experts)])
+        else:
+            out[g.format(L=L)] = canon[c.format(L=L)]
+    return out
+
+
+def raw(t) -> bytes:
+    return np.ascontiguousarray(t.data).tobytes()
+
+
+# ----------------------------------------------------------------------------- metadata
+def test_metadata_holds_every_hyperparameter_and_the_vocabulary(ggufs, src7):
+    cfg = ModelConfig.from_json_file(src7 / "params.json")
+    m = meta(GGUFReader(ggufs["q8_0"]))
+    assert {k: m[k] for k in m if k.startswith(("general.", "llama."))} == {
+        "general.architecture": "llama", "general.name": "mixtral-7b-tiny", "general.file_type": 7,
+        "general.quantization_version": 2, "llama.vocab_size": 1024, "llama.context_length": CONTEXT,
+        "llama.embedding_length": cfg.dim, "llama.block_count": cfg.n_layers,
+        "llama.feed_forward_length": cfg.hidden_dim, "llama.attention.head_count": cfg.n_heads,
+        "llama.attention.head_count_kv": cfg.n_kv_heads, "llama.attention.key_length": cfg.head_dim,
+        "llama.attention.value_length": cfg.head_dim, "llama.rope.dimension_count": cfg.head_dim,
+        "llama.rope.freq_base": pytest.approx(cfg.rope_theta), "llama.expert_count": 8, "llama.expert_used_count": 2,
+        "llama.attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps)}
+    sp = spm.SentencePieceProcessor(model_file=str(src7 / "tokenizer.model"))
+    n = sp.get_piece_size()
+    assert m["tokenizer.ggml.model"] == "llama"
+    assert m["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert m["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(n)])
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    assert m["tokenizer.ggml.token_type"] == types and types.count(6) == 256
+    assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"], m["tokenizer.ggml.unknown_token_id"]) \
+        == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    assert (m["tokenizer.ggml.add_bos_token"], m["tokenizer.ggml.add_eos_token"]) == (True, False)
+    assert "tokenizer.chat_template" not in m
+    assert [meta(GGUFReader(ggufs[t]))["general.file_type"] for t in ("float32", "float16", "bfloat16")] == [0, 1, 32]
+
+
+def test_chat_template_name_and_context_length_carried(src7, tmp_path):
+    src = copy_source(src7, tmp_path / "src")
+    template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    out = merge_gguf(src, tmp_path / "a.gguf", "float16", "--name", "My Finetune")
+    m = meta(GGUFReader(out))
+    assert (m["tokenizer.chat_template"], m["general.name"], m["llama.context_length"]) == (template, "My Finetune",
+                                                                                            CONTEXT)
+
+
+def test_context_length_from_an_hf_source_and_never_guessed(src7, tmp_path, capsys):
+    code, _, err = cli("merge", src7, "--to", "gguf", "-o", tmp_path / "x.gguf", capsys=capsys)
+    assert code == 2 and "--max-position-embeddings" in err and "context length" in err, err
+    assert list(tmp_path.iterdir()) == []
+    assert cli("merge", src7, "--to", "hf", "-o", tmp_path / "hf", "-q", "--max-position-embeddings", 777)[0] == 0
+    assert cli("merge", tmp_path / "hf", "--to", "gguf", "-o", tmp_path / "h.gguf", "-q")[0] == 0
+    assert meta(GGUFReader(tmp_path / "h.gguf"))["llama.context_length"] == 777
+
+
+# ----------------------------------------------------------------------------- tensors
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_lossless_types_hold_the_source_cast_byte_for_byte(ggufs, src7, dtype):
+    cfg = ModelConfig.from_json_file(src7 / "params.json")
+    expected = expected_tensors(load(src7 / "consolidated.00.pth"), cfg)
+    r = GGUFReader(ggufs[dtype])
+    assert [t.name for t in r.tensors] == list(expected)
+    ggml, torch_dtype = TYPES[dtype]
+    for t in r.tensors:
+        want = expected[t.name]
+        f32 = want.dim() == 1 or t.name.endswith("ffn_gate_inp.weight")
+        assert t.tensor_type == (T.F32 if f32 else ggml), t.name
+        assert tuple(int(x) for x in t.shape) == tuple(reversed(want.shape)), t.name
+        cast = want.to(torch.float32 if f32 else torch_dtype).contiguous()
+        assert raw(t) == cast.view(-1).view(torch.uint8).numpy().tobytes(), t.name
+
+
+def test_q8_0_blocks_equal_quantizing_the_whole_source_tensor(ggufs, src7):
+    """Written a block of rows at a time, expert after expert; equal to the gguf package's quantizer
+    run once over each whole stacked tensor."""
+    cfg = ModelConfig.from_json_file(src7 / "params.json")
+    expected = expected_tensors(load(src7 / "consolidated.00.pth"), cfg)
+    r = GGUFReader(ggufs["q8_0"])
+    quantized = 0
+    for t in r.tensors:
+        want = expected[t.name].float().numpy()
+        if t.tensor_type == T.F32:
+            assert want.ndim == 1 or t.name.endswith("ffn_gate_inp.weight")
+            assert raw(t) == want.tobytes()
+            continue
+        assert t.tensor_type == T.Q8_0
+        assert raw(t) == quants.quantize(want, T.Q8_0).tobytes(), t.name
+        quantized += 1
+    assert quantized == 1 + 2 * 3 + 4 * 2 + 1  # embedding, 4 attention + 3 experts per layer, output
+
+
+def test_sources_in_bfloat16_and_accessory_layouts_give_the_same_file(src7, sparse4, finetune, ggufs, tmp_path):
+    """The same model from Accessory's sparse N=4 layout and a finetune save is the same GGUF, byte
+    for byte after the header (general.name differs)."""
+    data = lambda p: p.read_bytes()[-sum(t.n_bytes for t in GGUFReader(p).tensors):]  # noqa: E731
+    want = data(ggufs["q8_0"])
+    for i, src in enumerate((sparse4, finetune)):
+        assert data(merge_gguf(src, tmp_path / f"{i}.gguf", "q8_0")) == want
+
+
+# ----------------------------------------------------------------------------- sizes, pieces, manifest
+@pytest.mark.parametrize("extra", [(), ("--max-shard-size", "60KB")])
+def test_dry_run_sizes_are_exact_and_pieces_are_named_as_gguf_split(src22, tmp_path, extra):
+    args = dict(to="gguf", dtype="q8_0", max_position_embeddings=CONTEXT, quiet=True,
+                max_shard_size=60_000 if extra else None)
+    out = tmp_path / "m.gguf"
+    planned = merge(src22, out=out, dry_run=True, **args)
+    assert list(tmp_path.iterdir()) == []
+    merge(src22, out=out, **args)
+    written = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert {f.name: f.size for f in planned.files} == written
+    manifest = json.loads((tmp_path / "m.gguf.mixtral-convert-manifest.json").read_text())
+    names = sorted(n for n in written if n.endswith(".gguf"))
+    assert sorted(manifest["files"]) == names and manifest["dtype"] == "q8_0"
+    if not extra:
+        assert names == ["m.gguf"]
+        return
+    k = len(names)
+    assert k > 2 and names == [f"m-{i:05d}-of-{k:05d}.gguf" for i in range(1, k + 1)]
+    readers = [GGUFReader(tmp_path / n) for n in names]
+    total = sum(len(r.tensors) for r in readers)
+    for i, r in enumerate(readers):
+        m = meta(r)
+        assert (m["split.no"], m["split.count"], m["split.tensors.count"]) == (i, k, total)
+        assert ("llama.block_count" in m) == (i == 0)  # the model's metadata is in the first piece
+    assert cli("verify", tmp_path / names[0], "-q")[0] == 0
+
+
+def test_verify_without_source_checks_the_manifest(ggufs, tmp_path, capsys):
+    f = tmp_path / "c.gguf"
+    f.write_bytes(ggufs["bfloat16"].read_bytes())
+    (tmp_path / "c.gguf.mixtral-convert-manifest.json").write_text(
+        ggufs["bfloat16"].with_name(ggufs["bfloat16"].name + ".mixtral-convert-manifest.json").read_text()
+        .replace(ggufs["bfloat16"].name, "c.gguf"))
+    assert cli("verify", f, capsys=capsys)[0] == 0
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 1
+    f.write_bytes(bytes(data))
+    code, out, err = cli("verify", f, capsys=capsys)
+    assert code == 1 and "c.gguf" in err and "sha256" in (out + err), out + err
+
+
+# ----------------------------------------------------------------------------- refusals and safety
+def test_refusals_before_anything_is_written(src7, wide_src, tmp_path, capsys):
+    def refused(src, *args, words):
+        code, _, err = cli("merge", src, "--to", "gguf", "-o", tmp_path / "x.gguf",
+                           "--max-position-embeddings", CONTEXT, *args, capsys=capsys)
+        assert code == 2 and all(w in err for w in words), err
+        assert list(tmp_path.iterdir()) == [], err
+    refused(wide_src, words=["byte pieces", "256"])  # the synthetic tokenizer has none: llama.cpp would abort
+    src = copy_source(src7, tmp_path.parent / "rows")
+    tok = src / "tokenizer.model"
+    (src / "tokenizer.model").unlink()
+    refused(src, words=["tokenizer.model", "--tokenizer"])
+    cfg = dict(WIDE, vocab_size=1024)
+    cfg_src = tmp_path.parent / "odd"
+    from conftest import make_source
+    make_source(cfg_src, cfg, seed=3)  # hidden_dim 48: rows of w2 are not whole 32-blocks
+    refused(cfg_src, "--dtype", "q8_0", words=["ffn_down_exps", "48", "Q8_0"])
+    code, _, err = cli("merge", src7, "--to", "hf", "--dtype", "q8_0", "-o", tmp_path / "h",
+                       "--max-position-embeddings", CONTEXT, capsys=capsys)
+    assert code == 2 and "--to gguf" in err and not (tmp_path / "h").exists()
+    del tok
+
+
+def test_hf_tokenizer_json_only_source_is_refused_with_the_reason(src7, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert cli("merge", src7, "--to", "hf", "-o", hf, "-q", "--max-position-embeddings", CONTEXT)[0] == 0
+    (hf / "tokenizer.model").unlink()
+    code, _, err = cli("merge", hf, "--to", "gguf", "-o", tmp_path / "x.gguf", capsys=capsys)
+    assert code == 2 and "tokenizer.json" in err and "scores" in err and "--tokenizer" in err, err
+    assert not (tmp_path / "x.gguf").exists()
+    assert cli("merge", hf, "--to", "gguf", "-o", tmp_path / "x.gguf", "--tokenizer", src7 / "tokenizer.model",
+               "-q")[0] == 0
+
+
+def test_float16_overflow_interrupt_and_full_disk_leave_nothing(src7, tmp_path, capsys, monkeypatch):
+    src = copy_source(src7, tmp_path / "src")
+    sd = load(src / "consolidated.00.pth")
+    sd["layers.1.feed_forward.experts.5.w3.weight"][3, 7] = 1e6
+    torch.save(sd, src / "consolidated.00.pth")
+    out = tmp_path / "o" / "x.gguf"
+    code, _, err = cli("merge", src, "--to", "gguf", "--dtype", "float16", "-o", out, "--max-position-embeddings",
+                       CONTEXT, capsys=capsys)
+    assert code == 2 and "layers.1.feed_forward.experts.5.w3.weight" in err and "65504" in err, err
+    assert not (tmp_path / "o").exists()
+    import mixtral_convert.encodings.gguf as enc
+    real = enc.os.write
+    calls = {"n": 0}
+
+    def failing(fd, data, exc):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise exc
+        return real(fd, data)
+    for exc, code_want in ((OSError(errno.ENOSPC, "No space left on device"), 2), (KeyboardInterrupt(), 130)):
+        calls["n"] = 0
+        monkeypatch.setattr(enc.os, "write", lambda fd, data, exc=exc: failing(fd, data, exc))
+        code, _, err = cli("merge", src7, "--to", "gguf", "-o", out, "--max-position-embeddings", CONTEXT, "-q",
+                           capsys=capsys)
+        assert code == code_want, err
+        assert not (tmp_path / "o").exists(), list((tmp_path / "o").iterdir())
+    monkeypatch.setattr(enc.os, "write", real)
+
+
+def test_force_replaces_only_its_own_output(src7, tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    merge_gguf(src7, out, "q8_0", "--max-shard-size", "100KB")
+    pieces = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = cli("merge", src7, "--to", "gguf", "-o", out, "--max-position-embeddings", CONTEXT, capsys=capsys)
+    assert code == 2 and "--force" in err
+    merge_gguf(src7, out, "bfloat16", "--force")  # one file now: the old pieces go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf", "x.gguf.mixtral-convert-manifest.json"]
+    assert pieces != ["x.gguf", "x.gguf.mixtral-convert-manifest.json"]
+    out.write_bytes(out.read_bytes() + b"x")  # changed since: not what the manifest records
+    code, _, err = cli("merge", src7, "--to", "gguf", "-o", out, "--max-position-embeddings", CONTEXT, "--force",
+                       capsys=capsys)
+    assert code == 2 and "did not write it" in err, err
