@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import mistral
+from ..formats import gguf_source, mistral
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import open_checkpoint
@@ -40,6 +40,8 @@ def inspect(path: Path) -> dict:
         info["archive"] = {"name": path.name, "bytes": path.stat().st_size}
         info["files"] = tarball.listing(path)  # its members
         return info
+    if path.name.endswith(".gguf"):
+        return gguf_source.describe(path)
     if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
     if path.name == mistral.TEKKEN:

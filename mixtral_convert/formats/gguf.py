@@ -49,6 +49,7 @@ TYPES = {"float32": (T.F32, LlamaFileType.ALL_F32), "float16": (T.F16, LlamaFile
 KQUANTS = {"q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
            "q6_k": LlamaFileType.MOSTLY_Q6_K}
 DTYPES = tuple(TYPES) + tuple(KQUANTS)
+FILE_TYPE_NAMES = {int(ft): n for n, (_, ft) in TYPES.items()} | {int(ft): n for n, ft in KQUANTS.items()}
 SOURCE_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 QUANT_BLOCK_BYTES = 4 << 20  # source bytes per block quantized at once (numpy's temporaries are several times it)
 

@@ -8,12 +8,14 @@ metadata implies (any failure is one line naming the file). The tensors become t
 lazy tensors through the target's name table (expert e of a stacked `ffn_*_exps` is its index
 e). F32, F16 and BF16 tensors are read as they are stored; a lossless GGUF is a source like any
 other (split and merge take it), its F32 norms and router given in the weights' dtype when
-that holds them exactly. Quantized tensors are only read dequantized to float32, for the
-forward (`open_gguf(..., dequantize=True)`): a quantized file is not a source to convert from.
+that holds them exactly (else every tensor in float32, which holds both). Quantized tensors
+are only read dequantized to float32, for the forward (`open_gguf(..., dequantize=True)`): a
+quantized file is not a source to convert from.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, check_tensors
-from .gguf import ARCH, NAME_TABLE, SPLIT_RE
+from .gguf import ARCH, FILE_TYPE_NAMES, NAME_TABLE, SPLIT_RE
 
 T = GGMLQuantizationType
 
@@ -106,10 +108,16 @@ def config_of(r: GGUFReader, path) -> ModelConfig:
     params = {"dim": dim, "n_layers": k("block_count"), "hidden_dim": k("feed_forward_length"), "n_heads": heads,
               "n_kv_heads": k("attention.head_count_kv"), "head_dim": k("attention.key_length", dim // heads),
               "vocab_size": k("vocab_size", len(field(r, "tokenizer.ggml.tokens", path))),
-              "norm_eps": k("attention.layer_norm_rms_epsilon"), "rope_theta": k("rope.freq_base"),
+              "norm_eps": _f32(k("attention.layer_norm_rms_epsilon")), "rope_theta": _f32(k("rope.freq_base")),
               "max_position_embeddings": k("context_length"),
               "moe": {"num_experts": k("expert_count"), "num_experts_per_tok": k("expert_used_count")}}
     return ModelConfig.from_params(params, str(path))
+
+
+def _f32(x) -> float:
+    """A float32 metadata value as the decimal it was written from (the shortest that rounds to it):
+    1e-05, not 9.99999974e-06."""
+    return float(str(np.float32(x)))
 
 
 def _patterns():
@@ -160,9 +168,12 @@ def open_gguf(path: Path, dequantize: bool = False) -> Checkpoint:
     if len(weights) != 1:
         raise ConvertError(f"{path}: its weight matrices are in several types; convert from the original checkpoint")
     dtype = weights.pop()
-    for k, v in canonical.items():
-        if v.dtype != dtype:
-            canonical[k] = _narrowed(v, dtype, path)
+    try:
+        narrowed = {k: _narrowed(v, dtype, path) for k, v in canonical.items() if v.dtype != dtype}
+    except ValueError:  # F32 norms or router the weights' dtype cannot hold: everything read in float32
+        dtype, narrowed = torch.float32, {k: _Narrowed(v, torch.float32) for k, v in canonical.items()
+                                          if v.dtype != torch.float32}
+    canonical.update(narrowed)
     canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
     return Checkpoint(path.parent, "gguf", cfg, paths, None, 1, canonical, label="GGUF",
                       tokenizer_missing=f"{path}: a GGUF holds its vocabulary but no tokenizer.model; pass "
@@ -183,9 +194,34 @@ class _Narrowed(Lazy):
 
 def _narrowed(v: GgufTensor, dtype: torch.dtype, path) -> Lazy:
     """An F32 norm or router in the weights' dtype, when that dtype holds its values exactly
-    (what the GGUF writer stores: the source's values widened); else refused."""
+    (what the GGUF writer stores for a source of that dtype: its values widened); else ValueError."""
     full = v.read(0, v.shape[0]) if v.shape else v.read(0, 1)
     if not torch.equal(full.to(dtype).to(full.dtype), full):
-        raise ConvertError(f"{path}: tensor '{v.name}' holds float32 values that {dtype} cannot, while the weights "
-                           f"are {dtype}: the file is not one model dtype; convert from the original checkpoint")
+        raise ValueError(v.name)
     return _Narrowed(v, dtype)
+
+
+def describe(path: Path) -> dict:
+    """What inspect says of a GGUF file: architecture, config, type, tensors' types and shapes,
+    the tokenizer, the pieces (metadata and tensor infos only; no tensor data is read)."""
+    path = Path(path)
+    paths = [p for p in pieces_of(path) if p.is_file()]
+    readers = [read(p) for p in paths]
+    r = readers[0]
+    cfg = config_of(r, path)
+    ft = int(field(r, "general.file_type", path))
+    tensors = [t for rd in readers for t in rd.tensors]
+    tokens = field(r, "tokenizer.ggml.tokens", path, [])
+    tok = {"model": field(r, "tokenizer.ggml.model", path, "none"), "tokens": len(tokens)}
+    for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{k}" in r.fields:
+            tok[k] = field(r, f"tokenizer.ggml.{k}", path)
+    tok["chat_template"] = "tokenizer.chat_template" in r.fields
+    return {"path": str(path), "what": f"GGUF for llama.cpp ({ARCH} with {cfg.num_experts} experts), "
+            f"{FILE_TYPE_NAMES.get(ft, f'file type {ft}')}", "architecture": ARCH,
+            "name": field(r, "general.name", path, ""), "file_type": FILE_TYPE_NAMES.get(ft, ft),
+            "context_length": cfg.max_position_embeddings, "config": cfg.to_params(),
+            "pieces": len(pieces_of(path)), "pieces_present": len(paths), "tensors": len(tensors),
+            "types": dict(collections.Counter(t.tensor_type.name for t in tensors)),
+            "shapes": {t.name: [int(x) for x in reversed(t.shape.tolist())] for t in tensors},
+            "tokenizer": tok, "file_bytes": sum(p.stat().st_size for p in paths)}

@@ -14,10 +14,12 @@ import torch
 from conftest import CONTEXT, copy_source, merge_gguf
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
-from helpers import WIDE, cli, load
+from helpers import WIDE, cli, load, same_bytes
 
 from mixtral_convert.commands.merge import merge
 from mixtral_convert.formats.gguf import NAME_TABLE
+from mixtral_convert.formats.registry import open_checkpoint
+from mixtral_convert.io.lazy import materialize
 from mixtral_convert.model.config import ModelConfig
 
 TYPES = {"float32": (T.F32, torch.float32), "float16": (T.F16, torch.float16), "bfloat16": (T.BF16, torch.bfloat16)}
@@ -255,3 +257,94 @@ def test_force_replaces_only_its_own_output(src7, tmp_path, capsys):
     code, _, err = cli("merge", src7, "--to", "gguf", "-o", out, "--max-position-embeddings", CONTEXT, "--force",
                        capsys=capsys)
     assert code == 2 and "did not write it" in err, err
+
+
+# ----------------------------------------------------------------------------- read back
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "q8_0"])
+def test_verify_against_the_source_and_its_forward(ggufs, src7, tmp_path, capsys, dtype):
+    code, out, err = cli("verify", ggufs[dtype], "--source", src7, "--forward", "--json", capsys=capsys)
+    assert code == 0, out + err
+    rep = json.loads(out)
+    assert rep["ok"] and any(("byte for byte" if dtype != "q8_0" else "block for block") in c for c in rep["checks"])
+    fwd = rep["forward"]
+    bound, top1 = {"float32": (1e-4, 0.99), "bfloat16": (0.1, 0.9), "q8_0": (0.2, 0.75)}[dtype]
+    assert fwd["rms_rel_diff"] <= bound and fwd["top1_agreement"] >= top1, fwd
+    assert dtype != "float32" or fwd["rms_rel_diff"] < 1e-6, fwd  # the same weights: rounding of the sums only
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(ggufs[dtype].read_bytes())
+    data[-4000] ^= 0x40  # inside output.weight
+    bad.write_bytes(bytes(data))
+    code, out, err = cli("verify", bad, "--source", src7, capsys=capsys)
+    assert code == 1 and "output.weight" in err and "differs" in err, out + err
+
+
+def test_a_lossless_gguf_is_a_source_for_split_and_merge(ggufs, src7, tmp_path, capsys):
+    """A bf16 source -> bf16 GGUF -> Accessory base N=2 -> torrent: the source byte for byte. A bf16
+    GGUF of a float32 source (its norms F32) reads as float32: weights bf16-rounded, norms exact."""
+    from conftest import SHAPE_7B, make_source
+    src = make_source(tmp_path / "bf16src", SHAPE_7B, seed=5, dtype=torch.bfloat16)
+    g = merge_gguf(src, tmp_path / "bf.gguf", "bfloat16")
+    tok = ("--tokenizer", src / "tokenizer.model")
+    assert cli("split", g, "-n", 2, "-o", tmp_path / "b", "-q", *tok, capsys=capsys)[0] == 0
+    assert cli("merge", tmp_path / "b", "-o", tmp_path / "t", "-q", capsys=capsys)[0] == 0
+    got, want = load(tmp_path / "t" / "consolidated.00.pth"), load(src / "consolidated.00.pth")
+    assert list(got) == list(want) and all(same_bytes(got[k], v) for k, v in want.items())
+    ck = open_checkpoint(ggufs["bfloat16"])
+    src32 = load(src7 / "consolidated.00.pth")
+    assert ck.dtype == torch.float32
+    for k in ("norm.weight", "layers.1.feed_forward.experts.7.w2.weight", "layers.0.feed_forward.gate.weight"):
+        want = src32[k] if k.endswith(("norm.weight", "gate.weight")) else src32[k].to(torch.bfloat16).float()
+        assert torch.equal(materialize(ck.canonical[k]), want), k
+    code, _, err = cli("split", ggufs["q8_0"], "-n", 2, "-o", tmp_path / "q", *tok, capsys=capsys)
+    assert code == 2 and "quantized" in err and not (tmp_path / "q").exists(), err
+    code, _, err = cli("split", ggufs["float32"], "-n", 2, "-o", tmp_path / "n", capsys=capsys)
+    assert code == 2 and "--tokenizer" in err, err
+
+
+def test_damaged_gguf_source_is_one_line(ggufs, tmp_path, capsys):
+    data = ggufs["float32"].read_bytes()
+    for i, blob in enumerate((data[:len(data) // 2], b"GGUF" + b"\xff" * 60, b"NOPE" + data[4:200])):
+        p = tmp_path / f"d{i}.gguf"
+        p.write_bytes(blob)
+        code, _, err = cli("inspect", p, capsys=capsys)
+        assert code == 2 and str(p) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_inspect_says_what_a_gguf_is(ggufs, capsys):
+    code, out, _ = cli("inspect", ggufs["q8_0"], "--json", capsys=capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["architecture"] == "llama" and info["file_type"] == "q8_0" and info["pieces"] == 1
+    assert info["types"] == {"F32": 2 * 3 + 1, "Q8_0": 16} and info["tokenizer"]["tokens"] == 1024
+    assert info["shapes"]["blk.0.ffn_down_exps.weight"] == [8, 64, 96]
+
+
+def test_k_quants_without_llama_cpp_refused_in_one_line(src7, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    code, _, err = cli("merge", src7, "--to", "gguf", "--dtype", "q4_k_m", "-o", tmp_path / "k.gguf",
+                       "--max-position-embeddings", CONTEXT, capsys=capsys)
+    assert code == 2 and "pip install 'mixtral-convert[kquants]'" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_a_block_at_a_time_with_the_same_bytes(src7, ggufs, tmp_path, monkeypatch):
+    """With blocks of a few rows, no read of the source is larger than a block (so no expert and no
+    layer is ever whole in memory), and the file is the same."""
+    import mixtral_convert.formats.gguf as target
+    import mixtral_convert.io.lazy as lazy
+    monkeypatch.setattr(target, "QUANT_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(lazy.Lazy.blocks, "__defaults__", (2048,))
+    biggest = {"n": 0}
+    real = lazy.Stored.read
+
+    def read(self, r0, r1, c0=None, c1=None):
+        out = real(self, r0, r1, c0, c1)
+        biggest["n"] = max(biggest["n"], out.numel() * out.element_size())
+        return out
+    monkeypatch.setattr(lazy.Stored, "read", read)
+    for dtype in ("q8_0", "bfloat16"):
+        out = merge_gguf(src7, tmp_path / f"{dtype}.gguf", dtype)
+        assert out.read_bytes()[-1000:] == ggufs[dtype].read_bytes()[-1000:]
+        assert [raw(t) for t in GGUFReader(out).tensors] == [raw(t) for t in GGUFReader(ggufs[dtype]).tensors]
+    assert 0 < biggest["n"] <= 2048
