@@ -36,7 +36,6 @@ from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenize
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DEFAULT_MAX_SHARD = 5 * 10**9  # bytes, transformers' default for save_pretrained
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry
 
 
 class RowPermuted(Lazy):
@@ -95,7 +94,7 @@ def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
                 continue  # the index names another file for it; trust the index
             name = hfnames.hf_to_canonical(hf_name)
             if name is None:
-                if hf_name.endswith(_IGNORED_SUFFIXES):
+                if hfnames.hf_ignored(hf_name):
                     continue
                 raise ConvertError(f"{f}: tensor '{hf_name}' is not a Mixtral HF tensor name "
                                    "(expected model.layers.L.block_sparse_moe.experts.e.w1.weight and the like)")
