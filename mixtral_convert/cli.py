@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import ConvertError, WorldSizeError
+from .formats.registry import TARGETS, all_target_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +165,26 @@ _cast_option = click.option(
          "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
 
 
+
+
+def _merge_dtype_option(f):
+    """--dtype of merge: every dtype some target takes (each target checks its own)."""
+    choices = list(dict.fromkeys(d for t in TARGETS.values() for d in t.dtypes))
+    return click.option(
+        "--dtype", "cast", type=click.Choice(choices), default=None,
+        help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
+             "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused. "
+             + "; ".join(f"--to {t.name}: {', '.join(t.dtypes)}" for t in TARGETS.values()) + ".")(f)
+
+
+def _target_options(f):
+    """Every target's own options (formats.checkpoint.TargetOption), each saying which --to takes it."""
+    for o, names in reversed(all_target_options()):
+        f = click.option(o.flag, o.dest, default=None, metavar=o.metavar,
+                         help=f"--to {', '.join(names)}: {o.help}")(f)
+    return f
+
+
 _dry_run_option = click.option(
     "--dry-run", is_flag=True,
     help="Detect and validate the source and the output directory, then print the plan (every output file "
@@ -239,26 +260,19 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_out_option
 @_force_option
 @_quiet_option
-@click.option("--to", "to", type=click.Choice(["torrent", "hf"]), default="torrent", show_default=True,
-              help="torrent: consolidated.00.pth + params.json; hf: the HF hub layout (config.json, "
-                   "safetensors with q/k permuted, an index when several files) that transformers loads.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB).")
-@click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--to hf: the context length for config.json when the source does not state it (an HF "
-                   "config.json does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, "
-                   "65536 for 8x22B. Overrides the source's.")
+@click.option("--to", "to", type=click.Choice(list(TARGETS)), default="torrent", show_default=True,
+              help="; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + ".")
+@_target_options
 @_tokenizer_option
-@_cast_option
+@_merge_dtype_option
 @_dry_run_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, max_position_embeddings, dry_run):
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
-    SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
+    SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
-    from .formats.hf import parse_size
-    res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
-                tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings, dry_run=dry_run)
+    res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
+                **target_options)
     if dry_run:
         return _print_dry_run(res)
     _print_result("merged", res, quiet)

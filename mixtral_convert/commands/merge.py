@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from ..formats import hf
 from ..formats.checkpoint import dtype_name
-from ..formats.registry import open_checkpoint, target
+from ..formats.registry import TARGETS, open_checkpoint, target
+from ..formats.registry import target_options as target_options_of
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
@@ -27,30 +27,29 @@ from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
-          to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
-          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None, dry_run: bool = False):
+          to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
+          **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
-    say what would be written (a dryrun.DryRun)."""
+    say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
+    the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
     ck = open_checkpoint(shards)
     use_tokenizer(ck, tokenizer)
-    if to == "torrent" and ck.kind == "torrent":
-        raise ConvertError(f"{ck.path}: already in the torrent layout; merge reads Accessory shard directories "
-                           "(or other sources); for the HF layout pass --to hf")
+    if ck.kind in tgt.same_kinds:
+        raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
+                           "(or other sources); for another layout pass --to "
+                           + " or --to ".join(n for n in TARGETS if n != to))
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
     ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
-    if to == "hf":
-        max_position_embeddings = hf.prepare(ck, max_position_embeddings)
-    elif max_position_embeddings is not None:
-        raise ConvertError(f"--max-position-embeddings is for --to hf (config.json's context length); the {to} "
-                           "layout has no place for it: leave it out")
+    if dtype is not None and dtype not in tgt.dtypes:
+        raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
+    options = target_options_of(tgt, ck, target_options)
     cast_to(ck, dtype)
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
     if dry_run:
-        options = dict(max_shard_size=max_shard_size, max_position_embeddings=max_position_embeddings)
         planned = [Planned(*p) for p in tgt.plan(ck, **options)]
         if ck.tokenizer is not None:
             skip = {p.name for p in planned}
@@ -60,8 +59,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
-            files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size,
-                              max_position_embeddings=max_position_embeddings)
+            files = tgt.write(ck, tmp, prog, **options)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
         write_manifest(tmp, files, **_manifest_info(ck, to))
