@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import ConvertError, WorldSizeError
+from .formats.registry import TARGETS, all_target_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +165,29 @@ _cast_option = click.option(
          "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
 
 
+
+
+def _merge_dtype_option(f):
+    """--dtype of merge: every dtype some target takes (each target checks its own)."""
+    choices = list(dict.fromkeys(d for t in TARGETS.values() for d in t.dtypes))
+    return click.option(
+        "--dtype", "cast", type=click.Choice(choices), default=None,
+        help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
+             "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused. "
+             + "; ".join(f"--to {t.name}: {', '.join(t.dtypes)}" for t in TARGETS.values()) + ".")(f)
+
+
+def _target_options(f):
+    """Every target's own options (formats.checkpoint.TargetOption), each saying which --to takes it."""
+    for o, names in reversed(all_target_options()):
+        helps: dict[str, list] = {}  # each target's own help for the flag, targets of one help together
+        for name in names:
+            helps.setdefault(next(x.help for x in TARGETS[name].options if x.flag == o.flag), []).append(name)
+        f = click.option(o.flag, o.dest, default=None, metavar=o.metavar,
+                         help=" ".join(f"--to {', '.join(ns)}: {h}" for h, ns in helps.items()))(f)
+    return f
+
+
 _dry_run_option = click.option(
     "--dry-run", is_flag=True,
     help="Detect and validate the source and the output directory, then print the plan (every output file "
@@ -239,38 +263,19 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_out_option
 @_force_option
 @_quiet_option
-@click.option("--to", "to", type=click.Choice(["torrent", "hf", "gguf"]), default="torrent", show_default=True,
-              help="torrent: consolidated.00.pth + params.json; hf: the HF hub layout (config.json, "
-                   "safetensors with q/k permuted, an index when several files) that transformers loads; "
-                   "gguf: one .gguf file for llama.cpp, Ollama and LM Studio (-o PATH.gguf).")
-@click.option("--max-shard-size", default=None,
-              help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB; default 5GB). --to gguf: cut the "
-                   "file into PATH-00001-of-0000K.gguf pieces of at most this size, as llama.cpp's gguf-split "
-                   "does (default: one file).")
-@click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--to hf or gguf: the context length when the source does not state it (an HF "
-                   "config.json does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, "
-                   "65536 for 8x22B. Overrides the source's.")
+@click.option("--to", "to", type=click.Choice(list(TARGETS)), default="torrent", show_default=True,
+              help="; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + ".")
+@_target_options
 @_tokenizer_option
-@click.option("--dtype", "cast", type=click.Choice(["float32", "bfloat16", "float16", "q8_0", "q4_k_m", "q5_k_m",
-                                                    "q6_k"]), default=None,
-              help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
-                   "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused. --to gguf "
-                   "also takes q8_0 (written by the tool) and the k-quants q4_k_m, q5_k_m, q6_k (llama.cpp's "
-                   "quantizer: pip install 'mixtral-convert[kquants]'); norms and the router stay F32.")
-@click.option("--name", default=None, help="--to gguf: general.name (default: the source's directory or repository).")
+@_merge_dtype_option
 @_dry_run_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, name, max_position_embeddings,
-              dry_run):
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
-    SHARDS_merged), with --to hf the HF hub layout (default output SHARDS_hf), or with --to gguf
-    a GGUF file (default SHARDS.gguf) with its manifest beside it."""
+    SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
-    from .formats.hf import parse_size
-    size = parse_size(max_shard_size) if max_shard_size is not None else None
-    res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=size, name=name,
-                tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings, dry_run=dry_run)
+    res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
+                **target_options)
     if dry_run:
         return _print_dry_run(res)
     _print_result("merged", res, quiet)

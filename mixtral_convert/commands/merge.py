@@ -1,11 +1,13 @@
 """merge: an Accessory layout (base or sparse, any N), or any other source, back to the torrent
-layout or to the HF hub layout.
+layout, to the HF hub layout, or to a GGUF file.
 
 Each canonical tensor is assembled from the shards through the same plan that split uses, read
 in the other direction, and streamed by the target format's writer (formats.registry.TARGETS:
 `torrent` writes consolidated.00.pth and params.json, `hf` safetensors with q/k permuted and
 config.json); the tokenizer is checked and carried beside (tokenizer.model and the HF tokenizer
-files; `hf` builds those a tokenizer.model alone lacks), and a manifest lists every file.
+files; `hf` builds those a tokenizer.model alone lacks), and a manifest lists every file. A
+target whose output is a file (`gguf`: PATH.gguf, its vocabulary inside) is written beside its
+manifest instead (io.beside), with nothing carried.
 """
 
 from __future__ import annotations
@@ -15,47 +17,39 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from ..formats import hf
 from ..formats.checkpoint import dtype_name
-from ..formats.registry import open_checkpoint, target
+from ..formats.registry import TARGETS, open_checkpoint, target
+from ..formats.registry import target_options as target_options_of
 from ..io import beside
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
 from . import dryrun
-from .common import CAST_DTYPES, MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
+from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
-          to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
-          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None, dry_run: bool = False,
-          name: Optional[str] = None):
+          to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
+          **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
-    say what would be written (a dryrun.DryRun)."""
+    say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
+    the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
     ck = open_checkpoint(shards)
     use_tokenizer(ck, tokenizer)
-    if to == "torrent" and ck.kind == "torrent":
-        raise ConvertError(f"{ck.path}: already in the torrent layout; merge reads Accessory shard directories "
-                           "(or other sources); for the HF layout pass --to hf")
+    if ck.kind in tgt.same_kinds:
+        raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
+                           "(or other sources); for another layout pass --to "
+                           + " or --to ".join(n for n in TARGETS if n != to))
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
     ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
-    if to == "hf":
-        max_position_embeddings = hf.prepare(ck, max_position_embeddings)
-    elif max_position_embeddings is not None and to != "gguf":
-        raise ConvertError(f"--max-position-embeddings is for --to hf and gguf (the context length); the {to} "
-                           "layout has no place for it: leave it out")
-    if name is not None and to != "gguf":
-        raise ConvertError(f"--name is for --to gguf (general.name); the {to} layout has no place for it")
-    options = dict(max_shard_size=max_shard_size, max_position_embeddings=max_position_embeddings)
-    if tgt.dtypes:  # the target applies --dtype itself
-        if dtype is not None and dtype not in tgt.dtypes:
-            raise ConvertError(f"--dtype {dtype}: --to {to} takes {', '.join(tgt.dtypes)}")
-        options.update(dtype=dtype, name=name)
-    elif dtype is not None and dtype not in CAST_DTYPES:
-        raise ConvertError(f"--dtype {dtype} is for --to gguf; --to {to} takes {', '.join(CAST_DTYPES)}")
+    if dtype is not None and dtype not in tgt.dtypes:
+        raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
+    options = target_options_of(tgt, ck, target_options)
+    if tgt.applies_dtype:
+        options["dtype"] = dtype
     else:
         cast_to(ck, dtype)
     base = output_base(ck)
@@ -81,7 +75,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
 
 
 def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict):
-    """A target whose output is a file (PATH.gguf, its pieces beside it) and its manifest beside it."""
+    """A target whose output is a file (PATH.gguf, its pieces beside it), with its manifest beside it."""
     out = Path(out)
     options = dict(options, out_name=out.name)
     planned = [Planned(*p) for p in tgt.plan(ck, **options)]  # refusals come here, before anything is created

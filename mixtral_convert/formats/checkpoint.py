@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -97,21 +97,61 @@ class Reader:
 
 
 @dataclass(frozen=True)
+class TargetOption:
+    """A command-line option a target declares (`merge --to NAME --FLAG VALUE`): given, `parse(text)`
+    is passed to the target's `prepare`, `write` and `plan` as keyword `dest`; not given, `default`
+    is parsed (None: the keyword is None)."""
+
+    flag: str  # "--max-shard-size"
+    dest: str  # "max_shard_size"
+    help: str
+    metavar: str = "VALUE"
+    parse: Callable[[str], Any] = str
+    default: Optional[str] = None
+
+
+CAST_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
 class Target:
-    """An output format of merge. `write(ck, tmp, progress, options)` writes every file into the
+    """An output format of merge. `write(ck, tmp, progress, **options)` writes every file into the
     temporary directory `tmp` and returns their manifest entries {name: {size, sha256}};
-    `plan(ck, options)` says what it would write, writing nothing (--dry-run)."""
+    `plan(ck, **options)` says what it would write, writing nothing (--dry-run). Before either,
+    `prepare(ck, options)` checks what the target needs of the source and returns the options
+    resolved (e.g. the context length from the source when not given).
+
+    What it can hold is declared, so that a refusal is one check in one place: `dtypes` (what
+    `--dtype` may name), `holds_biases` (whether the format has bias tensors on the linears), and
+    `same_kinds` (source kinds already in this format: merging one to it is refused)."""
 
     name: str
     suffix: str  # default output: SOURCE + suffix
     write: Callable[..., dict[str, dict]]
     plan: Callable[..., list[tuple[str, int, str]]]  # (name, exact size, what) of every file write writes
-    # The --dtype values the target's writer applies itself (passed as the `dtype` option; the
-    # checkpoint is not cast first): GGUF keeps norms and the router in F32 and quantizes.
-    dtypes: tuple[str, ...] = ()
-    # "dir": the output is a directory; "file": the output names a file (PATH.gguf: what llama.cpp and
-    # Ollama take), written with its pieces and manifest beside it (io.beside), `out_name` its name
+    help: str = ""  # one line for --to's help
+    options: tuple[TargetOption, ...] = ()
+    prepare: Optional[Callable[[Checkpoint, dict], dict]] = None
+    dtypes: tuple[str, ...] = CAST_DTYPES
+    holds_biases: bool = False
+    same_kinds: tuple[str, ...] = ()
+    # The writer applies --dtype itself (given as the option `dtype`; the checkpoint is not cast
+    # first): GGUF keeps norms and the router in F32 from the source's values, and quantizes.
+    applies_dtype: bool = False
+    # "dir": the output is a directory; "file": the output names a file (PATH.gguf: llama.cpp and Ollama
+    # take a file), written with its pieces and manifest beside it (io.beside), the option `out_name` its name
     output: str = "dir"
+
+    def resolve(self, ck: Checkpoint, given: dict[str, Optional[str]]) -> dict[str, Any]:
+        """This target's options from the command line's (`dest` -> text, or None when not given),
+        parsed (defaults applied) and prepared. Options of other targets are not looked at: the
+        registry refuses them (`registry.target_options`)."""
+        options = {}
+        for o in self.options:
+            text = given.get(o.dest)
+            text = o.default if text is None else text
+            options[o.dest] = None if text is None else o.parse(text)
+        return self.prepare(ck, options) if self.prepare is not None else options
 
 
 def read_tensors(path: Path) -> dict[str, Lazy]:

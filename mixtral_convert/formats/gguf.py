@@ -39,7 +39,8 @@ from ..io.prefetch import prefetched
 from ..model.config import ModelConfig
 from ..tokenizer import files as tokfiles
 from ..tokenizer import hf as sptok
-from .checkpoint import Checkpoint, Target
+from .checkpoint import Checkpoint, Target, TargetOption
+from .hf import CONTEXT_OPTION, parse_size
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # "llama"
 T = GGMLQuantizationType
@@ -219,15 +220,15 @@ def source_dtype(ck: Checkpoint) -> str:
     return SOURCE_TYPES[dt]
 
 
-def prepare(ck: Checkpoint, max_position_embeddings: Optional[int] = None) -> int:
+def prepare(ck: Checkpoint, options: dict) -> dict:
     """Checked before anything is written: the tokenizer can be carried, and the context length
-    (the option, else the source's; never guessed). Returns the context length."""
+    (the option, else the source's; never guessed). Returns the options with it resolved."""
     check_tokenizer(ck)
-    max_pos = max_position_embeddings or ck.cfg.max_position_embeddings
+    max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
                            "pass --max-position-embeddings N (32768 for Mixtral-8x7B, 65536 for 8x22B)")
-    return max_pos
+    return dict(options, max_position_embeddings=max_pos)
 
 
 def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
@@ -237,7 +238,7 @@ def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: 
     if dtype not in TYPES:
         raise ConvertError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     source_dtype(ck)
-    context = prepare(ck, max_position_embeddings)
+    context = prepare(ck, {"max_position_embeddings": max_position_embeddings})["max_position_embeddings"]
     m = check_tokenizer(ck)
     tensors = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
     check_blocks(tensors)
@@ -310,9 +311,8 @@ def write_files(tmp: Path, lay: Layout, progress) -> dict[str, dict]:
     return entries
 
 
-def write(ck: Checkpoint, tmp: Path, progress, out_name: str = "model.gguf", dtype: Optional[str] = None,
-          max_shard_size: Optional[int] = None, max_position_embeddings: Optional[int] = None,
-          name: Optional[str] = None, **_options) -> dict[str, dict]:
+def write(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+          max_position_embeddings: int, name: Optional[str]) -> dict[str, dict]:
     """The GGUF file (or its pieces) into `tmp`; the k-quants through llama.cpp's quantizer."""
     if dtype in KQUANTS:
         from .gguf_kquant import write_kquant  # noqa: PLC0415 - the optional extra
@@ -321,9 +321,8 @@ def write(ck: Checkpoint, tmp: Path, progress, out_name: str = "model.gguf", dty
     return write_files(tmp, lay, progress)
 
 
-def plan(ck: Checkpoint, out_name: str = "model.gguf", dtype: Optional[str] = None,
-         max_shard_size: Optional[int] = None, max_position_embeddings: Optional[int] = None,
-         name: Optional[str] = None, **_options) -> list[tuple[str, int, str]]:
+def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+         max_position_embeddings: int, name: Optional[str]) -> list[tuple[str, int, str]]:
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
     if dtype in KQUANTS:
         from .gguf_kquant import plan_kquant  # noqa: PLC0415
@@ -333,4 +332,12 @@ def plan(ck: Checkpoint, out_name: str = "model.gguf", dtype: Optional[str] = No
             for fname, meta, ts in lay.files]
 
 
-TARGET = Target("gguf", ".gguf", write, plan, dtypes=DTYPES, output="file")
+TARGET = Target(
+    "gguf", ".gguf", write, plan, prepare=prepare, dtypes=DTYPES, applies_dtype=True, output="file",
+    help="one GGUF file for llama.cpp, Ollama and LM Studio (-o PATH.gguf; --dtype q8_0 and the k-quants too)",
+    options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size,
+                          help="cut the file into PATH-00001-of-0000K.gguf pieces of at most SIZE, as llama.cpp's "
+                               "gguf-split does (default: one file)."),
+             CONTEXT_OPTION,
+             TargetOption("--name", "name", metavar="NAME",
+                          help="general.name (default: the source's directory or hub repository).")))

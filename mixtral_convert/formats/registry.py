@@ -10,6 +10,7 @@ with a `Target`, added to `TARGETS`. Every command reads through here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
@@ -38,6 +39,28 @@ def hub_weight_patterns(d: Path) -> list[str]:
         if found:
             return found
     return []
+
+
+def target_options(tgt: Target, ck: Checkpoint, given: dict[str, Optional[str]]) -> dict:
+    """`tgt`'s options, parsed and prepared (Target.resolve); an option given that only other targets
+    take is refused, naming them."""
+    for dest, value in given.items():
+        if value is None or any(o.dest == dest for o in tgt.options):
+            continue
+        owners = [t.name for t in TARGETS.values() if any(o.dest == dest for o in t.options)]
+        flag = next(o.flag for t in TARGETS.values() for o in t.options if o.dest == dest) if owners else dest
+        raise ConvertError(f"{flag} is for --to {' or '.join(owners)}; the {tgt.name} layout has no place for it: "
+                           "leave it out")
+    return tgt.resolve(ck, given)
+
+
+def all_target_options() -> list:
+    """Every target's options, each once (by flag), with the targets that take it: for the CLI."""
+    seen: dict[str, tuple] = {}
+    for t in TARGETS.values():
+        for o in t.options:
+            seen.setdefault(o.flag, (o, []))[1].append(t.name)
+    return list(seen.values())
 
 
 def checkpoint_dir(path: Path) -> Path:

@@ -88,7 +88,7 @@ def hint(path: Path, names: set[str]) -> Optional[str]:
     return None
 
 
-def write(ck: Checkpoint, tmp: Path, progress, **_options) -> dict[str, dict]:
+def write(ck: Checkpoint, tmp: Path, progress) -> dict[str, dict]:
     """consolidated.00.pth (every canonical tensor, streamed) and params.json into `tmp`."""
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
     h = hashlib.sha256()
@@ -99,11 +99,12 @@ def write(ck: Checkpoint, tmp: Path, progress, **_options) -> dict[str, dict]:
             PARAMS: write_small(tmp / PARAMS, json_bytes(ck.cfg.to_params()))}
 
 
-def plan(ck: Checkpoint, **_options) -> list[tuple[str, int, str]]:
+def plan(ck: Checkpoint) -> list[tuple[str, int, str]]:
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
     return [(TORRENT_FILE, checkpoint_size(specs), f"{len(specs)} tensors"),
             (PARAMS, len(json_bytes(ck.cfg.to_params())), "the model's hyper-parameters")]
 
 
-TARGET = Target("torrent", "_merged", write, plan)
+TARGET = Target("torrent", "_merged", write, plan, same_kinds=("torrent",),
+                help="the torrent release's layout: consolidated.00.pth and params.json")

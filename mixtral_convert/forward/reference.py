@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..model import tensors
 from ..model.config import ModelConfig
 
 Getter = Callable[[str], torch.Tensor]
@@ -132,20 +133,13 @@ def moe(x: torch.Tensor, gate: torch.Tensor, experts: Iterable[Expert], k: int) 
 # ----- the full forward ---------------------------------------------------------------------
 
 def layer_names(L: int) -> dict[str, str]:
-    """Short name -> canonical name of layer L's non-expert tensors."""
-    p = f"layers.{L}."
-    return {
-        "attention_norm": p + "attention_norm.weight",
-        "wq": p + "attention.wq.weight", "wk": p + "attention.wk.weight",
-        "wv": p + "attention.wv.weight", "wo": p + "attention.wo.weight",
-        "ffn_norm": p + "ffn_norm.weight",
-        "gate": p + "feed_forward.gate.weight",
-    }
+    """Short name -> canonical name of layer L's non-expert tensors (the tensor table's short names)."""
+    return tensors.layer_names(L)
 
 
 def expert_name(L: int, e: int, w: str) -> str:
     """Canonical name of layer L's expert e's w ('w1', 'w2' or 'w3')."""
-    return f"layers.{L}.feed_forward.experts.{e}.{w}.weight"
+    return tensors.expert_name(L, e, w)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ rank's share with them. No other module knows a layout rule.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +19,7 @@ import torch
 from ..errors import ConvertError, WorldSizeError
 from ..io.lazy import Assembled, Lazy, Placement
 from .config import ModelConfig
+from .tensors import TENSORS, Row, compile_pattern
 
 PREFIX = "llma."
 
@@ -129,40 +129,25 @@ class ExpertSlice(Rule):
                       self.transpose)]
 
 
-_COMMON = [
-    ("tok_embeddings.weight", Chunk(1)),             # fairscale ParallelEmbedding: columns
-    ("output.weight", Chunk(0)),                     # ColumnParallelLinear: rows
-    ("norm.weight", Replicate()),
-    ("layers.{L}.attention.{w:wq|wk|wv}.weight", Chunk(0, per_head=True)),
-    ("layers.{L}.attention.wo.weight", Chunk(1, per_head=True)),  # RowParallelLinear: columns
-    ("layers.{L}.{n:attention_norm|ffn_norm}.weight", Replicate()),
-    ("layers.{L}.feed_forward.gate.weight", Replicate()),
-]
+def row_rule(row: Row, layout: str) -> Rule:
+    """A table row's rule in a layout, from how it is parallelised (docs/formats.md, "Accessory layouts")."""
+    if row.parallel == "expert":
+        if layout == "sparse":
+            return ExpertSlice(row.sparse_dim, into=row.sparse, transpose=row.sparse_dim == 1)
+        return ExpertOwner()
+    return {
+        "embedding": Chunk(1),  # fairscale ParallelEmbedding: columns
+        "column": Chunk(0),  # ColumnParallelLinear: rows
+        "column_heads": Chunk(0, per_head=True),  # ... in whole heads
+        "row_heads": Chunk(1, per_head=True),  # RowParallelLinear: columns, in whole heads
+        "replicated": Replicate(),
+    }[row.parallel]
 
+
+LAYOUTS = ("base", "sparse")
 TABLES: dict[str, list[tuple[str, Rule]]] = {
-    "base": _COMMON + [
-        ("layers.{L}.feed_forward.experts.{e}.{w:w1|w2|w3}.weight", ExpertOwner()),
-    ],
-    "sparse": _COMMON + [
-        ("layers.{L}.feed_forward.experts.{e}.{w:w1|w3}.weight",
-         ExpertSlice(0, into="layers.{L}.feed_forward.{w}")),
-        ("layers.{L}.feed_forward.experts.{e}.w2.weight",
-         ExpertSlice(1, into="layers.{L}.feed_forward.w2", transpose=True)),
-    ],
-}
-
-def _compile(pattern: str) -> re.Pattern:
-    out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)(?::([^}]*))?\}", pattern):
-        out.append(re.escape(pattern[pos:m.start()]))
-        alt = m.group(2) or r"\d+"
-        out.append(f"(?P<{m.group(1)}>{alt})")
-        pos = m.end()
-    out.append(re.escape(pattern[pos:]))
-    return re.compile("".join(out) + r"\Z")
-
-
-_COMPILED = {name: [(_compile(p), rule) for p, rule in table] for name, table in TABLES.items()}
+    layout: [(r.pattern, row_rule(r, layout)) for r in TENSORS] for layout in LAYOUTS}
+_COMPILED = {name: [(compile_pattern(p), rule) for p, rule in table] for name, table in TABLES.items()}
 
 
 def rule_for(layout: str, name: str) -> tuple[Rule, dict]:

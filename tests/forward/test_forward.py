@@ -20,6 +20,7 @@ from mixtral_convert.forward.reference import forward, generate_next_tokens
 from mixtral_convert.model import layouts
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.model.layouts import Chunk, ExpertSlice, Piece, valid_world_sizes
+from mixtral_convert.model.tensors import compile_pattern
 from mixtral_convert.synth import tiny_config
 
 CMD = {"base": "split", "sparse": "split-sparse"}
@@ -253,7 +254,7 @@ class ShiftedW2(ExpertSlice):
 
 
 def _patched(table: list, pattern: str, rule) -> list:
-    return [(layouts._compile(p), rule if p == pattern else r) for p, r in table]
+    return [(compile_pattern(p), rule if p == pattern else r) for p, r in table]
 
 
 WRONG = {

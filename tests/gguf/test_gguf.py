@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import CONTEXT, copy_source, merge_gguf
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
+from gguf_cases import CONTEXT, copy_source, merge_gguf
 from helpers import WIDE, cli, load, same_bytes
 
 from mixtral_convert.commands.merge import merge
@@ -195,12 +195,12 @@ def test_refusals_before_anything_is_written(src7, wide_src, tmp_path, capsys):
     refused(src, words=["tokenizer.model", "--tokenizer"])
     cfg = dict(WIDE, vocab_size=1024)
     cfg_src = tmp_path.parent / "odd"
-    from conftest import make_source
+    from gguf_cases import make_source
     make_source(cfg_src, cfg, seed=3)  # hidden_dim 48: rows of w2 are not whole 32-blocks
     refused(cfg_src, "--dtype", "q8_0", words=["ffn_down_exps", "48", "Q8_0"])
     code, _, err = cli("merge", src7, "--to", "hf", "--dtype", "q8_0", "-o", tmp_path / "h",
                        "--max-position-embeddings", CONTEXT, capsys=capsys)
-    assert code == 2 and "--to gguf" in err and not (tmp_path / "h").exists()
+    assert code == 2 and "the hf layout takes float32" in err and not (tmp_path / "h").exists()
     del tok
 
 
@@ -281,7 +281,7 @@ def test_verify_against_the_source_and_its_forward(ggufs, src7, tmp_path, capsys
 def test_a_lossless_gguf_is_a_source_for_split_and_merge(ggufs, src7, tmp_path, capsys):
     """A bf16 source -> bf16 GGUF -> Accessory base N=2 -> torrent: the source byte for byte. A bf16
     GGUF of a float32 source (its norms F32) reads as float32: weights bf16-rounded, norms exact."""
-    from conftest import SHAPE_7B, make_source
+    from gguf_cases import SHAPE_7B, make_source
     src = make_source(tmp_path / "bf16src", SHAPE_7B, seed=5, dtype=torch.bfloat16)
     g = merge_gguf(src, tmp_path / "bf.gguf", "bfloat16")
     tok = ("--tokenizer", src / "tokenizer.model")

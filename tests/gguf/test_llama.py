@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import make_source, merge_gguf, probe_strings
+from gguf_cases import make_source, merge_gguf, probe_strings
 
 from mixtral_convert.formats.registry import open_checkpoint
 from mixtral_convert.forward.reference import forward
