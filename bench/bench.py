@@ -7,6 +7,7 @@ then, --runs times, runs each step right after its reference run, every run from
 
     cp SRC DST && sync              then  split-sparse SRC -n N
     cp SRC DST && sync              then  split SRC -n N
+    cp SRC DST && sync              then  merge SRC --to gguf --dtype bfloat16 (step gguf-bf16) / q8_0 (gguf-q8_0)
     cp -r SHARDS DST && sync        then  merge SHARDS              (SHARDS: split's output)
     cat SRC SHARDS > /dev/null      then  verify SHARDS --source SRC
     cat PIECES > DST && sync        then  concat PIECES --sha256 HEX (SRC cut in --pieces byte pieces)
@@ -509,7 +510,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2])
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="repetitions of every pair (medians and spreads reported)")
-    ap.add_argument("--steps", default="split,split-sparse,merge,verify,concat",
+    ap.add_argument("--steps", default="split,split-sparse,gguf-bf16,gguf-q8_0,merge,verify,concat",
                     help=f"comma-separated, from {','.join(STEPS)} (default: all but baseline)")
     ap.add_argument("--pieces", type=int, default=10, help="byte pieces the checkpoint is cut in for concat")
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-out")

@@ -7,7 +7,8 @@ w1 [E, H, D], `ffn_up_exps` w3, `ffn_down_exps` w2 [E, D, H]), streamed expert a
 a block of rows at a time, so no layer is ever whole in memory. Types (`--dtype`): float32,
 float16, bfloat16 and q8_0 are written here (q8_0 by the gguf package's quantizer); 1-D
 tensors and the router stay F32, as llama.cpp's converter keeps them. The k-quants are made
-from a temporary F16/BF16 GGUF by llama.cpp's own quantizer (formats.gguf_kquant).
+from a temporary F16/BF16 GGUF by llama.cpp's own quantizer (formats.gguf_kquant); the merge
+target, which picks one or the other, is formats.gguf_target.
 
 Metadata: every hyper-parameter, the context length under the HF export's rule (the source's
 or --max-position-embeddings, never guessed), general.file_type, general.name (the source's
@@ -32,15 +33,14 @@ import torch
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, LlamaFileType
 from gguf import GGUFValueType as V
 
-from ..encodings.gguf import TensorInfo, Value, file_size, quantize_rows, write_gguf
+from ..encodings.gguf import TensorInfo, Value, quantize_rows, write_gguf
 from ..errors import ConvertError
 from ..io.lazy import Cast, Lazy
 from ..io.prefetch import prefetched
 from ..model.config import ModelConfig
 from ..tokenizer import files as tokfiles
 from ..tokenizer import hf as sptok
-from .checkpoint import Checkpoint, Target, TargetOption
-from .hf import CONTEXT_OPTION, parse_size
+from .checkpoint import Checkpoint
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # "llama"
 T = GGMLQuantizationType
@@ -309,35 +309,3 @@ def write_files(tmp: Path, lay: Layout, progress) -> dict[str, dict]:
             size = write_gguf(tmp / fname, meta, [t.info for t in tensors], _producer(blocks, progress), hasher=h)
         entries[fname] = {"size": size, "sha256": h.hexdigest()}
     return entries
-
-
-def write(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-          max_position_embeddings: int, name: Optional[str]) -> dict[str, dict]:
-    """The GGUF file (or its pieces) into `tmp`; the k-quants through llama.cpp's quantizer."""
-    if dtype in KQUANTS:
-        from .gguf_kquant import write_kquant  # noqa: PLC0415 - the optional extra
-        return write_kquant(ck, tmp, progress, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    lay = layout(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    return write_files(tmp, lay, progress)
-
-
-def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-         max_position_embeddings: int, name: Optional[str]) -> list[tuple[str, int, str]]:
-    """What `write` would write: (file name, exact size, what it holds), nothing written."""
-    if dtype in KQUANTS:
-        from .gguf_kquant import plan_kquant  # noqa: PLC0415
-        return plan_kquant(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    lay = layout(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    return [(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
-            for fname, meta, ts in lay.files]
-
-
-TARGET = Target(
-    "gguf", ".gguf", write, plan, prepare=prepare, dtypes=DTYPES, applies_dtype=True, output="file",
-    help="one GGUF file for llama.cpp, Ollama and LM Studio (-o PATH.gguf; --dtype q8_0 and the k-quants too)",
-    options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size,
-                          help="cut the file into PATH-00001-of-0000K.gguf pieces of at most SIZE, as llama.cpp's "
-                               "gguf-split does (default: one file)."),
-             CONTEXT_OPTION,
-             TargetOption("--name", "name", metavar="NAME",
-                          help="general.name (default: the source's directory or hub repository).")))

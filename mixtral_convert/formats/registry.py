@@ -15,11 +15,11 @@ from typing import Optional
 from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, gguf, gguf_source, hf, mistral, torrent
+from . import accessory, gguf_source, gguf_target, hf, mistral, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
 READERS: tuple[Reader, ...] = (accessory.READER, mistral.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
-TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf.TARGET)}
+TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf_target.TARGET)}
 # hf://: the small files that say what a repository holds, and who names its weight files, in order
 HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
 HUB_PROBES = (hf.hub_index, accessory.hub_weights, hf.hub_single, torrent.hub_weights)

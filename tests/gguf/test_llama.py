@@ -19,6 +19,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from gguf_cases import make_source, merge_gguf, probe_strings
+from helpers import cli
 
 from mixtral_convert.formats.registry import open_checkpoint
 from mixtral_convert.forward.reference import forward
@@ -103,12 +104,14 @@ def test_llama_cpp_logits_equal_the_reference_forward(case, request, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q6_k", "q5_k_m", "q4_k_m"])
-def test_quantized_figures_within_their_bounds(dtype, src_k, tmp_path):
+def test_quantized_figures_within_their_bounds(dtype, src_k, tmp_path, capsys):
     out = merge_gguf(src_k, tmp_path / "m.gguf", dtype)
     tokens = text_tokens(src_k)
     fig = figures(f"src_k-{dtype}", llama_logits(out, tokens), reference_logits(src_k, tokens), tokens)
     rms, top1, ppl = BOUNDS[dtype]
     assert fig["rms_rel"] <= rms and fig["top1"] >= top1 and abs(fig["ppl_ratio"] - 1) <= ppl, fig
+    code, out, err = cli("verify", out, "--source", src_k, "--forward", "--json", capsys=capsys)  # then logits
+    assert code == 0 and json.loads(out)["forward"]["tolerance_dtype"] == dtype, out + err
 
 
 def test_llama_cpp_loads_gguf_split_pieces_from_the_first(src22, tmp_path):
