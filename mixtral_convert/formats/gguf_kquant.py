@@ -35,6 +35,9 @@ def quantizer():
     except ImportError:
         raise ConvertError(f"--dtype q4_k_m, q5_k_m and q6_k use llama.cpp's quantizer, which is not installed: "
                            f"{INSTALL}; or use --dtype q8_0") from None
+    logger = getattr(llama_cpp, "_logger", None)
+    if logger is not None and hasattr(logger, "set_verbose"):
+        logger.set_verbose(False)  # llama.cpp's errors only, not its per-tensor log
     return llama_cpp
 
 
