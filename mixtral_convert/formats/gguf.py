@@ -234,10 +234,9 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
 def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
            max_position_embeddings: Optional[int], name: Optional[str]) -> Layout:
     """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
-    dtype = dtype or source_dtype(ck)
+    dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
     if dtype not in TYPES:
         raise ConvertError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    source_dtype(ck)
     context = prepare(ck, {"max_position_embeddings": max_position_embeddings})["max_position_embeddings"]
     m = check_tokenizer(ck)
     tensors = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
@@ -275,13 +274,12 @@ def _groups(tensors: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
 
 # ----------------------------------------------------------------------------- writing
 def _blocks(tensors: list[GTensor]):
-    """(tensor name, bytes) for every block of every tensor, in file order."""
+    """(tensor name, its bytes in the file's type, source bytes read) for every block of rows of
+    every tensor (a stacked one's experts in turn), in file order."""
     for t in tensors:
         for src in t.sources:
             step = QUANT_BLOCK_BYTES if t.info.ggml_type not in (T.F32, T.F16, T.BF16) else None
             for block in (src.blocks(step) if step else src.blocks()):
-                if not src.shape:
-                    block = block.reshape(())
                 yield t.info.name, quantize_rows(block, t.info.ggml_type), block.numel() * src.dtype.itemsize
 
 
