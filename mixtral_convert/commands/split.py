@@ -144,8 +144,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
     ck = open_checkpoint(src)
-    use_tokenizer(ck, tokenizer)
-    cast_to(ck, dtype)
+    ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
     tokenizer = check_tokenizer(ck)
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]

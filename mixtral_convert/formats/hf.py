@@ -31,7 +31,7 @@ from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
 from ..tokenizer import files as tokenizer
-from .checkpoint import Checkpoint, Reader, Target, TargetOption, check_tensors, find_tokenizer
+from .checkpoint import Checkpoint, Reader, Target, TargetOption, TokenizerRef, check_tensors, find_tokenizer
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -107,7 +107,7 @@ def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
             canonical[name] = lazy
     check_tensors(cfg, found, str(path))
     canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
-    return Checkpoint(path, "hf", cfg, files, find_tokenizer(path), 1, canonical,
+    return Checkpoint(path, "hf", cfg, files, TokenizerRef(find_tokenizer(path)), canonical,
                       label="HF hub layout (safetensors, q/k permuted)")
 
 

@@ -33,7 +33,7 @@ from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..model.config import ModelConfig
 from ..tokenizer.files import tokenizer_pieces
-from .checkpoint import Checkpoint, Reader
+from .checkpoint import Checkpoint, Reader, TokenizerRef
 from .torrent import PARAMS, TORRENT_FILE, canonical_of
 
 SAFETENSORS = "consolidated.safetensors"
@@ -59,9 +59,9 @@ def _no_tokenizer(where: str, names, cfg: ModelConfig) -> str:
 
 
 def _checkpoint(path: Path, cfg: ModelConfig, files: list[Path], tensors: dict, where: str,
-                tokenizer: Optional[Path], label: str) -> Checkpoint:
+                tok: TokenizerRef, label: str) -> Checkpoint:
     """Canonical tensors (fused block_sparse_moe names unfused into views), checked against the config."""
-    return Checkpoint(path, "mistral", cfg, files, tokenizer, 1, canonical_of(cfg, tensors, where), label=label)
+    return Checkpoint(path, "mistral", cfg, files, tok, canonical_of(cfg, tensors, where), label=label)
 
 
 # ----------------------------------------------------------------------------- a directory
@@ -75,10 +75,8 @@ def open_dir(path: Path, names: set[str]) -> Checkpoint:
     mapping = tarball.Mapping(f)
     tensors = {e.name: mapping.tensor(start + e.begin, e.dtype, e.shape) for e in entries}
     tok_name = pick_tokenizer(names)
-    ck = _checkpoint(path, cfg, [f], tensors, str(f), path / tok_name if tok_name else None, LABEL)
-    if tok_name is None:
-        ck.tokenizer_missing = _no_tokenizer(str(path), names, cfg)
-    return ck
+    tok = TokenizerRef(path / tok_name) if tok_name else TokenizerRef(missing=_no_tokenizer(str(path), names, cfg))
+    return _checkpoint(path, cfg, [f], tensors, str(f), tok, LABEL)
 
 
 READER = Reader(
@@ -140,22 +138,24 @@ def open_archive(path: Path) -> Checkpoint:
     where = f"{path}:{st.name}"
     entries, start = stheader.parse(lambda off, n: ar.read(st, off, n), st.size, where)
     tensors = {e.name: ar.tensor(st, start + e.begin, e.dtype, e.shape) for e in entries}
+    return _checkpoint(path, cfg, [path], tensors, where, _archive_tokenizer(path, ar, inside, names, cfg),
+                       f"{LABEL}, read in place from an uncompressed tar")
+
+
+def _archive_tokenizer(path: Path, ar, inside: dict, names: set[str], cfg: ModelConfig) -> TokenizerRef:
+    """The archive's SentencePiece tokenizer as a process-lifetime copy, named in messages by its member."""
     tok_name = pick_tokenizer(names)
-    ck = _checkpoint(path, cfg, [path], tensors, where, None, f"{LABEL}, read in place from an uncompressed tar")
     if tok_name is None:
-        ck.tokenizer_missing = _no_tokenizer(str(path), names, cfg)
-        return ck
+        return TokenizerRef(missing=_no_tokenizer(str(path), names, cfg))
     tok = ar.member(inside[tok_name])
     shown = f"{path}:{tok.name}"
     copy = _memory_file(ar.read(tok), tok_name, (path, tok.name, tok.size, path.stat().st_mtime_ns))
     try:
         tokenizer_pieces(copy)
     except ConvertError:
-        ck.tokenizer_missing = (f"{shown}: not a SentencePiece model; the archive is damaged: re-download it, "
-                                "or pass --tokenizer PATH with the release's tokenizer.model")
-        return ck
-    ck.tokenizer, ck.tokenizer_names = copy, {copy: shown}
-    return ck
+        return TokenizerRef(missing=f"{shown}: not a SentencePiece model; the archive is damaged: re-download it, "
+                                    "or pass --tokenizer PATH with the release's tokenizer.model")
+    return TokenizerRef(copy, shown_as=shown)
 
 
 _COPIES: dict[tuple, Path] = {}
