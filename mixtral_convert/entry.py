@@ -101,6 +101,8 @@ def entry() -> None:
         if not isinstance(e.code, int):
             raise
         code = e.code
+    from .formats.mistral import remove_copies
+    remove_copies()  # os._exit runs no atexit handler
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -18,7 +18,7 @@ import torch
 from ..encodings import safetensors as safetensorsfile
 from ..encodings import torchzip
 from ..errors import ConvertError
-from ..io.lazy import Lazy
+from ..io.lazy import Lazy, dtype_name
 from ..model.config import ModelConfig
 from ..model.layouts import Plan
 from ..tokenizer import files as tokenizer
@@ -229,7 +229,3 @@ def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None
     if len(dtypes) > 1:
         desc = ", ".join(f"{str(dt).replace('torch.', '')} (e.g. '{k}')" for dt, k in dtypes.items())
         raise ConvertError(f"{where}: mixed dtypes {desc}; convert the checkpoint to a single dtype first")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

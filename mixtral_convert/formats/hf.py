@@ -26,7 +26,7 @@ from ..encodings.safetensors import header_bytes, write_safetensors
 from ..encodings.safetensors import read_tensors as read_safetensors
 from ..errors import ConvertError
 from ..io.atomic import json_bytes, write_small
-from ..io.lazy import Lazy, TensorSpec
+from ..io.lazy import Lazy, TensorSpec, dtype_name
 from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
@@ -172,10 +172,6 @@ def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], st
     if index is not None:
         entries[INDEX] = write_small(tmp / INDEX, index)
     return entries
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def prepare(ck: Checkpoint, options: dict) -> dict:

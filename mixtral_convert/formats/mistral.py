@@ -31,6 +31,7 @@ from typing import Optional
 from ..encodings import safetensors as stheader
 from ..encodings import tar as tarball
 from ..errors import ConvertError
+from ..io.pipeline import write_all
 from ..model.config import ModelConfig
 from ..tokenizer.files import tokenizer_pieces
 from .checkpoint import Checkpoint, Reader, TokenizerRef
@@ -159,6 +160,16 @@ def _archive_tokenizer(path: Path, ar, inside: dict, names: set[str], cfg: Model
 
 
 _COPIES: dict[tuple, Path] = {}
+_FILES: list[Path] = []  # the copies that are files on disk (where there is no memfd)
+
+
+def remove_copies() -> None:
+    """Remove the tokenizer copies written to disk (memfds go with the process by themselves)."""
+    while _FILES:
+        path = _FILES.pop()
+        path.unlink(missing_ok=True)
+        for key in [k for k, v in _COPIES.items() if v == path]:
+            del _COPIES[key]
 
 
 def _memory_file(data: bytes, name: str, key: tuple) -> Path:
@@ -168,14 +179,13 @@ def _memory_file(data: bytes, name: str, key: tuple) -> Path:
         return _COPIES[key]
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create(name)  # never closed: its path must stay valid; freed at exit
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         path = Path(f"/proc/self/fd/{fd}")
-    else:  # pragma: no cover - not Linux
+    else:  # not Linux: a temporary file, removed by remove_copies (entry calls it before it exits)
         with tempfile.NamedTemporaryFile(prefix="mixtral-convert-", suffix=f"-{name}", delete=False) as f:
             f.write(data)
         path = Path(f.name)
-        atexit.register(os.unlink, f.name)
+        _FILES.append(path)
+        atexit.register(remove_copies)  # for library use; entry's os._exit skips atexit
     _COPIES[key] = path
     return path
