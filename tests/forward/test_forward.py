@@ -79,10 +79,11 @@ def test_verify_forward_parity(request, capsys, name, layout, N):
     assert f["top1_agreement"] == 1.0 and f["tokens_shape"] == [2, 16]
 
 
-@pytest.mark.parametrize("layout,N", [("base", 8), ("sparse", 2)])
-def test_verify_forward_bf16(wide_src, capsys, layout, N):
+@pytest.mark.parametrize("layout,N,flag", [("base", 8, "--compute-dtype"), ("sparse", 2, "--dtype")])
+def test_verify_forward_bf16(wide_src, capsys, layout, N, flag):
+    """--compute-dtype, or its older name --dtype, sets the dtype verify's forward computes in."""
     code, out, _ = cli("verify", converted(wide_src, layout, N), "--source", wide_src, "--forward", "--json",
-                       "--dtype", "bfloat16", capsys=capsys)
+                       flag, "bfloat16", capsys=capsys)
     f = json.loads(out)["forward"]
     print(f"bf16 {layout} N={N}: {f}")
     assert code == 0 and f["ok"] and f["dtype"] == "bfloat16"
