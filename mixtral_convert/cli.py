@@ -125,8 +125,11 @@ _format_option = click.option("--format", "fmt", type=click.Choice(["pth", "safe
 _tokenizer_option = click.option("--tokenizer", default=None, metavar="PATH_OR_hf://org/name",
                                  help="tokenizer.model to use when the source has none (a file, its directory, "
                                       "or a hub repository).")
-_dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-                             show_default=True, help="Compute dtype of the forward (weights are cast layer by layer).")
+_dtype_option = click.option("--compute-dtype", "--dtype", "dtype", type=click.Choice(["float32", "bfloat16"]),
+                             default="float32", show_default=True,
+                             help="The dtype the forward computes in (weights are cast layer by layer as they are "
+                                  "used); nothing is written in it. --dtype is the older name of this option: on "
+                                  "split and merge, --dtype casts what is written.")
 _device_option = click.option("--device", default="cpu", show_default=True,
                               help="cpu or cuda (cuda:K); one layer's weights are on it at a time.")
 

@@ -70,9 +70,9 @@ def _directory(path: Path) -> dict:
         "tokenizer": ({"pieces": tokenizer_pieces(ck.tokenizer)} if ck.tokenizer else None),
     }
     if ck.tokenizer is not None:
-        info["tokenizer_file"] = ck.tokenizer_where if ck.tokenizer_names else ck.tokenizer.name
-    elif ck.tokenizer_missing:
-        info["tokenizer_problem"] = ck.tokenizer_missing
+        info["tokenizer_file"] = ck.tok.shown_as or ck.tokenizer.name
+    elif ck.tok.missing:
+        info["tokenizer_problem"] = ck.tok.missing
     if ck.plan is not None:
         info["shard_tensors"] = [len(r) for r in ck.plan.ranks]
     return info

@@ -37,21 +37,21 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
     ck = open_checkpoint(shards)
-    use_tokenizer(ck, tokenizer)
+    ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
                            "(or other sources); for another layout pass --to "
                            + " or --to ".join(n for n in TARGETS if n != to))
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
-    ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
+    ck.check()  # mixed dtypes are refused before anything is written
     if dtype is not None and dtype not in tgt.dtypes:
         raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
     options = target_options_of(tgt, ck, target_options)
     if tgt.applies_dtype:
         options["dtype"] = dtype
     else:
-        cast_to(ck, dtype)
+        ck = cast_to(ck, dtype)
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes

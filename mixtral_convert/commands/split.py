@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -26,10 +25,19 @@ from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
-from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
+from ..io.atomic import (
+    MANIFEST,
+    atomic_file,
+    atomic_output_dir,
+    check_space,
+    fsync_all,
+    json_bytes,
+    write_manifest,
+    write_small,
+)
 from ..io.lazy import BLOCK_BYTES, TensorSpec
 from ..io.prefetch import file_producer
-from ..io.progress import Progress, human_bytes, progress_bar
+from ..io.progress import Progress, progress_bar
 from ..model.layouts import Plan
 from ..tokenizer.files import carried
 from . import dryrun
@@ -144,8 +152,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
     ck = open_checkpoint(src)
-    use_tokenizer(ck, tokenizer)
-    cast_to(ck, dtype)
+    ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
     tokenizer = check_tokenizer(ck)
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
@@ -204,10 +211,7 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     if existing and not force:
         raise ConvertError(f"{out / existing[0]}: already exists; pass --force to replace it")
     total = sum(st.nbytes for r in ranks for st in plan.ranks[r].values())
-    free = shutil.disk_usage(out).free
-    if free < total:
-        raise ConvertError(f"{out}: not enough free space: {human_bytes(total)} needed for ranks "
-                           f"{','.join(map(str, ranks))}, {human_bytes(free)} free")
+    check_space(out, out, total + MARGIN, freed=sum((out / n).stat().st_size for n in existing))
     t0 = time.perf_counter()
     with progress_bar(f"{layout} N={N} ranks {','.join(map(str, ranks))}", total, quiet) as prog:
         for r in ranks:

@@ -129,7 +129,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     found = _structure(shards, src, rep)
     if found is None or rep.problems:
         return
-    plan, files, opened = found
+    plan, files, opened, src = found
     N = plan.N
     bad = rep.problems.append
     # data, byte for byte
@@ -161,7 +161,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
 def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
     """meta.json, config.json (against the source's config, or on its own), a file per rank, the
     tokenizer, and every shard's keys, shapes and dtypes against the plan. Returns (plan, files,
-    opened shards), or None when it cannot go on; problems go to the report."""
+    opened shards, the source as compared), or None when it cannot go on; problems go to the report."""
     bad = rep.problems.append
     try:
         layout = accessory.read_layout(shards)
@@ -189,7 +189,7 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         return bad(str(e))
     dtypes = accessory.shard_dtypes(layout, cfg, N, opened)
     if src is not None:
-        _cast_source_like_shards(src, set(dtypes.values()), rep)
+        src = _cast_source_like_shards(src, set(dtypes.values()), rep)
     try:
         plan = Plan(layout, cfg, N, src.dtypes if src is not None else dtypes)
     except ConvertError as e:
@@ -199,24 +199,25 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         rep.problems.extend(structure)
         return None
     rep.checks.append("every shard's keys, shapes and dtypes match the layout")
-    return plan, files, opened
+    return plan, files, opened, src
 
 
-def _cast_source_like_shards(src: Checkpoint, shard_dtypes: set, rep: Report) -> None:
+def _cast_source_like_shards(src: Checkpoint, shard_dtypes: set, rep: Report) -> Checkpoint:
     """Shards written with --dtype hold the source's values cast to their dtype: compare them with
     the source cast the same way (and say so). Anything else is left to the structure check."""
     if len(shard_dtypes) != 1:
-        return
+        return src
     want = shard_dtypes.pop()
     names = {v: k for k, v in CAST_DTYPES.items()}
     try:
-        have = src.dtype
+        have = src.check().dtype
     except ConvertError:
-        return
+        return src
     if want != have and want in names:
-        cast_to(src, names[want])
         rep.checks.append(f"the shards are {names[want]}: compared with the source's {dtype_name(have)} values "
                           f"cast to {names[want]} the same way")
+        return cast_to(src, names[want])
+    return src
 
 
 def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report) -> Optional[ModelConfig]:

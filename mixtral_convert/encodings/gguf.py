@@ -28,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERS
 from gguf import GGUFValueType as V
 
 from ..errors import ConvertError
+from ..io.pipeline import write_all
 
 T = GGMLQuantizationType
 TORCH_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}  # stored as-is
@@ -135,10 +136,7 @@ def write_gguf(path, metadata: dict[str, Value], tensors: Sequence[TensorInfo],
         view = memoryview(data).cast("B")
         if hasher is not None:
             hasher.update(view)
-        while view.nbytes:
-            n = os.write(fd, view)
-            view = view[n:]
-            pos += n
+        pos += write_all(fd, view)
 
     try:
         write(header_bytes(metadata, tensors))

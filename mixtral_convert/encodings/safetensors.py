@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from ..errors import ConvertError
 from ..io.lazy import Lazy, TensorSpec
+from ..io.pipeline import write_all
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -142,7 +143,7 @@ def check_file(path, where: str = "") -> int:
         raise ConvertError(f"{where}: cannot read ({e.strerror or e})") from None
     except ConvertError:
         raise
-    except Exception as e:  # noqa: BLE001 - the library's own refusal: damaged content
+    except Exception as e:  # the library's own refusal: damaged content
         raise ConvertError(f"{where}: not a loadable safetensors file ({str(e).strip()[:120]})") from None
     if names != {e.name for e in entries}:
         raise ConvertError(f"{where}: the safetensors library reads other tensors than the header lists; the file "
@@ -210,10 +211,7 @@ def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[Te
         view = memoryview(data).cast("B")
         if hasher is not None:
             hasher.update(view)
-        while view.nbytes:
-            n = os.write(fd, view)
-            view = view[n:]
-            pos += n
+        pos += write_all(fd, view)
 
     try:
         write(header_bytes(specs, metadata))

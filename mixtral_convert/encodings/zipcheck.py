@@ -81,7 +81,7 @@ def _opened(path: Path) -> Iterator[tuple[zipfile.ZipFile, BinaryIO]]:
             if e.errno != errno.EINVAL:  # EINVAL: a seek to an offset the damaged directory made up
                 raise ConvertError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
             raise DamagedZip(path, f"its zip directory is damaged: {first_line(e)}") from None
-        except Exception as e:  # noqa: BLE001 - BadZipFile, and what else a damaged directory makes zipfile raise
+        except Exception as e:  # BadZipFile, and what else a damaged directory makes zipfile raise
             why = (f"no zip end record: {e}" if "not a zip file" in str(e) else
                    f"its zip directory is damaged: {type(e).__name__}: {first_line(e)}")
             raise DamagedZip(path, why) from None
@@ -94,7 +94,7 @@ def is_zip(path: Path) -> bool:
     of its own (is_zipfile lets BadZipFile "span multiple disks" and ValueError through)."""
     try:
         return zipfile.is_zipfile(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DamagedZip(path, f"its zip end record is damaged: {type(e).__name__}: {first_line(e)}") from None
 
 
@@ -183,7 +183,7 @@ def zip_layout(path: Path) -> Layout:
                 continue
             try:
                 content = zf.read(name)
-            except Exception as e:  # noqa: BLE001 - a bad CRC-32, or what else zipfile makes of damage
+            except Exception as e:  # a bad CRC-32, or what else zipfile makes of damage
                 raise DamagedZip(path, f"record {name}: {first_line(e)}") from None
             if name == prefix + "data.pkl":
                 pkl = content
@@ -224,6 +224,6 @@ def _storage_needs(path: Path, pkl: bytes) -> dict[str, int]:
         up = _weights_only_unpickler.Unpickler(io.BytesIO(pkl), encoding="utf-8")
         up.persistent_load = persistent_load
         up.load()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DamagedZip(path, f"data.pkl does not unpickle: {first_line(e)}") from None
     return needs

@@ -26,7 +26,7 @@ from ..io.lazy import Lazy
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import Plan
 from ..tokenizer.files import carry
-from .checkpoint import Checkpoint, Reader, check_tensors, find_tokenizer, read_tensors
+from .checkpoint import Checkpoint, Reader, Sharded, TokenizerRef, check_tensors, find_tokenizer, read_tensors
 
 META = "meta.json"
 CONFIG = "config.json"
@@ -150,8 +150,8 @@ def open_accessory(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
         raise ConvertError(problems[0])
     canonical = {name: plan.canonical_tensor(name, shards) for name in ls.cfg.canonical_shapes()}
     check_tensors(ls.cfg, {k: (t.shape, t.dtype) for k, t in canonical.items()}, str(path))
-    return Checkpoint(path, ls.layout, ls.cfg, ls.files, find_tokenizer(path), ls.N, canonical, shards, plan,
-                      label=f"Accessory {ls.layout} layout")
+    return Checkpoint(path, ls.layout, ls.cfg, ls.files, TokenizerRef(find_tokenizer(path)), canonical,
+                      label=f"Accessory {ls.layout} layout", sharded=Sharded(plan, shards))
 
 
 def open_rank(path: Path, r: int) -> tuple[Plan, dict[str, Lazy], Optional[Path]]:

@@ -9,7 +9,7 @@ a checkpoint in its format (`merge --to NAME`). `formats.registry` holds the lis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,28 +18,77 @@ import torch
 from ..encodings import safetensors as safetensorsfile
 from ..encodings import torchzip
 from ..errors import ConvertError
-from ..io.lazy import Lazy
+from ..io.lazy import Lazy, dtype_name
 from ..model.config import ModelConfig
 from ..model.layouts import Plan
 from ..tokenizer import files as tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
+class TokenizerRef:
+    """The tokenizer a checkpoint comes with: its file (or HF tokenizer directory), how messages name
+    it (a tar member's copy by its archive and member name), or why none is usable although the
+    source ships one (tekken.json, a damaged member)."""
+
+    path: Optional[Path] = None
+    shown_as: str = ""  # how messages name it, when not by its path
+    missing: str = ""  # the message, when there is none to use
+
+    @property
+    def where(self) -> str:
+        return self.shown_as or str(self.path)
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """An Accessory layout's shards (per rank: shard key -> lazy tensor) and the plan they follow."""
+
+    plan: Plan
+    shards: list[dict[str, Lazy]]
+
+    @property
+    def N(self) -> int:
+        return self.plan.N
+
+
+@dataclass(frozen=True)
 class Checkpoint:
-    path: Path  # the directory
-    kind: str  # the reader's name: "torrent", "fused", "hf", "base", "sparse"
+    """One model: where it comes from (path, the reader's `kind` and `label`, its files, the hub
+    name it was resolved from), its config, every canonical tensor (lazy), its tokenizer, and for
+    an Accessory layout its shards. Frozen: a changed view of it (another tokenizer, tensors cast
+    with --dtype, the hub name) is a new one, made with `dataclasses.replace`."""
+
+    path: Path  # the directory (or the archive)
+    kind: str  # the reader's name: "torrent", "fused", "mistral", "hf", "base", "sparse"
     cfg: ModelConfig
     files: list[Path]
-    tokenizer: Optional[Path]
-    N: int = 1
-    canonical: dict[str, Lazy] = field(default_factory=dict)  # canonical name -> lazy tensor
-    shards: list[dict[str, Lazy]] = field(default_factory=list)  # Accessory layouts: per rank
-    plan: Optional[Plan] = None  # Accessory layouts: the plan their shards follow
-    remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
+    tok: TokenizerRef
+    canonical: dict[str, Lazy]  # canonical name -> lazy tensor
     label: str = ""  # what the format is called in messages
+    sharded: Optional[Sharded] = None  # Accessory layouts
+    remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
     source_dtype: Optional[torch.dtype] = None  # set when --dtype casts the tensors as they are read
-    tokenizer_missing: str = ""  # why none is usable although the source ships one (tekken.json): the message
-    tokenizer_names: dict = field(default_factory=dict)  # a temporary copy (of a tar member) -> its name in messages
+
+    @property
+    def tokenizer(self) -> Optional[Path]:
+        return self.tok.path
+
+    @property
+    def tokenizer_where(self) -> str:
+        """How messages name the tokenizer: a tar member by its archive and name, not its copy."""
+        return self.tok.where
+
+    @property
+    def N(self) -> int:
+        return self.sharded.N if self.sharded is not None else 1
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        return self.sharded.plan if self.sharded is not None else None
+
+    @property
+    def shards(self) -> list[dict[str, Lazy]]:
+        return self.sharded.shards if self.sharded is not None else []
 
     @property
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -47,18 +96,17 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The one dtype of every tensor (readers refuse mixed dtypes; so does this)."""
-        check_tensors(self.cfg, {k: (t.shape, t.dtype) for k, t in self.canonical.items()}, self.where)
+        """The tensors' dtype (one for all once `check` has passed; every reader checks)."""
         return next(iter(self.canonical.values())).dtype
+
+    def check(self) -> "Checkpoint":
+        """Canonical names and shapes as the config implies, one dtype; ConvertError otherwise."""
+        check_tensors(self.cfg, {k: (t.shape, t.dtype) for k, t in self.canonical.items()}, self.where)
+        return self
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.canonical.values())
-
-    @property
-    def tokenizer_where(self) -> str:
-        """How messages name the tokenizer: a tar member by its archive and name, not its copy."""
-        return self.tokenizer_names.get(self.tokenizer, str(self.tokenizer))
 
     @property
     def where(self) -> str:
@@ -187,7 +235,3 @@ def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None
     if len(dtypes) > 1:
         desc = ", ".join(f"{str(dt).replace('torch.', '')} (e.g. '{k}')" for dt, k in dtypes.items())
         raise ConvertError(f"{where}: mixed dtypes {desc}; convert the checkpoint to a single dtype first")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

@@ -143,7 +143,7 @@ def check_tokenizer(ck: Checkpoint) -> sptok.SpModel:
     """The SentencePiece model a GGUF can carry so that llama.cpp tokenizes as SentencePiece does."""
     tok = ck.tokenizer
     if tok is None:
-        raise ConvertError(ck.tokenizer_missing or f"{ck.where}: no tokenizer.model beside the checkpoint, and a GGUF "
+        raise ConvertError(ck.tok.missing or f"{ck.where}: no tokenizer.model beside the checkpoint, and a GGUF "
                            "carries the vocabulary: pass --tokenizer PATH (or hf://org/name)")
     if tok.is_dir():
         raise ConvertError(f"{tok}: an HF tokenizer.json without tokenizer.model; GGUF's llama tokenizer needs the "

@@ -31,7 +31,7 @@ INSTALL = "pip install 'mixtral-convert[kquants]' (llama-cpp-python, built from 
 def quantizer():
     """llama_cpp, or the one-line refusal naming what to install."""
     try:
-        import llama_cpp  # noqa: PLC0415 - the optional extra
+        import llama_cpp  # the optional extra: imported only for a k-quant
     except ImportError:
         raise ConvertError(f"--dtype q4_k_m, q5_k_m and q6_k use llama.cpp's quantizer, which is not installed: "
                            f"{INSTALL}; or use --dtype q8_0") from None

@@ -27,7 +27,7 @@ from ..encodings.gguf import TORCH_TYPES
 from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, check_tensors
+from .checkpoint import Checkpoint, TokenizerRef, check_tensors
 from .gguf import ARCH, FILE_TYPE_NAMES, NAME_TABLE, SPLIT_RE
 
 T = GGMLQuantizationType
@@ -78,7 +78,7 @@ def read(path: Path) -> GGUFReader:
         raise ConvertError(f"{path}: not a GGUF file (no GGUF magic)")
     try:
         r = GGUFReader(path, "r")
-    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, KeyError... on damage
+    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on damage
         raise ConvertError(f"{path}: a damaged GGUF file ({type(e).__name__}: {str(e)[:100]}); re-create or "
                            "re-download it") from None
     for t in r.tensors:
@@ -95,7 +95,7 @@ def field(r: GGUFReader, key: str, path, default=None):
         raise ConvertError(f"{path}: no '{key}' in the metadata; not a Mixtral GGUF written for llama.cpp")
     try:
         return f.contents()
-    except Exception:  # noqa: BLE001
+    except Exception:  # a field whose parts the reader could not decode
         raise ConvertError(f"{path}: metadata '{key}' is malformed; the file is damaged") from None
 
 
@@ -175,9 +175,9 @@ def open_gguf(path: Path, dequantize: bool = False) -> Checkpoint:
                                           if v.dtype != torch.float32}
     canonical.update(narrowed)
     canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
-    return Checkpoint(path.parent, "gguf", cfg, paths, None, 1, canonical, label="GGUF",
-                      tokenizer_missing=f"{path}: a GGUF holds its vocabulary but no tokenizer.model; pass "
-                                        "--tokenizer PATH (the model's tokenizer.model)")
+    tok = TokenizerRef(missing=f"{path}: a GGUF holds its vocabulary but no tokenizer.model; pass --tokenizer "
+                              "PATH (the model's tokenizer.model)")
+    return Checkpoint(path.parent, "gguf", cfg, paths, tok, canonical, label="GGUF")
 
 
 def k_is_router(name: str) -> bool:

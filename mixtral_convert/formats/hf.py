@@ -26,12 +26,12 @@ from ..encodings.safetensors import header_bytes, write_safetensors
 from ..encodings.safetensors import read_tensors as read_safetensors
 from ..errors import ConvertError
 from ..io.atomic import json_bytes, write_small
-from ..io.lazy import Lazy, TensorSpec
+from ..io.lazy import Lazy, TensorSpec, dtype_name
 from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
 from ..tokenizer import files as tokenizer
-from .checkpoint import Checkpoint, Reader, Target, TargetOption, check_tensors, find_tokenizer
+from .checkpoint import Checkpoint, Reader, Target, TargetOption, TokenizerRef, check_tensors, find_tokenizer
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -107,7 +107,7 @@ def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
             canonical[name] = lazy
     check_tensors(cfg, found, str(path))
     canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
-    return Checkpoint(path, "hf", cfg, files, find_tokenizer(path), 1, canonical,
+    return Checkpoint(path, "hf", cfg, files, TokenizerRef(find_tokenizer(path)), canonical,
                       label="HF hub layout (safetensors, q/k permuted)")
 
 
@@ -172,10 +172,6 @@ def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], st
     if index is not None:
         entries[INDEX] = write_small(tmp / INDEX, index)
     return entries
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def prepare(ck: Checkpoint, options: dict) -> dict:

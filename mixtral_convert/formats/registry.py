@@ -9,6 +9,7 @@ with a `Target`, added to `TARGETS`. Every command reads through here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -96,8 +97,7 @@ def open_checkpoint(path) -> Checkpoint:
     hf://org/name[@rev], of any registered format."""
     if hub.is_hub(path):
         ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns))
-        ck.remote = hub.normalize(path)
-        return ck
+        return replace(ck, remote=hub.normalize(path))
     if tarball.is_archive(path):
         return mistral.open_archive(path)
     if str(path).endswith(".gguf") and Path(path).is_file():

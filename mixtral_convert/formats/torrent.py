@@ -20,7 +20,7 @@ from ..io.atomic import fsync_all, json_bytes, write_small
 from ..io.lazy import Stored, TensorSpec
 from ..io.prefetch import file_producer
 from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
+from .checkpoint import Checkpoint, Reader, Target, TokenizerRef, check_tensors, find_tokenizer
 from .fused import is_fused, unfuse
 
 TORRENT_FILE = "consolidated.00.pth"
@@ -47,7 +47,7 @@ def open_consolidated(path: Path, names: list[str]) -> Checkpoint:
     fused = is_fused(tensors)
     canonical = canonical_of(cfg, tensors, where)
     kind, label = ("fused", "Mistral fused block_sparse_moe layout") if fused else ("torrent", "torrent layout")
-    return Checkpoint(path, kind, cfg, files, find_tokenizer(path), 1, canonical, label=label)
+    return Checkpoint(path, kind, cfg, files, TokenizerRef(find_tokenizer(path)), canonical, label=label)
 
 
 def canonical_of(cfg: ModelConfig, tensors: dict, where: str) -> dict[str, Stored]:

@@ -172,30 +172,3 @@ def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dty
 
     h = rms_norm(h, load("norm.weight"), cfg.norm_eps)
     return (h @ load("output.weight").T).float()
-
-
-# ----- greedy continuation of a prompt ------------------------------------------------------
-
-@torch.no_grad()
-def generate_next_tokens(cfg: ModelConfig, weights, tokenizer_path, text: str, k: int, *,
-                         dtype: torch.dtype = torch.float32, device="cpu", forward_fn=None):
-    """Greedy continuation of `text` by k tokens: (new token ids, their decoded text).
-
-    The prompt is encoded with the SentencePiece model at `tokenizer_path`, BOS first. No KV
-    cache: each step reruns the whole forward (and so reads all weights again) — fine for the
-    few tokens a sanity check needs. `forward_fn(tokens) -> logits` replaces the reference
-    forward (e.g. a sharded one).
-    """
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    if sp.get_piece_size() != cfg.vocab_size:
-        raise ValueError(f"{tokenizer_path}: {sp.get_piece_size()} pieces but the model's vocab_size is "
-                         f"{cfg.vocab_size}; use the checkpoint's own tokenizer.model")
-    run = forward_fn or (lambda t: forward(cfg, weights, t, dtype=dtype, device=device))
-    ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(text)
-    new: list[int] = []
-    for _ in range(k):
-        logits = run(torch.tensor([ids + new]))
-        new.append(int(logits[0, -1].argmax()))
-    return new, sp.decode(new)

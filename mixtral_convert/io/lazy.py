@@ -41,6 +41,11 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how files and messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def tensor_bytes(t: torch.Tensor):
     """A tensor's bytes as a buffer (made contiguous first; no copy when it already is)."""
     t = t.contiguous()

@@ -49,7 +49,7 @@ def test_a_dtype_the_target_cannot_take_is_refused_before_writing(wide_src, tmp_
     try:
         merge(wide_src, out=tmp_path / "o", to="made-up", quiet=True, dtype="bfloat16")
         raise AssertionError("not refused")
-    except Exception as e:  # noqa: BLE001 - the one-line ConvertError
+    except Exception as e:  # the one-line ConvertError
         assert "made-up layout takes float32" in str(e), e
     assert not (tmp_path / "o").exists()
 
