@@ -348,3 +348,50 @@ def test_streamed_a_block_at_a_time_with_the_same_bytes(src7, ggufs, tmp_path, m
         assert out.read_bytes()[-1000:] == ggufs[dtype].read_bytes()[-1000:]
         assert [raw(t) for t in GGUFReader(out).tensors] == [raw(t) for t in GGUFReader(ggufs[dtype]).tensors]
     assert 0 < biggest["n"] <= 2048
+
+
+def test_sigint_mid_write_leaves_nothing_and_a_killed_runs_leftover_goes(tmp_path, capsys):
+    """A real SIGINT while the file is being written (the run stopped there with SIGSTOP first):
+    exit 130, nothing beside the output. After a SIGKILL, only the marked temporary directory is
+    left, and the next run removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gguf_cases import make_source
+    src = make_source(tmp_path / "src", dict(dim=1024, n_layers=2, head_dim=64, hidden_dim=1792, n_heads=16,
+                                             n_kv_heads=8, vocab_size=1024, num_experts=8, experts_per_tok=2),
+                      seed=4, dtype=torch.bfloat16)
+    out = tmp_path / "o" / "x.gguf"
+    tmp = out.parent / ".x.gguf.mixtral-convert-partial"
+    args = [sys.executable, "-m", "mixtral_convert", "merge", src, "--to", "gguf", "--dtype", "q8_0", "-o", out,
+            "--max-position-embeddings", CONTEXT]
+
+    def start_and_stop():
+        p = subprocess.Popen([str(a) for a in args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if (tmp / "x.gguf").exists() and (tmp / "x.gguf").stat().st_size > 1 << 20:
+                os.kill(p.pid, signal.SIGSTOP)
+                return p
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(0.002)
+        p.kill()
+        raise AssertionError("the run never started writing")
+
+    p = start_and_stop()
+    os.kill(p.pid, signal.SIGINT)
+    os.kill(p.pid, signal.SIGCONT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "nothing was left half-written" in err, err
+    assert list(tmp_path.iterdir()) == [src]  # the directory the run created for the output went too
+    p = start_and_stop()
+    p.kill()
+    p.communicate(timeout=60)
+    assert [q.name for q in out.parent.iterdir()] == [tmp.name]
+    code, _, err = cli("merge", *args[4:], "-q", capsys=capsys)
+    assert code == 0, err
+    assert sorted(q.name for q in out.parent.iterdir()) == ["x.gguf", "x.gguf.mixtral-convert-manifest.json"]
