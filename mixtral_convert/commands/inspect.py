@@ -21,8 +21,10 @@ from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import open_checkpoint
 from ..io import hub
+from ..model import tensors as tensors_table
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import PREFIX
+from ..model.names import hf_to_canonical
 from ..tokenizer.files import tokenizer_pieces
 from .concat import piece_of
 
@@ -93,14 +95,15 @@ def _file(path: Path) -> dict:
     names = list(tensors)
     m = SHARD_RE.match(path.name)
     if names and all(n.startswith(PREFIX) for n in names):
-        sparse = any(n.endswith(("feed_forward.w1", "feed_forward.w2")) for n in names)
+        sparse = any(tensors_table.is_sparse_stack(n[len(PREFIX):]) for n in names)
         what = f"Accessory {'sparse' if sparse else 'base'} shard" + (
             f" (rank {int(m.group(1))} of {int(m.group(2))})" if m else "")
-    elif "tok_embeddings.weight" in tensors and any(".feed_forward.experts." in n for n in names):
-        what = "torrent-layout Mixtral checkpoint"
-    elif any(".block_sparse_moe.w1" in n and not n.startswith("model.") for n in names):
+    elif any((hit := tensors_table.match(n)) and hit[0].per_expert for n in names):
+        what = "torrent-layout Mixtral checkpoint" + ("" if "tok_embeddings.weight" in tensors else
+                                                      " (or one of its key-split files)")
+    elif any(tensors_table.is_fused(n) for n in names):
         what = "Mistral fused block_sparse_moe checkpoint (or one of its key-split files)"
-    elif any(n.startswith("model.layers.") and ".block_sparse_moe." in n for n in names) or "lm_head.weight" in names:
+    elif any(hf_to_canonical(n) for n in names):
         what = "HF hub Mixtral safetensors file (q/k permuted; or one of several)"
     else:
         what = "torch checkpoint (not a recognised Mixtral layout)"

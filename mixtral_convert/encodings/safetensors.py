@@ -184,6 +184,11 @@ def read_tensors(path: Path) -> dict[str, Lazy]:
     return out
 
 
+def file_size(specs: list[TensorSpec], metadata: Optional[dict[str, str]] = None) -> int:
+    """The exact size of the file `write_safetensors` writes for `specs` (for --dry-run)."""
+    return len(header_bytes(specs, metadata)) + sum(s.nbytes for s in specs)
+
+
 def header_bytes(specs: list[TensorSpec], metadata: Optional[dict[str, str]] = None) -> bytes:
     """The 8-byte length and the JSON header for tensors laid out in `specs` order, padded with
     spaces so that data starts 8-byte aligned (as the reference writer does)."""

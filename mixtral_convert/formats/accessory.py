@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from ..encodings.safetensors import header_bytes, write_safetensors
+from ..encodings.safetensors import file_size as safetensors_size
+from ..encodings.safetensors import write_safetensors
 from ..encodings.torchzip import checkpoint_size, write_checkpoint
 from ..errors import ConvertError
 from ..io.atomic import atomic_file, json_bytes, write_small
@@ -192,7 +193,7 @@ def shard_size(specs: list, fmt: str) -> int:
     """The exact size of the shard file `shard_writer(fmt)` writes for `specs`."""
     if fmt == "pth":
         return checkpoint_size(specs)
-    return len(header_bytes(specs)) + sum(s.nbytes for s in specs)
+    return safetensors_size(specs)
 
 
 def side_files(cfg: ModelConfig, tokenizer: Path, layout: str, out: Path, atomic: bool) -> dict[str, dict]:

@@ -22,8 +22,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..encodings.safetensors import header_bytes, write_safetensors
+from ..encodings.safetensors import file_size as safetensors_size
 from ..encodings.safetensors import read_tensors as read_safetensors
+from ..encodings.safetensors import write_safetensors
 from ..errors import ConvertError
 from ..io.atomic import json_bytes, write_small
 from ..io.lazy import Lazy, TensorSpec, dtype_name
@@ -209,7 +210,7 @@ def plan(ck: Checkpoint, max_shard_size: int, max_position_embeddings: int) -> l
            tokenizer.built(ck.tokenizer).items()]
     _, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size)
     for fname, specs in files:
-        out.append((fname, len(header_bytes(specs)) + sum(s.nbytes for s in specs), f"{len(specs)} tensors"))
+        out.append((fname, safetensors_size(specs), f"{len(specs)} tensors"))
     if index is not None:
         out.append((INDEX, len(index), "which file holds each tensor"))
     cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id)

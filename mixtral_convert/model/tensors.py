@@ -194,3 +194,17 @@ def expert_name(L: int, e: int, short: str) -> str:
 def fused_rows() -> list[Row]:
     """The rows Mistral's fused layout names otherwise (the router and the stacked experts)."""
     return [r for r in TENSORS if r.fused]
+
+
+_SPARSE_RX = [compile_pattern(r.sparse) for r in TENSORS if r.sparse]
+_FUSED_RX = [compile_pattern(r.fused) for r in TENSORS if r.fused and r.per_expert]
+
+
+def is_sparse_stack(name: str) -> bool:
+    """Whether `name` is one of the sparse layout's per-layer stacked expert tensors (feed_forward.w1, ...)."""
+    return any(rx.match(name) for rx in _SPARSE_RX)
+
+
+def is_fused(name: str) -> bool:
+    """Whether `name` is one of Mistral's fused expert tensors (block_sparse_moe.w1, ...)."""
+    return any(rx.match(name) for rx in _FUSED_RX)
