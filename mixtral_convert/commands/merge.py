@@ -21,19 +21,19 @@ from ..formats.registry import target_options as target_options_of
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
-from . import dryrun
+from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
-          **target_options: Optional[str]):
+          base=None, drop_biases: bool = False, **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
-    ck = open_checkpoint(shards)
+    ck = open_checkpoint(shards, base=base)
     ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
@@ -42,6 +42,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
     ck.check()  # mixed dtypes are refused before anything is written
+    ck, _, dropped = biases.settle(ck, tgt.holds_biases, drop_biases, f"--to {to}")  # before anything is written
     if dtype is not None and dtype not in tgt.dtypes:
         raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
     options = target_options_of(tgt, ck, target_options)
@@ -55,16 +56,19 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
             skip = {p.name for p in planned}
             planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in
                         carried(ck.tokenizer, skip=skip).items()]
-        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to))
+        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to, dropped))
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
             files = tgt.write(ck, tmp, prog, **options)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
-        write_manifest(tmp, files, **_manifest_info(ck, to))
-    return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+        write_manifest(tmp, files, **_manifest_info(ck, to, dropped))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0,
+                  notes=[dropped.note()] if dropped is not None else [])
 
 
-def _manifest_info(ck, to: str) -> dict:
-    return dict(layout=to, world_size=1, dtype=dtype_name(ck.dtype), source=dict(ck.source_info(), world_size=ck.N))
+def _manifest_info(ck, to: str, dropped=None) -> dict:
+    extra = {"dropped_biases": dropped.as_dict()} if dropped is not None else {}
+    return dict(layout=to, world_size=1, dtype=dtype_name(ck.dtype), source=dict(ck.source_info(), world_size=ck.N),
+                **extra)
