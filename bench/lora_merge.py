@@ -4,7 +4,7 @@
 plain, and against a BLAS matmul merge (what the fixed order replaces), per 16 MiB block as the writer
 reads it.
 
-    python bench/lora_merge.py [ROWS COLS RANK]      # default 4096 4096 16 (Mixtral-8x7B's wq)
+    python bench/lora_merge.py [ROWS COLS RANK [THREADS]]   # default 4096 4096 16 (Mixtral-8x7B's wq)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mixtral_convert.io.lazy import Stored  # noqa: E402
 from mixtral_convert.io.lora import LoraMerged, Segment  # noqa: E402
 
 
-def timed(fn, reps: int = 3) -> float:
+def timed(fn, reps: int = 5) -> float:
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -31,6 +31,8 @@ def timed(fn, reps: int = 3) -> float:
 
 def main() -> None:
     rows, cols, rank = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (4096, 4096, 16)
+    if len(sys.argv) > 4:
+        torch.set_num_threads(int(sys.argv[4]))
     g = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
     b = torch.randn(rows, rank, generator=g).to(torch.bfloat16)
@@ -38,9 +40,9 @@ def main() -> None:
     plain = Stored(w, "w")
     merged = LoraMerged(plain, [Segment(0, rows, Stored(b), Stored(a))])
 
-    def read(t):
+    def read(t):  # each block copied, as the writer's buffer is (a plain read alone is a view)
         for r0, r1 in t.row_blocks():
-            t.read(r0, r1).contiguous()
+            t.read(r0, r1).clone()
 
     def blas():
         for r0, r1 in plain.row_blocks():
