@@ -11,14 +11,13 @@ pairs placed by their parallelism (model.tensors.DERIVED; layouts' rules): a col
 weight's rows of rank r merge with rank r's own A (layouts.Owned), the row-parallel wo's A is
 assembled from its column chunks and its B read from rank 0 as any replicated tensor, an expert's
 pair is whole on its owner rank. The biases are canonical tensors of the model (optional rows of
-the tensor table). `open_peft(..., unmerged=True)`'s `Peft` keeps the pairs for the unmerged
-forward (forward.peft).
+the tensor table). Each merged weight keeps its pairs (LoraMerged.segments): forward.peft computes
+the model unmerged from them. `summary` says what a save is without reading it on its base (inspect).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -29,26 +28,11 @@ from ..io.lazy import Assembled, Cast, Lazy, Placement
 from ..io.lora import LoraMerged, Segment
 from ..model import tensors
 from ..model.config import read_json
-from ..model.layouts import PREFIX, Owned, Plan, Replicate, parallel_rule
+from ..model.layouts import PREFIX, Owned, Plan, parallel_rule
 from . import accessory
 from .checkpoint import Checkpoint, Reader, Sharded, TokenizerRef, find_tokenizer, read_tensors
 
 KEYWORDS = ("lora", "bias", "norm")  # what a trainable-only save keeps (Accessory's get_trainable_params)
-
-
-@dataclass(frozen=True)
-class Peft:
-    """What a PEFT save is, for inspect and the unmerged forward."""
-
-    lora_rank: int
-    bias_tuning: bool
-    norm_tuning: bool
-    trainable_only: bool
-    modules: tuple[str, ...]  # the linears that carry LoRA (short names)
-    norms: tuple[str, ...]  # canonical names of the norms the save holds (trainable-only: the tuned ones)
-    # canonical weight name -> its segments (rows, B, A): the LoRA before merging
-    lora: dict[str, list[Segment]] = field(default_factory=dict, repr=False)
-    replicas_differ: tuple[str, ...] = ()  # replicated PEFT tensors whose ranks' copies differ (rank 0's is read)
 
 
 def llama_type(path: Path) -> Optional[str]:
@@ -80,16 +64,10 @@ def _is_lora(key: str) -> bool:
 
 
 def open_peft(path: Path, names: Optional[set[str]] = None, base: Optional[Checkpoint] = None) -> Checkpoint:
-    ck, _ = open_with_lora(path, names, base)
-    return ck
-
-
-def open_with_lora(path: Path, names: Optional[set[str]] = None,
-                   base: Optional[Checkpoint] = None) -> tuple[Checkpoint, Peft]:
-    """The merged model (a Checkpoint without shards: its weights are computed, not stored) and what the
-    save is. `base`: the model a trainable-only save was trained from."""
+    """The merged model (with LoRA, a Checkpoint without shards: its weights are computed, not stored).
+    `base`: the model a trainable-only save was trained from."""
     ls = accessory.listing(path, names)
-    rank, bias_tuning, norm_tuning = switches(path)
+    rank, _, _ = switches(path)
     opened = [read_tensors(f) for f in ls.files]
     rest = [{k: v for k, v in sd.items() if not _is_lora(k)} for sd in opened]
     trainable_only = all(any(w in k for w in KEYWORDS) for sd in opened for k in sd)
@@ -116,15 +94,12 @@ def open_with_lora(path: Path, names: Optional[set[str]] = None,
         if problems:
             raise ConvertError(problems[0])
         canonical = {name: plan.canonical_tensor(name, rest) for name in plan.shapes}
-        norms = tuple(n for n in canonical if n.endswith("norm.weight"))
     else:
-        canonical, norms = _on_base(path, ls, probe, rest, held, base)
-    differ = _replicas_differ(probe, rest, held)
+        canonical = _on_base(ls, probe, rest, held, base)
     lora = _lora(path, ls, opened, rank, canonical)
     merged = dict(canonical)
     for name, segments in lora.items():
         merged[name] = LoraMerged(canonical[name], segments, name)
-    modules = tuple(dict.fromkeys(tensors.match(n)[0].short for n in lora))
     tok = TokenizerRef(find_tokenizer(path)) if find_tokenizer(path) else (base.tok if base else TokenizerRef())
     what = "trainable-only on " + base.where if base is not None else "full"
     # without LoRA (lora_rank -1, e.g. what split writes for a model with biases) the shards hold the model
@@ -132,8 +107,7 @@ def open_with_lora(path: Path, names: Optional[set[str]] = None,
     sharded = Sharded(plan, rest) if base is None and not lora else None
     ck = Checkpoint(path, "peft", cfg, ls.files, tok, merged, label=f"Accessory mixtral_peft ({what} save)",
                     sharded=sharded)
-    info = Peft(rank, bias_tuning, norm_tuning, trainable_only, modules, norms, lora, differ)
-    return ck.check(), info
+    return ck.check()
 
 
 def _pieces_present(plan: Plan, shards: list[dict[str, Lazy]]):
@@ -143,7 +117,7 @@ def _pieces_present(plan: Plan, shards: list[dict[str, Lazy]]):
                 yield from st.pieces
 
 
-def _on_base(path: Path, ls, probe: Plan, rest: list[dict[str, Lazy]], held: set[str], base: Checkpoint):
+def _on_base(ls, probe: Plan, rest: list[dict[str, Lazy]], held: set[str], base: Checkpoint) -> dict[str, Lazy]:
     """The base's tensors with the delta's norms and biases in place; the delta checked against the plan."""
     for r, (f, sd) in enumerate(zip(ls.files, rest, strict=True)):
         for key, t in sd.items():
@@ -167,20 +141,7 @@ def _on_base(path: Path, ls, probe: Plan, rest: list[dict[str, Lazy]], held: set
     for name in order:
         t = plan.canonical_tensor(name, rest)
         canonical[name] = t if t.dtype == dtype else Cast(t, dtype)
-    return canonical, tuple(n for n in held if n.endswith("norm.weight"))
-
-
-def _replicas_differ(plan: Plan, shards: list[dict[str, Lazy]], held: set[str]) -> tuple[str, ...]:
-    """Replicated PEFT-tuned tensors (norms, wo's bias) whose copies are not all rank 0's."""
-    out = []
-    for name in held:
-        if not isinstance(plan.rules[name], Replicate):
-            continue
-        copies = [shards[p.rank][p.key] for p in plan.by_source[name]]
-        first = copies[0].read(0, copies[0].shape[0])
-        if any(not torch.equal(first, c.read(0, c.shape[0])) for c in copies[1:]):
-            out.append(name)
-    return tuple(sorted(out))
+    return canonical
 
 
 def _lora(path: Path, ls, opened: list[dict[str, Lazy]], rank: int, canonical: dict[str, Lazy]) -> dict:

@@ -108,8 +108,12 @@ def test_merged_bytes_same_after_split_1_and_split_4(tmp_path, tok, capsys):
         assert cli("verify", tmp_path / f"s{n}", "--source", d, capsys=capsys)[0] == 0
         assert cli("merge", tmp_path / f"s{n}", "-o", tmp_path / f"m{n}", "-q", capsys=capsys)[0] == 0
         outs[n] = (tmp_path / f"m{n}" / "consolidated.00.pth").read_bytes()
+    assert cli("split-sparse", d, "-n", 4, "-o", tmp_path / "sp", "-q", capsys=capsys)[0] == 0  # column bands
+    assert cli("verify", tmp_path / "sp", "--source", d, capsys=capsys)[0] == 0
+    assert cli("merge", tmp_path / "sp", "-o", tmp_path / "msp", "-q", capsys=capsys)[0] == 0
     assert cli("merge", d, "-o", tmp_path / "md", "-q", capsys=capsys)[0] == 0
-    assert outs[1] == outs[4] == (tmp_path / "md" / "consolidated.00.pth").read_bytes()
+    assert outs[1] == outs[4] == (tmp_path / "md" / "consolidated.00.pth").read_bytes() == \
+        (tmp_path / "msp" / "consolidated.00.pth").read_bytes()
     merged = load(tmp_path / "md" / "consolidated.00.pth")
     assert all(same_bytes(merged[k], expected[k]) for k in expected)
     code, _, err = cli("merge", d, "--to", "hf", "-o", tmp_path / "hf", "--max-position-embeddings", "4096",
@@ -260,3 +264,38 @@ def test_unmerged_forward_checks_the_merge(tmp_path, tok, monkeypatch):
         split(d, "base", 2, out=tmp_path / "bad", quiet=True)
     rep = parity(tmp_path / "bad", d)
     assert not rep.ok and rep.rms_rel_diff > 1e-3
+
+
+def test_trainable_only_fp32_delta_on_a_bf16_base(tmp_path, tok, capsys):
+    """The delta's LoRA is merged in float32 into the base's bf16 weights (rounded once); its norms and
+    biases are cast to the base's dtype; forward --base reads it too."""
+    base, extra, norms = ps.make_model(CFG, 2, dtype=torch.float32)
+    base = {k: v.to(torch.bfloat16) for k, v in base.items()}
+    d = ps.write_save(tmp_path / "delta", CFG, 2, base, extra, norms, trainable_only=True, tokenizer=tok)
+    src = tmp_path / "base"
+    src.mkdir()
+    torch.save(base, src / "consolidated.00.pth")
+    (src / "params.json").write_text(json.dumps(CFG.to_params()))
+    (src / "tokenizer.model").write_bytes(tok.read_bytes())
+    expected = ps.expected_merged(CFG, 2, base, extra, norms)
+    expected = {k: v.to(torch.bfloat16) for k, v in expected.items()}
+    assert_model(open_checkpoint(d, base=src), expected)
+    toks = tmp_path / "t.pt"
+    torch.save(torch.tensor([[1, 5, 9, 3]]), toks)
+    code, _, err = cli("forward", d, "--base", src, "--tokens-file", toks, "-o", tmp_path / "l.pt", capsys=capsys)
+    assert code == 0, err
+
+
+def test_distributed_forward_of_mixtral_peft_output(tmp_path, tok, capsys, monkeypatch):
+    """The mixtral_peft output's ranks as processes over gloo: each adds its own bias chunks, wo's bias
+    once after the all-reduce; the same logits, bit for bit, as the in-process sharded forward."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    d, _, _ = save(tmp_path, tok, 2)
+    assert cli("split", d, "-n", 2, "-o", tmp_path / "s", "-q", capsys=capsys)[0] == 0
+    toks = tmp_path / "t.pt"
+    torch.save(torch.tensor([[1, 5, 9, 3, 7]]), toks)
+    assert cli("forward", tmp_path / "s", "--tokens-file", toks, "-o", tmp_path / "one.pt", capsys=capsys)[0] == 0
+    code, _, err = cli("forward", tmp_path / "s", "--tokens-file", toks, "-o", tmp_path / "dist.pt", "--distributed",
+                       capsys=capsys)
+    assert code == 0, err
+    assert torch.equal(load(tmp_path / "one.pt"), load(tmp_path / "dist.pt"))
