@@ -3,7 +3,7 @@ the tokenizer an output gets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +26,7 @@ class Result:
     files: list[str]
     nbytes: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what the summary must say (biases dropped, the layout chosen)
 
 
 def output_base(ck: Checkpoint) -> Path:

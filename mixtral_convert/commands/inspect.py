@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import gguf_source, mistral
+from ..formats import gguf_source, mistral, peft
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import open_checkpoint
@@ -61,6 +61,15 @@ def inspect(path: Path) -> dict:
 
 
 def _directory(path: Path) -> dict:
+    if not hub.is_hub(path) and Path(path).is_dir() and peft.claims(Path(path), {p.name for p in Path(path).iterdir()}):
+        save = peft.summary(Path(path))
+        if save["save"] != "full":  # no model without its base: what the save is
+            return {"path": str(path), "what": f"Accessory mixtral_peft save, {save['save']}", **save}
+        return dict(_model(path), **save)
+    return _model(path)
+
+
+def _model(path) -> dict:
     ck = open_checkpoint(path)
     path = ck.remote or ck.path
     dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in ck.canonical.values())

@@ -24,19 +24,19 @@ from ..io import beside
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
-from . import dryrun
+from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
-          **target_options: Optional[str]):
+          base=None, drop_biases: bool = False, **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
-    ck = open_checkpoint(shards)
+    ck = open_checkpoint(shards, base=base)
     ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
@@ -45,6 +45,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
     ck.check()  # mixed dtypes are refused before anything is written
+    ck, _, dropped = biases.settle(ck, tgt.holds_biases, drop_biases, f"--to {to}")  # before anything is written
     if dtype is not None and dtype not in tgt.dtypes:
         raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
     options = target_options_of(tgt, ck, target_options)
@@ -56,31 +57,32 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
     if tgt.output == "file":
-        return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options)
+        return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options, dropped)
     if dry_run:
         planned = [Planned(*p) for p in tgt.plan(ck, **options)]
         if ck.tokenizer is not None:
             skip = {p.name for p in planned}
             planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in
                         carried(ck.tokenizer, skip=skip).items()]
-        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to))
+        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to, dropped))
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
             files = tgt.write(ck, tmp, prog, **options)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
-        write_manifest(tmp, files, **_manifest_info(ck, to))
-    return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+        write_manifest(tmp, files, **_manifest_info(ck, to, dropped))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0,
+                  notes=[dropped.note()] if dropped is not None else [])
 
 
-def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict):
+def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict, dropped=None):
     """A target whose output is a file (PATH.gguf, its pieces beside it), with its manifest beside it."""
     out = Path(out)
     options = dict(options, out_name=out.name)
     planned = [Planned(*p) for p in tgt.plan(ck, **options)]  # refusals come here, before anything is created
     names = [p.name for p in planned]
-    info = _manifest_info(ck, tgt.name, options.get("dtype"))
+    info = _manifest_info(ck, tgt.name, dropped, options.get("dtype"))
     if dry_run:
         return dryrun.dry_run(f"merge --to {tgt.name}", ck, out, force, planned, info,
                               manifest=beside.manifest_name(out),
@@ -91,9 +93,11 @@ def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, 
         with progress_bar(f"{tgt.name} from {ck.kind} N={ck.N}", ck.nbytes, quiet) as prog:
             files = tgt.write(ck, tmp, prog, **options)
         write_manifest(tmp, files, _name=beside.manifest_name(out), **info)
-    return Result(out, sorted(files), ck.nbytes, time.perf_counter() - t0)
+    return Result(out, sorted(files), ck.nbytes, time.perf_counter() - t0,
+                  notes=[dropped.note()] if dropped is not None else [])
 
 
-def _manifest_info(ck, to: str, dtype: Optional[str] = None) -> dict:
+def _manifest_info(ck, to: str, dropped=None, dtype: Optional[str] = None) -> dict:
+    extra = {"dropped_biases": dropped.as_dict()} if dropped is not None else {}
     return dict(layout=to, world_size=1, dtype=dtype or dtype_name(ck.dtype),
-                source=dict(ck.source_info(), world_size=ck.N))
+                source=dict(ck.source_info(), world_size=ck.N), **extra)

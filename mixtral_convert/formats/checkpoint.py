@@ -215,9 +215,11 @@ def find_tokenizer(path: Path) -> Optional[Path]:
 
 
 def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None:
-    """Canonical names, shapes and one dtype, exactly as the config implies."""
-    expected = cfg.canonical_shapes()
-    missing = [k for k in expected if k not in found]
+    """Canonical names, shapes and one dtype, exactly as the config implies (optional tensors, the
+    biases, may be present or not)."""
+    expected = cfg.canonical_shapes(optional=True)
+    required = cfg.canonical_shapes()
+    missing = [k for k in required if k not in found]
     extra = [k for k in found if k not in expected]
     if missing:
         raise ConvertError(f"{where}: {len(missing)} tensor(s) the config implies are missing, first "
@@ -226,7 +228,7 @@ def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None
         raise ConvertError(f"{where}: {len(extra)} unexpected tensor(s), first '{extra[0]}'; "
                            "the file does not match params.json")
     for k, shape in expected.items():
-        if tuple(found[k][0]) != shape:
+        if k in found and tuple(found[k][0]) != shape:
             raise ConvertError(f"{where}: tensor '{k}' has shape {list(found[k][0])}, params.json implies "
                                f"{list(shape)}; the checkpoint and params.json disagree")
     dtypes = {}

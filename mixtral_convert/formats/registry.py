@@ -16,10 +16,11 @@ from typing import Optional
 from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, gguf_source, gguf_target, hf, mistral, torrent
+from . import accessory, gguf_source, gguf_target, hf, mistral, peft, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
-READERS: tuple[Reader, ...] = (accessory.READER, mistral.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
+READERS: tuple[Reader, ...] = (peft.READER, accessory.READER, mistral.READER, torrent.TORRENT, hf.READER,
+                               torrent.CONSOLIDATED)
 TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf_target.TARGET)}
 # hf://: the small files that say what a repository holds, and who names its weight files, in order
 HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
@@ -92,9 +93,12 @@ def detect(path: Path, names: set[str]) -> Reader:
     return first
 
 
-def open_checkpoint(path) -> Checkpoint:
+def open_checkpoint(path, base=None) -> Checkpoint:
     """A checkpoint directory (or one of its files), Mistral's .tar download, or
-    hf://org/name[@rev], of any registered format."""
+    hf://org/name[@rev], of any registered format. `base` (any of those): the model a trainable-only
+    PEFT save at `path` was trained from (formats.peft)."""
+    if base is not None:
+        return _open_on_base(path, base)
     if hub.is_hub(path):
         ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns))
         return replace(ck, remote=hub.normalize(path))
@@ -105,3 +109,17 @@ def open_checkpoint(path) -> Checkpoint:
     path = checkpoint_dir(path)
     names = {p.name for p in path.iterdir()}
     return detect(path, names).open(path, names)
+
+
+def _open_on_base(path, base) -> Checkpoint:
+    """A trainable-only PEFT save read on top of its base (--base)."""
+    remote = None
+    if hub.is_hub(path):
+        remote, path = hub.normalize(path), hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns)
+    path = checkpoint_dir(path)
+    names = {p.name for p in path.iterdir()}
+    if detect(path, names) is not peft.READER:
+        raise ConvertError(f"--base {base}: is for a trainable-only PEFT save (llama_type mixtral_peft); "
+                           f"{path} is not one: leave --base out")
+    ck = peft.open_peft(path, names, base=open_checkpoint(base))
+    return replace(ck, remote=remote) if remote else ck

@@ -30,13 +30,13 @@ QUANTIZED = {"q8_0": Tolerance(None, 0.2, 0.75), "q6_k": Tolerance(None, 0.3, 0.
 
 
 def gguf_parity(path: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
-                device: str = "cpu") -> ParityReport:
+                device: str = "cpu", base=None) -> ParityReport:
     t0 = time.perf_counter()
     if source is None:
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the GGUF must match")
     dt, device = torch_dtype(dtype), check_device(device)
     rep = ParityReport(dtype, device)
-    ref_model = open_model(source, dt, device)
+    ref_model = open_model(source, dt, device, base=base, unmerged=True)
     cfg = ref_model.cfg
     tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
     rep.tokens_shape, rep.reference = list(tokens.shape), ref_model.how

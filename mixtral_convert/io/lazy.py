@@ -195,6 +195,9 @@ class TensorGetter:
         self.lazies, self.keep = lazies, keep
         self.recent: OrderedDict[str, torch.Tensor] = OrderedDict()
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.lazies
+
     def __call__(self, name: str) -> torch.Tensor:
         if name in self.recent:
             self.recent.move_to_end(name)

@@ -19,7 +19,7 @@ import torch
 from ..errors import ConvertError, WorldSizeError
 from ..io.lazy import Assembled, Lazy, Placement
 from .config import ModelConfig
-from .tensors import TENSORS, Row, compile_pattern
+from .tensors import TENSORS, Row, compile_pattern, expand
 
 PREFIX = "llma."
 
@@ -97,6 +97,18 @@ class Chunk(Rule):
         return [Piece(r, PREFIX + name, 0, name, self.dim, r * n, (r + 1) * n)]
 
 
+class Owned(Rule):
+    """Every rank holds a whole tensor of its own: the copies differ (a column-parallel LoRA A, trained by
+    each rank through its own rows of B; docs/formats.md, "Accessory PEFT saves"). There is no one
+    canonical tensor to read back: rank r's copy goes with rank r's pieces of the weight (formats.peft)."""
+
+    def pieces(self, name, shape, m, r, N, cfg):
+        return [Piece(r, PREFIX + name, 0, name, None)]
+
+    def reads(self, piece: Piece) -> bool:
+        return False
+
+
 class ExpertOwner(Rule):
     """Whole experts: rank r holds experts [r*E/N, (r+1)*E/N) under their global names."""
 
@@ -141,12 +153,22 @@ def row_rule(row: Row, layout: str) -> Rule:
         "column_heads": Chunk(0, per_head=True),  # ... in whole heads
         "row_heads": Chunk(1, per_head=True),  # RowParallelLinear: columns, in whole heads
         "replicated": Replicate(),
+        "owned": Owned(),
     }[row.parallel]
 
 
-LAYOUTS = ("base", "sparse")
+def parallel_rule(parallel: str) -> Rule:
+    """The base layout's rule for a parallelism kind (a LoRA tensor's, model.tensors.DERIVED)."""
+    return row_rule(Row("", lambda c: (), parallel), "base")
+
+
+# "peft": the base layout with the biases in place (Accessory's mixtral_peft, lora_rank -1;
+# docs/formats.md, "Accessory PEFT saves").
+# "base" and "sparse" (Accessory's mixtral and mixtral_sparse) have no biases.
+LAYOUTS = ("base", "sparse", "peft")
 TABLES: dict[str, list[tuple[str, Rule]]] = {
-    layout: [(r.pattern, row_rule(r, layout)) for r in TENSORS] for layout in LAYOUTS}
+    layout: [(r.pattern, row_rule(r, "base" if layout == "peft" else layout)) for r in TENSORS
+             if layout == "peft" or not r.optional] for layout in LAYOUTS}
 _COMPILED = {name: [(compile_pattern(p), rule) for p, rule in table] for name, table in TABLES.items()}
 
 
@@ -189,9 +211,10 @@ class Plan:
         valid = valid_world_sizes(layout, cfg)
         if N not in valid:
             raise WorldSizeError(N, layout, valid,
-                                 f"heads, vocab, dim and {'experts' if layout == 'base' else 'FFN dim'}")
+                                 f"heads, vocab, dim and {'FFN dim' if layout == 'sparse' else 'experts'}")
         self.layout, self.cfg, self.N = layout, cfg, N
-        self.shapes = cfg.canonical_shapes()
+        # the model's tensors, and the optional ones (biases) it has: those `dtypes` names
+        self.shapes = {k: s for k, (row, s) in expand(cfg, optional=True).items() if not row.optional or k in dtypes}
         self.ranks: list[dict[str, ShardTensor]] = [dict() for _ in range(N)]
         self.by_source: dict[str, list[Piece]] = {}
         self.rules: dict[str, Rule] = {}

@@ -32,7 +32,9 @@ from typing import Callable, Optional
 Shape = Callable[["ModelConfig"], tuple[int, ...]]  # noqa: F821
 
 # How a tensor is parallelised under Accessory's tensor parallelism (docs/formats.md, "Accessory layouts").
-PARALLEL = ("embedding", "column", "column_heads", "row_heads", "replicated", "expert")
+# "owned": whole on every rank, each rank's copy its own (a column-parallel LoRA A;
+# docs/formats.md, "Accessory PEFT saves").
+PARALLEL = ("embedding", "column", "column_heads", "row_heads", "replicated", "expert", "owned")
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ def _kv(c) -> int:
     return c.n_kv_heads * c.head_dim
 
 
-# The order is the order of every checkpoint this tool writes (torrent, HF, shards): keep it.
-TENSORS: tuple[Row, ...] = (
+# The weights. With the bias rows after them (TENSORS), the order is the order of every checkpoint this
+# tool writes (torrent, HF, shards): keep it.
+_WEIGHTS: tuple[Row, ...] = (
     Row("tok_embeddings.weight", lambda c: (c.vocab_size, c.dim), "embedding", hf="model.embed_tokens.weight"),
     Row("layers.{L}.attention.wq.weight", lambda c: (_q(c), c.dim), "column_heads", "wq",
         hf="model.layers.{L}.self_attn.q_proj.weight", permute="n_heads"),
@@ -99,6 +102,50 @@ TENSORS: tuple[Row, ...] = (
     Row("norm.weight", lambda c: (c.dim,), "replicated", hf="model.norm.weight"),
     Row("output.weight", lambda c: (c.vocab_size, c.dim), "column", hf="lm_head.weight"),
 )
+
+# ----------------------------------------------------------------------------- PEFT
+# (docs/formats.md, "Accessory PEFT saves")
+# The linears Accessory's mixtral_peft gives a bias and LoRA (short names of their weight rows).
+PEFT_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# How a tensor derived from a weight is parallelised, from the weight's parallelism: the bias is split like
+# the weight's output rows; LoRA's A [r, in] and B [out, r] follow column parallelism (B on rows, A whole on
+# every rank and owned by it) or row parallelism (A on columns, B whole); an expert's go with the expert.
+DERIVED = {  # weight's parallel -> (bias, lora_a, lora_b)
+    "column_heads": ("column_heads", "owned", "column_heads"),
+    "row_heads": ("replicated", "row_heads", "replicated"),
+    "expert": ("expert", "expert", "expert"),
+}
+
+
+def _bias_row(w: Row) -> Row:
+    return Row(w.pattern.replace(".weight", ".bias"), lambda c, w=w: (w.shape(c)[0],), DERIVED[w.parallel][0],
+               w.short, optional=True)
+
+
+@dataclass(frozen=True)
+class LoraRow:
+    """The LoRA pair of a weight row: A [r, in] and B [out, r], with their parallelism (DERIVED)."""
+
+    weight: Row
+    a: str  # canonical name pattern of A
+    b: str
+    a_parallel: str
+    b_parallel: str
+
+    def shapes(self, cfg, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        out, inp = self.weight.shape(cfg)
+        return (rank, inp), (out, rank)
+
+
+def _lora_row(w: Row) -> LoraRow:
+    stem = w.pattern[: -len(".weight")]
+    return LoraRow(w, stem + ".lora_a.weight", stem + ".lora_b.weight", *DERIVED[w.parallel][1:])
+
+
+# Every tensor of the model: the weights, each PEFT linear's bias (optional) right after its weight.
+TENSORS: tuple[Row, ...] = tuple(r for w in _WEIGHTS for r in ((w, _bias_row(w)) if w.short in PEFT_LINEARS else (w,)))
+# Each PEFT linear's LoRA pair (not tensors of the model: a PEFT save's, merged into the weight on reading).
+LORA: tuple[LoraRow, ...] = tuple(_lora_row(w) for w in _WEIGHTS if w.short in PEFT_LINEARS)
 
 # HF names that hold no weight of the model (buffers some old exports carry): read and dropped.
 HF_IGNORED: tuple[str, ...] = ("model.layers.{L}.self_attn.rotary_emb.inv_freq",)
@@ -129,8 +176,8 @@ def match(name: str) -> Optional[tuple[Row, dict[str, str]]]:
 
 
 def row(short: str) -> Row:
-    """The row of a layer's or expert's tensor by its short name ('wq', 'w2', ...)."""
-    for r in TENSORS:
+    """The weight row of a layer's or expert's tensor by its short name ('wq', 'w2', ...)."""
+    for r in _WEIGHTS:
         if r.short == short:
             return r
     raise KeyError(short)
@@ -179,6 +226,11 @@ def canonical_shapes(cfg, optional: bool = False) -> dict[str, tuple[int, ...]]:
 def hf_pairs() -> list[tuple[str, Optional[str]]]:
     """(canonical pattern, HF pattern) for every row HF has, then (None, HF pattern) for HF names dropped."""
     return [(r.pattern, r.hf) for r in TENSORS if r.hf] + [(None, h) for h in HF_IGNORED]
+
+
+def bias_name(weight: str) -> str:
+    """The canonical name of a weight's bias ('layers.0.attention.wq.weight' -> '...wq.bias')."""
+    return weight[: -len(".weight")] + ".bias"
 
 
 def layer_names(L: int) -> dict[str, str]:
