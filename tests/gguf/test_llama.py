@@ -136,3 +136,28 @@ def test_llama_cpp_tokenizer_gives_sentencepiece_ids(fixture, request, tmp_path)
     finally:
         llm.close()
     assert not bad, [(s, sp.encode(s)) for s in bad[:3]]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["lora-norm", "lora-bias-norm"])
+def test_a_peft_save_runs_in_llama_cpp_as_its_unmerged_model(src7, tmp_path, capsys, bias):
+    """A LoRA + norm tuned PEFT save (N=2, each rank its own lora_a) goes to GGUF with its LoRA merged:
+    llama.cpp's logits are the PEFT model's computed unmerged (x W^T + (x A^T) B^T). With non-zero
+    biases, which llama.cpp's Mixtral has no place for, --to gguf refuses before writing anything."""
+    import peft_save
+
+    from mixtral_convert.forward.run import open_model
+    from mixtral_convert.model.config import ModelConfig
+    cfg = ModelConfig.from_json_file(src7 / "params.json")
+    base, extra, norms = peft_save.make_model(cfg, 2, rank=4, bias=bias, seed=5)
+    save = peft_save.write_save(tmp_path / "epoch0", cfg, 2, base, extra, norms, tokenizer=src7 / "tokenizer.model")
+    out = tmp_path / "peft.gguf"
+    if bias:
+        code, _, err = cli("merge", save, "--to", "gguf", "-o", out, "--max-position-embeddings", 4096, capsys=capsys)
+        assert code == 2 and "bias" in err and "split" in err and not out.exists(), err
+        return
+    merge_gguf(save, out, "float32")
+    tokens = text_tokens(src7)
+    model = open_model(save, torch.float32, "cpu", unmerged=True)
+    ref = model.run(torch.tensor([tokens]))[0].numpy()
+    fig = figures("peft-lora-norm-float32", llama_logits(out, tokens), ref, tokens)
+    assert fig["max_abs"] <= 1e-4 * max(1.0, fig["max_abs_logit"]) and fig["rms_rel"] <= 1e-4, fig
