@@ -48,12 +48,13 @@ TOLERANCES = {
     "float32": Tolerance(max_rel=1e-4, rms_rel=1e-4, top1=0.99),
     # bf16: every partial sum is rounded to 8 bits of mantissa, so a token whose router is near a
     # tie can pick another expert in one forward than in the other: the max diff is then that of
-    # a different expert, so it is reported but not judged; the mean error and top-1 are
-    # (docs/parity.md has the figures).
-    "bfloat16": Tolerance(max_rel=None, rms_rel=0.1, top1=0.9),
+    # a different expert, so it is reported but not judged; the mean error and top-1 are. The
+    # bounds are 5x the worst rms and 6x the worst top-1 miss measured on the trained fixture
+    # (docs/parity.md, "On the trained fixture"); the random fixtures' rms, 0.02, is inside.
+    "bfloat16": Tolerance(max_rel=None, rms_rel=0.03, top1=0.95),
     # float16 (as the shards' storage dtype, after --dtype float16): 3 more mantissa bits than
     # bf16, so an eighth of its bound, judged the same way.
-    "float16": Tolerance(max_rel=None, rms_rel=0.0125, top1=0.95),
+    "float16": Tolerance(max_rel=None, rms_rel=0.004, top1=0.95),
 }
 LOOSER = ("float32", "float16", "bfloat16")  # by mantissa bits, most to fewest
 
