@@ -64,6 +64,40 @@ ROWS = [
 ]
 
 
+def llama_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's logits (llama-cpp-python, float32 KV cache) for each row of `tokens`, each from a fresh context."""
+    import llama_cpp
+    import numpy as np
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=tokens.shape[1] + 8, n_batch=512, n_threads=2,
+                          type_k=0, type_v=0, verbose=False)
+    out = []
+    try:
+        for row in tokens.tolist():
+            llm.reset()
+            llm.eval(row)
+            out.append(torch.from_numpy(np.array(llm.scores[:len(row)], dtype=np.float32)))
+    finally:
+        llm.close()
+    return torch.stack(out)
+
+
+def _gguf(dtype: str, note: str) -> Row:
+    return Row(f"`merge --to gguf --dtype {dtype}`, run by llama.cpp",
+               ["merge", "{src}", "--to", "gguf", "-o", "{out}.gguf", "-q", "--dtype", dtype,
+                "--max-position-embeddings", "512"], logits=lambda p, t: llama_logits(Path(f"{p}.gguf"), t), note=note)
+
+
+GGUF_ROWS = [
+    _gguf("float32", "llama.cpp's own forward on the same weights"),
+    _gguf("float16", "weights in F16 (norms and router F32)"),
+    _gguf("bfloat16", "weights in BF16 (norms and router F32)"),
+    _gguf("q8_0", "Q8_0 blocks of 32, written by the tool"),
+    _gguf("q6_k", "llama.cpp's quantizer; rows of 128 and 160 are not whole 256-blocks: it falls back per tensor"),
+    _gguf("q5_k_m", "llama.cpp's quantizer (fallback types on rows that are not whole 256-blocks)"),
+    _gguf("q4_k_m", "llama.cpp's quantizer (fallback types on rows that are not whole 256-blocks)"),
+]
+
+
 def tool(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "mixtral_convert", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
@@ -77,6 +111,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=None, help="use only the first N held-out rows of 128 tokens")
     ap.add_argument("--keep", type=Path, default=None, help="work in DIR (default: a temporary directory)")
+    ap.add_argument("--gguf", action="store_true",
+                    help="add the GGUF rows, judged by llama.cpp (needs llama-cpp-python: make install-llama)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="lossy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,7 +123,7 @@ def main() -> None:
           file=sys.stderr)
     ref = None
     lines = ["| path | rms rel | top-1 | perplexity | ratio to fp32 | what |", "|---|---|---|---|---|---|"]
-    for i, row in enumerate(ROWS):
+    for i, row in enumerate(ROWS + (GGUF_ROWS if args.gguf else [])):
         t0 = time.perf_counter()
         path = SRC
         if row.convert:

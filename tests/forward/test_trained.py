@@ -14,8 +14,9 @@ import pytest
 import sentencepiece as spm
 import torch
 from helpers import cli, load
+from helpers import greedy as greedy_continuation
 
-from mixtral_convert.forward.reference import forward, generate_next_tokens
+from mixtral_convert.forward.reference import forward
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.model.layouts import valid_world_sizes
 
@@ -132,7 +133,7 @@ def test_verify_forward_on_trained(tmp_path_factory, capsys, tokens, layout, N, 
 @pytest.fixture(scope="module")
 def greedy(cfg, weights):
     """The reference forward's greedy continuation of each prompt (NEW tokens, no EOS among them)."""
-    out = {p: generate_next_tokens(cfg, weights, TRAINED / "tokenizer.model", p, NEW)[0] for p in PROMPTS}
+    out = {p: greedy_continuation(cfg, weights, TRAINED / "tokenizer.model", p, NEW)[0] for p in PROMPTS}
     for p, new in out.items():
         assert len(new) == NEW and 2 not in new, (p, new)
     return out

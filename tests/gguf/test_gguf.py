@@ -6,6 +6,7 @@ after an interrupt or a full disk, --force only over its own output."""
 
 import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,12 +263,18 @@ def test_force_replaces_only_its_own_output(src7, tmp_path, capsys):
 # ----------------------------------------------------------------------------- read back
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "q8_0"])
 def test_verify_against_the_source_and_its_forward(ggufs, src7, tmp_path, capsys, dtype):
-    code, out, err = cli("verify", ggufs[dtype], "--source", src7, "--forward", "--json", capsys=capsys)
+    """bfloat16 on the trained fixture: its verify --forward tolerance is derived from a trained model
+    (docs/parity.md), and a random model's logits move more than that under bf16 rounding."""
+    src, gguf_file = src7, ggufs.get(dtype)
+    if dtype == "bfloat16":
+        src = Path(__file__).resolve().parents[2] / "fixtures" / "trained"
+        gguf_file = merge_gguf(src, tmp_path / "trained-bf16.gguf", "bfloat16")
+    code, out, err = cli("verify", gguf_file, "--source", src, "--forward", "--json", capsys=capsys)
     assert code == 0, out + err
     rep = json.loads(out)
     assert rep["ok"] and any(("byte for byte" if dtype != "q8_0" else "block for block") in c for c in rep["checks"])
     fwd = rep["forward"]
-    bound, top1 = {"float32": (1e-4, 0.99), "bfloat16": (0.1, 0.9), "q8_0": (0.2, 0.75)}[dtype]
+    bound, top1 = {"float32": (1e-4, 0.99), "bfloat16": (0.03, 0.95), "q8_0": (0.2, 0.75)}[dtype]
     assert fwd["rms_rel_diff"] <= bound and fwd["top1_agreement"] >= top1, fwd
     assert dtype != "float32" or fwd["rms_rel_diff"] < 1e-6, fwd  # the same weights: rounding of the sums only
     bad = tmp_path / "bad.gguf"
