@@ -1,17 +1,20 @@
 """Tensors that are read a block at a time.
 
 A `Lazy` tensor has a shape and a dtype and gives any block of rows (and optionally a column
-range) on demand. `Stored` wraps a tensor mapped from a file (reading touches only those
-pages). `Assembled` is a tensor defined as placements of regions of other lazy tensors,
-optionally transposed: a shard tensor is assembled from canonical tensors (split), a
-canonical tensor from shard tensors (merge), and the two compose (reshard). The writer and
-the verifier only ever ask for bounded blocks, so nothing holds a whole checkpoint.
+range) on demand. `OnDisk` is a tensor as it lies in a source file: the file, the byte offset
+of its first element, its shape, dtype and element strides; reading a region asks the read
+layer (`io.reads`, the one place where bytes come off the disk) for exactly those bytes.
+`Stored` wraps a tensor already in memory. `Assembled` is a tensor defined as placements of
+regions of other lazy tensors, optionally transposed: a shard tensor is assembled from
+canonical tensors (split), a canonical tensor from shard tensors (merge), and the two compose
+(reshard). The writer and the verifier only ever ask for bounded blocks, so nothing holds a
+whole checkpoint.
 
 `TensorSpec` is what a writer needs to know of a tensor before its bytes arrive (name, shape,
 dtype), and `tensor_bytes` turns a block into the buffer a writer takes.
 
 These types are pure data: they read only when asked for a block, start no threads and make
-no kernel calls; read-ahead and background production live in `io.prefetch`.
+no kernel calls of their own; read-ahead and background production live in `io.prefetch`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import ConvertError
+from . import reads
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
 
@@ -83,8 +87,58 @@ class Lazy:
             yield self.read(r0, r1)
 
 
+class OnDisk(Lazy):
+    """A tensor as it lies in a source file: `file` (an `io.reads.SourceFile`), the byte
+    `offset` of its first element, `shape`, `dtype` and element `strides` (row-major when not
+    given). Row slices and the transpose are descriptions too (the fused format's experts are
+    row views and transposed row views of one tensor); nothing is read until a block is asked for."""
+
+    def __init__(self, file, offset: int, shape, dtype: torch.dtype, strides=None, name: str = "?"):
+        self.file, self.offset, self.shape, self.dtype, self.name = file, offset, tuple(shape), dtype, name
+        self.strides = tuple(strides) if strides is not None else reads.contiguous_strides(self.shape)
+
+    def named(self, name: str) -> "OnDisk":
+        return OnDisk(self.file, self.offset, self.shape, self.dtype, self.strides, name)
+
+    def __getitem__(self, rows: slice) -> "OnDisk":
+        """Rows [start, stop) (a view, as torch's t[a:b])."""
+        a, b, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("only contiguous row slices")
+        b = max(a, b)
+        return OnDisk(self.file, self.offset + a * self.strides[0] * self.dtype.itemsize,
+                      (b - a,) + self.shape[1:], self.dtype, self.strides, self.name)
+
+    def t(self) -> "OnDisk":
+        """The transpose of a 2-D tensor (a view)."""
+        return OnDisk(self.file, self.offset, self.shape[::-1], self.dtype, self.strides[::-1], self.name)
+
+    def _region(self, r0, r1, c0=None, c1=None) -> tuple[int, tuple[int, ...]]:
+        """(byte offset, shape) of rows [r0, r1) and columns [c0, c1) (all when None)."""
+        if not self.shape:
+            return self.offset, ()
+        item, shape = self.dtype.itemsize, list(self.shape)
+        off = self.offset + r0 * self.strides[0] * item
+        shape[0] = r1 - r0
+        if c0 is not None:
+            off += c0 * self.strides[1] * item
+            shape[1] = c1 - c0
+        return off, tuple(shape)
+
+    def span(self, region: Optional[Region] = None) -> tuple[int, int]:
+        """(byte offset, bytes) of the file range that a region (default: all) lies in."""
+        off, shape = self._region(*region) if region is not None and self.shape else (self.offset, self.shape)
+        return off, (reads.span(shape, self.strides) if shape else 1) * self.dtype.itemsize
+
+    def read(self, r0, r1, c0=None, c1=None):
+        off, shape = self._region(r0, r1, c0, c1)
+        if not shape:
+            return reads.read_view(self.file, off, (1,), (1,), self.dtype)
+        return reads.read_view(self.file, off, shape, self.strides, self.dtype)
+
+
 class Stored(Lazy):
-    """A tensor that exists as such in a file (typically an mmap view from torch.load)."""
+    """A tensor already in memory."""
 
     def __init__(self, tensor: torch.Tensor, name: str = "?"):
         self.t, self.name = tensor, name
@@ -174,7 +228,7 @@ class Assembled(Lazy):
 
 
 def materialize(lz: Lazy) -> torch.Tensor:
-    """A lazy tensor as a tensor: the mmap view itself when stored, else read whole (only ever
+    """A lazy tensor as a tensor: the tensor itself when in memory, else read whole (only ever
     one tensor of one layer at a time, as the forward asks for them)."""
     if isinstance(lz, Stored):
         return lz.t
@@ -184,7 +238,7 @@ def materialize(lz: Lazy) -> torch.Tensor:
 class TensorGetter:
     """`name -> tensor` over lazy tensors, keeping the last few it read: the sharded forward asks
     for a stacked expert tensor once per expert, and reading it again each time would multiply
-    the I/O of a file that is not mapped."""
+    the I/O."""
 
     def __init__(self, lazies: dict[str, Lazy], keep: int = 3):
         self.lazies, self.keep = lazies, keep

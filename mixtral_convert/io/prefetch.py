@@ -1,9 +1,8 @@
-"""Getting bytes off the disk ahead of the writer: kernel read-ahead of mapped ranges, and
+"""Getting bytes off the disk ahead of the writer: kernel read-ahead of source ranges, and
 blocks produced on a second thread.
 
-- `readahead` / `warm`: ask the kernel (madvise WILLNEED) to start reading the file pages behind
-  an mmap'd view, or behind every source region of a lazy tensor, so that the disk reads while
-  the writer writes.
+- `warm`: ask the kernel (posix_fadvise WILLNEED) to start reading the file range behind every
+  source region of a lazy tensor, so that the disk reads while the writer writes.
 - `prefetched`: the same iterator, produced up to `depth` items ahead by a worker thread that is
   always joined, whatever way the consumer leaves.
 - `file_producer` / `stream`: the block sources the writers consume (one worker per output
@@ -20,12 +19,9 @@ import threading
 from contextlib import closing, contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
-import torch
-
-from .lazy import BLOCK_BYTES, Assembled, Lazy, Region, Stored, TensorSpec, tensor_bytes
+from .lazy import BLOCK_BYTES, Assembled, Cast, Lazy, OnDisk, Region, TensorSpec, tensor_bytes
 from .progress import Progress
 
-_MADV_WILLNEED, _PAGE = 3, 4096
 _libc = None
 
 
@@ -33,9 +29,7 @@ def _lib():
     global _libc
     if _libc is None:
         try:
-            lib = ctypes.CDLL("libc.so.6", use_errno=True)
-            lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _libc = lib
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except (OSError, AttributeError):
             _libc = False
     return _libc or None
@@ -59,27 +53,17 @@ def reuse_freed_blocks() -> None:
         pass
 
 
-def readahead(t: torch.Tensor) -> None:
-    """Ask the kernel to start reading the file pages behind an mmap view now (asynchronously).
-    Harmless for ordinary memory."""
-    lib = _lib()
-    if lib is None or t.numel() == 0:
-        return
-    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
-    start = t.data_ptr()
-    end = start + span * t.element_size()
-    a = start - start % _PAGE
-    lib.madvise(a, end - a, _MADV_WILLNEED)
-
-
 def warm(lazy: Lazy, region: Optional[Region] = None) -> None:
-    """Start reading, in the background, the file pages that `region` (default: all) of `lazy`
-    will need. A hint: nothing happens where nothing mapped is behind it."""
-    if isinstance(lazy, Stored):
-        readahead(lazy.t if region is None or not lazy.shape else lazy.read(*region))
+    """Ask the kernel to start reading, in the background, the file range that `region`
+    (default: all) of `lazy` lies in (posix_fadvise WILLNEED), so that the disk reads while the
+    writer writes. A hint: nothing happens where no file is behind it."""
+    if isinstance(lazy, OnDisk):
+        lazy.file.advise(*lazy.span(region))
     elif isinstance(lazy, Assembled):  # a region of the result maps to the same sources: warm them all
         for p in lazy.placements:
             warm(p.src, p.src_region)
+    elif hasattr(lazy, "base"):  # a cast (the same region) or a row permutation (warmed whole)
+        warm(lazy.base, region if isinstance(lazy, Cast) else None)
 
 
 _DONE = object()
@@ -87,9 +71,9 @@ _DONE = object()
 
 def prefetched(blocks: Iterator, depth: int = 1) -> Iterator:
     """The same items, produced by a second thread up to `depth` ahead of the consumer, so that
-    computing blocks (copies, transposes: torch releases the GIL) overlaps writing them. Views of
-    mapped files are read ahead as they are queued. Close it (`contextlib.closing`) to stop and
-    join the worker at once when the consumer leaves early."""
+    computing blocks (reads, copies, transposes: they release the GIL) overlaps writing them.
+    Close it (`contextlib.closing`) to stop and join the worker at once when the consumer leaves
+    early."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -107,9 +91,6 @@ def prefetched(blocks: Iterator, depth: int = 1) -> Iterator:
     def produce():
         try:
             for b in blocks:
-                for t in (b if isinstance(b, tuple) else (b,)):
-                    if isinstance(t, torch.Tensor):
-                        readahead(t)
                 if not put(b):
                     return
             put(_DONE)
@@ -149,7 +130,6 @@ def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], La
         for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
             warm(ahead)  # the disk reads the next tensor's source while this one is written
         for block in lazies[i].blocks(block_bytes):
-            readahead(block)  # a view of a mapped file: the kernel starts reading it now
             yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
 
 
