@@ -3,6 +3,7 @@
 #   make test   venv, install with dev extras, lint (ruff), run the test suite
 #   make bench  the disk-speed and memory benchmark (not part of make test)
 #   make bench-concat  concat against cat on a several-GB checkpoint (not part of make test)
+#   make bench-ram  the tool's own ceiling, source and output on a tmpfs (not part of make test)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -12,7 +13,7 @@ PIP := $(PY) -m pip
 JOBS ?= 2
 DEMO_DIR ?= demo
 
-.PHONY: all venv install install-dev demo lint test bench bench-concat clean
+.PHONY: all venv install install-dev demo lint test bench bench-concat bench-ram clean
 
 all: test
 
@@ -49,6 +50,9 @@ bench: install
 
 bench-concat: install
 	$(PY) bench/bench_concat.py $(BENCH_ARGS)
+
+bench-ram: install
+	$(PY) bench/bench_ram.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -18,6 +18,7 @@ from ..errors import ConvertError
 from ..formats import hf
 from ..formats.checkpoint import dtype_name
 from ..formats.registry import open_checkpoint, target
+from ..io import reads
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
@@ -32,7 +33,9 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun)."""
     tgt = target(to)
+    since = reads.mark()
     ck = open_checkpoint(shards)
+    sources = reads.opened_since(since)  # checked unchanged before the output is renamed into place
     use_tokenizer(ck, tokenizer)
     if to == "torrent" and ck.kind == "torrent":
         raise ConvertError(f"{ck.path}: already in the torrent layout; merge reads Accessory shard directories "
@@ -58,7 +61,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
                         carried(ck.tokenizer, skip=skip).items()]
         return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to))
     t0 = time.perf_counter()
-    with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
+    with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
             files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size,
                               max_position_embeddings=max_position_embeddings)

@@ -26,6 +26,7 @@ from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
+from ..io import reads
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
 from ..io.lazy import BLOCK_BYTES, TensorSpec
 from ..io.prefetch import file_producer
@@ -143,7 +144,9 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     shard_writer(fmt)  # an unknown format fails before anything is read
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
+    since = reads.mark()
     ck = open_checkpoint(src)
+    sources = reads.opened_since(since)  # checked unchanged before any output is renamed into place
     use_tokenizer(ck, tokenizer)
     cast_to(ck, dtype)
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
@@ -154,10 +157,10 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     if dry_run:
         return _dry_run(ck, plan, tokenizer, out, sorted(set(ranks)) if ranks is not None else None, force, fmt)
     if ranks is not None:
-        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt)
+        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt, sources)
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
     t0 = time.perf_counter()
-    with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
+    with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         files = {}
         with progress_bar(f"{layout} N={N}", total, quiet) as prog:
             if _together(write_ranks, plan, ck.nbytes):
@@ -188,7 +191,7 @@ def _dry_run(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: Opti
 
 
 def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: list[int], force: bool,
-                 quiet: bool, fmt: str) -> Result:
+                 quiet: bool, fmt: str, sources=()) -> Result:
     """Cooperative mode: write only `ranks` into a shared `out`, each file atomically."""
     N, layout = plan.N, plan.layout
     bad = [r for r in ranks if not 0 <= r < N]
@@ -211,7 +214,7 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     t0 = time.perf_counter()
     with progress_bar(f"{layout} N={N} ranks {','.join(map(str, ranks))}", total, quiet) as prog:
         for r in ranks:
-            with atomic_file(out / names[r]) as tmp:
+            with atomic_file(out / names[r], sources=sources) as tmp:
                 entry = _write_rank(plan, r, ck, tmp, prog, fmt)
                 fsync_all([tmp])
             with atomic_file(out / _PART.format(r)) as tmp:

@@ -161,8 +161,9 @@ def check_unchanged(files: Iterable[SourceFile], what: str = "the output") -> No
     for f in files:
         why = f.changed()
         if why:
+            done = "nothing was written" if what == "the output" else "nothing was proved"
             raise SourceChanged(f"{f.path}: the source changed while it was read ({why}); {what} would mix old "
-                                "and new bytes, so nothing was written: wait until it is complete, then run again")
+                                f"and new bytes, so {done}: wait until the file is complete, then run again")
 
 
 def identity_of(path: Path) -> Optional[Identity]:
