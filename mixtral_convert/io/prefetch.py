@@ -44,7 +44,7 @@ def reuse_freed_blocks() -> None:
         return
     try:
         _lib().mallopt(-3, 2 * BLOCK_BYTES)  # M_MMAP_THRESHOLD
-        _lib().mallopt(-1, 4 * BLOCK_BYTES)  # M_TRIM_THRESHOLD
+        _lib().mallopt(-1, 32 * BLOCK_BYTES)  # M_TRIM_THRESHOLD
         # M_ARENA_MAX: one heap for every thread. Each worker thread (block producer, hashers)
         # would otherwise get an arena of its own that keeps its freed blocks, and the kept
         # blocks add up (docs/performance.md: split-sparse's peak anonymous memory).

@@ -93,6 +93,22 @@ class SourceFile:
                                    f"{_WHAT_TO_DO}")
             done += n
 
+    def read_rows(self, offset: int, stride: int, out) -> None:
+        """Row i of the 2-D byte array `out` (C-contiguous) from `offset + i * stride`: the rows
+        of a narrow column band, one positioned read each, straight into place. A row that
+        comes short or fails goes through `read_into` (which continues it, or raises)."""
+        rows, width = out.shape
+        view = memoryview(out).cast("B")
+        fd, pread = self.fd, _preadv
+        for i in range(rows):
+            row = view[i * width:(i + 1) * width]
+            try:
+                n = pread(fd, [row], offset + i * stride)
+            except OSError:
+                n = 0
+            if n != width:
+                self.read_into(offset + i * stride + n, row[n:])
+
     def read(self, offset: int, n: int) -> bytes:
         """`n` bytes at `offset` (fewer only where the file ends first: for headers whose length
         the caller checks itself)."""
@@ -213,10 +229,7 @@ def read_view(f: SourceFile, offset: int, shape: tuple[int, ...], strides: tuple
     if len(shape) >= 2 and shape[0] > 1 and n > NARROW * count and \
             tuple(strides[1:]) == contiguous_strides(tuple(shape[1:])):
         out = torch.empty(shape, dtype=dtype)
-        rows = out.view(shape[0], -1).view(torch.uint8).numpy()
-        step = strides[0] * item
-        for i in range(shape[0]):
-            f.read_into(offset + i * step, rows[i])
+        f.read_rows(offset, strides[0] * item, out.view(shape[0], -1).view(torch.uint8).numpy())
         return out
     buf = torch.empty(n * item, dtype=torch.uint8)
     f.read_into(offset, buf.numpy())
