@@ -7,8 +7,8 @@ directory says and with the same name, stored (not compressed), inside the file 
 where its data descriptor (or its local header) says, no two records overlapping; and the
 CRC-32 of data.pkl and of the other small records (byteorder, version, ...), so a damaged
 pickle is refused rather than misread. `check_storages` then checks that every storage
-data.pkl names has a record holding the bytes its tensors need, so no mapped view reaches
-past its record (or past the end of a truncated file, which would SIGBUS on read).
+data.pkl names has a record holding the bytes its tensors need, so no tensor is read past
+its record (or past the end of a truncated file).
 
 Used by `torchzip.load_lazy` before it hands out views, and by `torchzip.check_checkpoint`
 (concat's check of a joined file). Every failure is a `DamagedZip` (a ConvertError) whose

@@ -37,8 +37,10 @@ def _lib():
 
 def reuse_freed_blocks() -> None:
     """Let glibc keep freed block-sized buffers for reuse instead of returning them to the OS:
-    a fresh mmap'd buffer costs a page fault per 4 KiB on first touch, which slows every copy
-    (docs/performance.md), in one heap for all threads. Resident memory stays bounded by the
+    a fresh buffer costs a page fault (and the kernel's zeroing) per 4 KiB on first touch, which
+    slows every read and copy (docs/performance.md), in one heap for all threads; the heap is
+    not trimmed below 512 MiB of free space, so the blocks the reads fill are reused, not faulted
+    in again. Resident memory stays bounded by the
     few blocks alive at once. Called once by the CLI's entry point, before any thread starts."""
     if not sys.platform.startswith("linux") or _lib() is None:
         return
