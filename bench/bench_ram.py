@@ -7,7 +7,10 @@ each step --runs times with source and output both in RAM, and reports per step 
 wall and CPU seconds (user + sys, from wait4), GB/s of wall time, GB/s per CPU second (what
 one core moves), and the peak anonymous RSS, beside `cp` of the same file on the same tmpfs.
 
-    python bench/bench_ram.py [--layers 1] [--runs 3] [--steps split-sparse,split,merge] [--dir D]
+    python bench/bench_ram.py [--layers 1] [--runs 3] [--steps cp,split-sparse,split,merge] [--dir D] [--keep]
+
+With PYTHONPATH=TREE it measures the mixtral_convert of another tree (e.g. a `git archive` of
+an older commit) on the same checkpoint, for before/after pairs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", default="cp,split-sparse,split,merge")
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm/mixtral-convert-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint (and --dir) for another run")
     ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent.parent / "bench-out" / "ram.json")
     a = ap.parse_args()
     steps = [s for s in a.steps.split(",") if s]
@@ -69,7 +73,11 @@ def main() -> None:
                       f"{size / GB / r['cpu_s']:5.2f} GB/s per CPU-s  anon {r['peak_anon_bytes'] / MiB:4.0f} MiB  "
                       f"(load {r['loadavg_1min']:.1f})", flush=True)
     finally:
-        shutil.rmtree(a.dir, ignore_errors=True)
+        shutil.rmtree(a.dir / "out", ignore_errors=True)
+        shutil.rmtree(a.dir / "base", ignore_errors=True)
+        (a.dir / "copy").unlink(missing_ok=True)
+        if not a.keep:
+            shutil.rmtree(a.dir, ignore_errors=True)
     print(f"\nRAM-backed ({a.dir}), L={a.layers} ({size / GB:.1f} GB), N={a.world_size}, {a.runs} runs, "
           f"{os.cpu_count()} CPUs\n")
     print("| step | wall s median (min-max) | CPU s median (user/sys) | GB/s | GB/s per CPU-s | peak anon MiB |")
