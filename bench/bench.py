@@ -7,6 +7,7 @@ then, --runs times, runs each step right after its reference run, every run from
 
     cp SRC DST && sync              then  split-sparse SRC -n N
     cp SRC DST && sync              then  split SRC -n N
+    cp SRC DST && sync              then  merge SRC --to gguf --dtype bfloat16 (step gguf-bf16) / q8_0 (gguf-q8_0)
     cp -r SHARDS DST && sync        then  merge SHARDS              (SHARDS: split's output)
     cat SRC SHARDS > /dev/null      then  verify SHARDS --source SRC
     cat PIECES > DST && sync        then  concat PIECES --sha256 HEX (SRC cut in --pieces byte pieces)
@@ -62,10 +63,12 @@ PROJECT = {"Mixtral-8x7B": (MIXTRAL_8X7B, 32), "Mixtral-8x22B": (MIXTRAL_8X22B, 
 
 BASE = "consolidated.00.pth"
 MANIFEST = "mixtral-convert-manifest.json"
-ORDER = ("split-sparse", "split", "merge", "verify", "concat")  # within a repetition (see "Disk" above)
-STEPS = ("split", "split-sparse", "merge", "verify", "concat", "baseline")
+ORDER = ("split-sparse", "split", "gguf-bf16", "gguf-q8_0", "merge", "verify", "concat")  # within a repetition
+STEPS = ("split", "split-sparse", "merge", "verify", "concat", "baseline", "gguf-bf16", "gguf-q8_0")
 REFERENCE = {"split-sparse": "cp + sync", "split": "cp + sync", "merge": "cp -r shards + sync",
-             "verify": "cat src shards > /dev/null", "concat": "cat pieces > out + sync"}
+             "verify": "cat src shards > /dev/null", "concat": "cat pieces > out + sync",
+             "gguf-bf16": "cp + sync", "gguf-q8_0": "cp + sync"}
+GGUF_STEPS = {"gguf-bf16": "bfloat16", "gguf-q8_0": "q8_0"}  # merge SRC --to gguf --dtype X
 MC = [sys.executable, "-m", "mixtral_convert"]
 GB = 1e9
 MiB = 2**20
@@ -280,6 +283,11 @@ class Layers:
             from mixtral_convert.synth import tiny_config, write_torrent
             print(f"generating a {self.L}-layer full-width checkpoint in {self.src_dir} ...", flush=True)
             write_torrent(self.src_dir, tiny_config(n_layers=self.L, **MIXTRAL_8X7B), seed=0, dtype=torch.bfloat16)
+        if set(GGUF_STEPS) & set(self.a.steps):  # llama.cpp's vocabulary needs the byte pieces: a llama-style tokenizer
+            from mixtral_convert.synth import train_tokenizer
+            self.tokenizer = self.a.dir / "tokenizer-llama.model"
+            if not self.tokenizer.exists():
+                self.tokenizer.write_bytes(train_tokenizer(MIXTRAL_8X7B["vocab_size"], llama=True))
         self.size = self.src.stat().st_size
         self.src_sha = sha256(self.src)
 
@@ -347,6 +355,19 @@ class Layers:
         st = self.a.steps
         self.split(rep, "split-sparse", "sparse", self.sparse, keep=False)
         self.split(rep, "split", "base", self.base, keep="merge" in st or "verify" in st)
+        for step, dtype in GGUF_STEPS.items():
+            if step in st:
+                out = self.a.dir / f"gguf-L{self.L}.gguf"
+                self.pair(rep, step, ["sh", "-c", 'cp "$0" "$1" && sync', self.src, self.tmp],
+                          MC + ["merge", self.src_dir, "--to", "gguf", "--dtype", dtype, "-o", out, "--tokenizer",
+                                self.tokenizer, "--max-position-embeddings", "32768", "-q"], cleanup=self.tmp)
+                manifest = out.with_name(out.name + "." + MANIFEST)
+                self.record(rep, step, {out.name: sha256(out)})
+                listed = json.loads(manifest.read_text())["files"][out.name]["sha256"]
+                if listed != self.hashes[step][-1][out.name]:
+                    self.problems.setdefault(f"{step}: the manifest's sha256 is the file's", []).append(
+                        f"run {rep + 1}")
+                rm(out, manifest)
         if "merge" in st:
             self.src.unlink()  # merge's output takes its place: two copies on disk, not three
             self.pair(rep, "merge", ["sh", "-c", 'cp -r "$0" "$1" && sync', self.base, self.tmp],
@@ -489,7 +510,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2])
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="repetitions of every pair (medians and spreads reported)")
-    ap.add_argument("--steps", default="split,split-sparse,merge,verify,concat",
+    ap.add_argument("--steps", default="split,split-sparse,gguf-bf16,gguf-q8_0,merge,verify,concat",
                     help=f"comma-separated, from {','.join(STEPS)} (default: all but baseline)")
     ap.add_argument("--pieces", type=int, default=10, help="byte pieces the checkpoint is cut in for concat")
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-out")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BASE, GB, MC, MIXTRAL_8X7B, MiB, measure, model_bytes  # noqa: E402
+from bench import BASE, GB, MC, MIXTRAL_8X7B, MiB, measure, model_bytes
 
 STEPS = ("cp", "split-sparse", "split", "merge")
 

@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import ConvertError, WorldSizeError
+from .formats.registry import TARGETS, all_target_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,14 +125,31 @@ _format_option = click.option("--format", "fmt", type=click.Choice(["pth", "safe
 _tokenizer_option = click.option("--tokenizer", default=None, metavar="PATH_OR_hf://org/name",
                                  help="tokenizer.model to use when the source has none (a file, its directory, "
                                       "or a hub repository).")
-_dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-                             show_default=True, help="Compute dtype of the forward (weights are cast layer by layer).")
+_dtype_option = click.option("--compute-dtype", "--dtype", "dtype", type=click.Choice(["float32", "bfloat16"]),
+                             default="float32", show_default=True,
+                             help="The dtype the forward computes in (weights are cast layer by layer as they are "
+                                  "used); nothing is written in it. --dtype is the older name of this option: on "
+                                  "split and merge, --dtype casts what is written.")
 _device_option = click.option("--device", default="cpu", show_default=True,
                               help="cpu or cuda (cuda:K); one layer's weights are on it at a time.")
 
 
+_base_option = click.option(
+    "--base", default=None, metavar="SRC",
+    help="For a trainable-only PEFT save (only lora/bias/norm tensors): the model it was trained from, any "
+         "readable source (any format, any N, hf://org/name). Its tensors are read, the save's norms and biases "
+         "replace them, its LoRA is merged in.")
+_drop_biases_option = click.option(
+    "--drop-biases", is_flag=True,
+    help="Write a model with non-zero biases (a bias-tuned PEFT save) to an output that has none, leaving them "
+         "out: recorded in the manifest and the summary; the output is then not the source's model "
+         "(verify --forward measures by how much). Without it such an output is refused.")
+
+
 def _print_result(verb: str, res, quiet: bool) -> None:
     from .io.progress import human_bytes
+    for note in getattr(res, "notes", []):
+        click.echo(f"note: {note}", err=True)
     if quiet:
         return
     rate = res.nbytes / res.seconds if res.seconds > 0 else 0
@@ -164,6 +182,29 @@ _cast_option = click.option(
          "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
 
 
+
+
+def _merge_dtype_option(f):
+    """--dtype of merge: every dtype some target takes (each target checks its own)."""
+    choices = list(dict.fromkeys(d for t in TARGETS.values() for d in t.dtypes))
+    return click.option(
+        "--dtype", "cast", type=click.Choice(choices), default=None,
+        help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
+             "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused. "
+             + "; ".join(f"--to {t.name}: {', '.join(t.dtypes)}" for t in TARGETS.values()) + ".")(f)
+
+
+def _target_options(f):
+    """Every target's own options (formats.checkpoint.TargetOption), each saying which --to takes it."""
+    for o, names in reversed(all_target_options()):
+        helps: dict[str, list] = {}  # each target's own help for the flag, targets of one help together
+        for name in names:
+            helps.setdefault(next(x.help for x in TARGETS[name].options if x.flag == o.flag), []).append(name)
+        f = click.option(o.flag, o.dest, default=None, metavar=o.metavar,
+                         help=" ".join(f"--to {', '.join(ns)}: {h}" for h, ns in helps.items()))(f)
+    return f
+
+
 _dry_run_option = click.option(
     "--dry-run", is_flag=True,
     help="Detect and validate the source and the output directory, then print the plan (every output file "
@@ -179,11 +220,13 @@ _write_ranks_option = click.option(
 
 
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
-           tokenizer=None, ranks=None, cast=None, dry_run=False, write_ranks="auto") -> None:
+           tokenizer=None, ranks=None, cast=None, dry_run=False, write_ranks="auto", base=None,
+           drop_biases=False) -> None:
     from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
-                    ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run, write_ranks=write_ranks)
+                    ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run, write_ranks=write_ranks, base=base,
+                    drop_biases=drop_biases)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
@@ -201,14 +244,15 @@ def _split_options(f):
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
                             _format_option, _tokenizer_option, _cast_option, _dry_run_option,
-                            _write_ranks_option)):
+                            _write_ranks_option, _base_option, _drop_biases_option)):
         f = option(f)
     return f
 
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks):
+def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
+              drop_biases):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -216,22 +260,28 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, d
     SRC is any supported checkpoint: the torrent release, a mistral-inference folder
     (consolidated.safetensors) or Mistral's uncompressed .tar (read in place), Mistral's fused
     consolidated.NN.pt, an HF hub directory, hf://org/name[@rev], or an Accessory directory to
-    re-shard.
+    re-shard, or Accessory's PEFT save (llama_type mixtral_peft: LoRA merged; a trainable-only one with --base).
+    A model with non-zero biases (a bias-tuned PEFT save) is written as mixtral_peft (lora_rank -1, the
+    biases in place), which Accessory's mixtral_peft loads.
     Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run, write_ranks)
+    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
+           drop_biases)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks):
+def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
+                     drop_biases):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
     and w2 (w2 transposed), plus the same attention/embedding chunks as the base layout.
-    Default output: SRC/converted_sparse.
+    Default output: SRC/converted_sparse. It has no biases: a model with non-zero ones is refused
+    (use split, or --drop-biases).
     """
-    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run, write_ranks)
+    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
+           drop_biases)
 
 
 @cli.command("merge")
@@ -239,26 +289,21 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_out_option
 @_force_option
 @_quiet_option
-@click.option("--to", "to", type=click.Choice(["torrent", "hf"]), default="torrent", show_default=True,
-              help="torrent: consolidated.00.pth + params.json; hf: the HF hub layout (config.json, "
-                   "safetensors with q/k permuted, an index when several files) that transformers loads.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="--to hf: largest safetensors file (e.g. 5GB, 500MB, 2GiB).")
-@click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None, metavar="N",
-              help="--to hf: the context length for config.json when the source does not state it (an HF "
-                   "config.json does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, "
-                   "65536 for 8x22B. Overrides the source's.")
+@click.option("--to", "to", type=click.Choice(list(TARGETS)), default="torrent", show_default=True,
+              help="; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + ".")
+@_target_options
 @_tokenizer_option
-@_cast_option
+@_merge_dtype_option
 @_dry_run_option
-def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, max_position_embeddings, dry_run):
+@_base_option
+@_drop_biases_option
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
-    SHARDS_merged) or, with --to hf, the HF hub layout (default output SHARDS_hf)."""
+    SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
-    from .formats.hf import parse_size
-    res = merge(shards, out=out, force=force, quiet=quiet, to=to, max_shard_size=parse_size(max_shard_size),
-                tokenizer=tokenizer, dtype=cast, max_position_embeddings=max_position_embeddings, dry_run=dry_run)
+    res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
+                base=base, drop_biases=drop_biases, **target_options)
     if dry_run:
         return _print_dry_run(res)
     _print_result("merged", res, quiet)
@@ -279,7 +324,8 @@ def merge_cmd(shards, out, force, quiet, to, max_shard_size, tokenizer, cast, ma
               help="With --forward: a LongTensor [B, S] saved with torch.save (default: seeded random, B=2, S=16).")
 @_dtype_option
 @_device_option
-def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device):
+@_base_option
+def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device, base):
     """Prove SHARDS is exactly SOURCE in its layout: structure (a file per rank, meta.json,
     config.json and tokenizer consistent, every shard's keys, shapes and dtypes) and every
     byte of every tensor. Without --source: the same structure checks, then every file's size
@@ -289,13 +335,16 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     import json
 
     from .commands.verify import verify
+    from .forward.parity import parity
+    if shards.name.endswith(".gguf"):  # a GGUF output: a file, with its own checks and forward
+        from .commands.verify_gguf import verify_gguf as verify
+        from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
-    rep = verify(shards, source, quiet=quiet or as_json)
+    rep = verify(shards, source, quiet=quiet or as_json, base=base)
     fwd = None
     if run_forward:
-        from .forward.parity import parity
-        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device)
+        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base)
     problems = list(rep.problems) + (fwd.problems if fwd else [])
     if as_json:
         d = rep.as_dict()
@@ -366,7 +415,8 @@ def inspect_cmd(path, as_json):
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="With --prompt: how many next-token candidates to print.")
 @_force_option
-def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force):
+@_base_option
+def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force, base):
     """Logits of PATH: a source checkpoint (reference forward) or a converted layout directory
     (sharded forward, every rank's share from its own shard file), layer by layer.
 
@@ -379,7 +429,8 @@ def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, n
     from .forward.run import run, write_logits
     if tokens_file is not None and output is None:
         raise click.UsageError("--tokens-file needs --output L.pt for the logits")
-    job = Job(str(path), str(tokens_file) if tokens_file else None, prompt, new_tokens, top, dtype, device)
+    job = Job(str(path), str(tokens_file) if tokens_file else None, prompt, new_tokens, top, dtype, device,
+              str(base) if base is not None else None)
     res = run(job, distributed=distributed)
     if res is None:  # a rank other than 0 of a torchrun group
         return

@@ -88,10 +88,9 @@ def entry() -> None:
     """The console script and `python -m mixtral_convert`: main(), then leave without running
     the interpreter's and the C++ runtime's exit handlers. By then everything is written, flushed
     and closed, or cleaned up (that happens while an exception unwinds, before main's handlers
-    run); what is skipped is torch's own teardown, which (1) costs about a second on every command
-    (docs/performance.md), and (2) after an interruption can abort the process while a daemon
-    worker thread is still inside a torch kernel ("terminate called without an active
-    exception", exit -6 instead of 130)."""
+    run); what is skipped is torch's own teardown, which (1) is slow (docs/performance.md), and
+    (2) after an interruption can abort the process while a daemon worker thread is still inside
+    a torch kernel ("terminate called without an active exception", exit -6 instead of 130)."""
     from .io.prefetch import reuse_freed_blocks
     reuse_freed_blocks()
     try:
@@ -101,6 +100,8 @@ def entry() -> None:
         if not isinstance(e.code, int):
             raise
         code = e.code
+    from .formats.mistral import remove_copies
+    remove_copies()  # os._exit runs no atexit handler
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -64,8 +64,10 @@ def write_torrent(out: Path, cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat
     return out
 
 
-def train_tokenizer(vocab_size: int, seed: int = 0) -> bytes:
-    """A SentencePiece BPE model with exactly vocab_size pieces (vocab_size >= 24)."""
+def train_tokenizer(vocab_size: int, seed: int = 0, llama: bool = False) -> bytes:
+    """A SentencePiece BPE model with exactly vocab_size pieces (vocab_size >= 24). With `llama`,
+    Llama's and Mistral's settings (byte fallback: the 256 byte pieces llama.cpp needs; no
+    normalization, whitespace kept; vocab_size >= 300)."""
     import sentencepiece as spm
     rng = random.Random(seed)
     letters = "etaoinshrdlucmfwypvbgkjqxz"[: 16 if vocab_size < 2000 else 26]
@@ -76,7 +78,9 @@ def train_tokenizer(vocab_size: int, seed: int = 0) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=True, minloglevel=2)
+        hard_vocab_limit=True, minloglevel=2,
+        **(dict(byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False)
+           if llama else {}))
     return model.getvalue()
 
 

@@ -65,3 +65,13 @@ def cut_bytes(data: bytes, n: int, directory, name_of) -> list:
         p.write_bytes(data[bounds[i]:bounds[i + 1]])
         pieces.append(p)
     return pieces
+
+
+def greedy(cfg, weights, tokenizer, text: str, k: int, forward_fn=None):
+    """(new ids, their text): `text` continued greedily by k tokens, as `forward --prompt` does it
+    (forward.job.compute), with the reference forward over `weights` or `forward_fn`."""
+    from mixtral_convert.forward.job import Job, compute
+    from mixtral_convert.forward.reference import forward
+    run = forward_fn or (lambda t: forward(cfg, weights, t))
+    res = compute(Job("", prompt=text, new_tokens=k), cfg, run, Path(tokenizer))
+    return res.new, res.text

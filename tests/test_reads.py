@@ -130,8 +130,8 @@ import os, sys
 from mixtral_convert.commands import split
 from mixtral_convert.entry import main
 real = split.open_checkpoint
-def opened_then_truncated(path):
-    ck = real(path)
+def opened_then_truncated(path, **kw):
+    ck = real(path, **kw)
     os.truncate(sys.argv[1], int(sys.argv[2]))  # as a second download or a sync tool would
     return ck
 split.open_checkpoint = opened_then_truncated

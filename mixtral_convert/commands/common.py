@@ -3,14 +3,14 @@ the tokenizer an output gets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import ConvertError
-from ..formats.checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint, TokenizerRef
 from ..formats.mistral import TOKENIZERS as MISTRAL_TOKENIZERS
 from ..io import hub
 from ..io.lazy import Cast
@@ -26,6 +26,7 @@ class Result:
     files: list[str]
     nbytes: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what the summary must say (biases dropped, the layout chosen)
 
 
 def output_base(ck: Checkpoint) -> Path:
@@ -36,15 +37,14 @@ def output_base(ck: Checkpoint) -> Path:
     return ck.path.with_suffix("") if ck.path.is_file() else ck.path
 
 
-def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
+def use_tokenizer(ck: Checkpoint, tokenizer) -> Checkpoint:
     """--tokenizer PATH (a tokenizer.model; a directory holding one, or tokenizer.json with
     tokenizer_config.json, or Mistral's tokenizer.model.v3 / .v1; or that tokenizer.json) or
     hf://org/name."""
     if tokenizer is None:
-        return
+        return ck
     if hub.is_hub(tokenizer):
-        ck.tokenizer = hub.resolve_tokenizer(tokenizer)
-        return
+        return replace(ck, tok=TokenizerRef(hub.resolve_tokenizer(tokenizer)))
     tok = Path(tokenizer)
     if tok.name in (HF_JSON, HF_CONFIG) and tok.is_file():
         tok = tok.parent
@@ -56,14 +56,14 @@ def use_tokenizer(ck: Checkpoint, tokenizer) -> None:
         tok = found
     if not tok.exists():
         raise ConvertError(f"{tok}: --tokenizer not found; pass a tokenizer.model file, its directory, or hf://org/name")
-    ck.tokenizer = tok
+    return replace(ck, tok=TokenizerRef(tok))
 
 
 def check_tokenizer(ck: Checkpoint) -> Path:
     """The tokenizer the output gets: present, and with one piece (or HF token, added ones included)
     per embedding row."""
     if ck.tokenizer is None:
-        raise ConvertError(ck.tokenizer_missing or f"{ck.where}: no tokenizer.model (nor tokenizer.json with "
+        raise ConvertError(ck.tok.missing or f"{ck.where}: no tokenizer.model (nor tokenizer.json with "
                            "tokenizer_config.json) beside the checkpoint; Accessory needs one in the output: pass "
                            "--tokenizer PATH (or hf://org/name), or copy the release's tokenizer.model there")
     pieces = tokenizer_pieces(ck.tokenizer)
@@ -78,15 +78,16 @@ def check_tokenizer(ck: Checkpoint) -> Path:
     return ck.tokenizer
 
 
-def cast_to(ck: Checkpoint, dtype: Optional[str]) -> None:
+def cast_to(ck: Checkpoint, dtype: Optional[str]) -> Checkpoint:
     """--dtype: the checkpoint's tensors read in `dtype` (a block at a time, as they are written);
-    None or the source's own dtype changes nothing. The source's dtype is kept in `source_dtype`."""
+    None or the source's own dtype changes nothing. The source's dtype is kept in `source_dtype`.
+    Returns the checkpoint so read (a new one when anything changes)."""
     if dtype is None:
-        return
+        return ck
     if dtype not in CAST_DTYPES:
         raise ConvertError(f"--dtype {dtype}: use one of {', '.join(CAST_DTYPES)}")
-    source = ck.dtype  # refuses a source of mixed dtypes
+    source = ck.check().dtype  # a source of mixed dtypes is refused
     if CAST_DTYPES[dtype] == source:
-        return
-    ck.source_dtype = source
-    ck.canonical = {k: Cast(t, CAST_DTYPES[dtype], ck.where) for k, t in ck.canonical.items()}
+        return ck
+    return replace(ck, source_dtype=source,
+                   canonical={k: Cast(t, CAST_DTYPES[dtype], ck.where) for k, t in ck.canonical.items()})

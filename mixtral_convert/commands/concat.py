@@ -12,7 +12,8 @@ What this module holds:
   safetensors file: `encodings.safetensors.check_file`), compares the
   checksums, and only then renames it into place (and, if asked, removes the pieces). On any
   failure, SIGINT (KeyboardInterrupt) or SIGTERM (`entry.Terminated`) the temporary file is removed.
-- `check_checkpoint`: the zip / torch structure check used by `concat`.
+- `check_joined`: the joined file proved whole, with `encodings.torchzip.check_checkpoint` (the zip /
+  torch structure) or `encodings.safetensors.check_file`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ import hashlib
 import os
 import queue
 import re
-import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from ..encodings.safetensors import check_file as check_safetensors
 from ..encodings.torchzip import DamagedZip, check_checkpoint
 from ..errors import ConvertError
 from ..formats.mistral import TOKENIZERS
-from ..io.atomic import atomic_file, fsync_dir
-from ..io.progress import human_bytes, progress_bar
+from ..io.atomic import atomic_file, check_space, fsync_dir
+from ..io.pipeline import Worker
+from ..io.pipeline import write_all as _write_all
+from ..io.progress import progress_bar
 
 PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
 # Mixtral-8x22B's one consolidated.safetensors, cut by community mirrors into .0 ... .N
@@ -211,69 +212,55 @@ def read_checksums(output_name: str, md5: str | None = None, sha256: str | None 
 
 # ----------------------------------------------------------------------------- copying
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+class _Slots:
+    """The copy's buffers: which are free, and how many workers each busy one still waits for."""
 
+    def __init__(self, n: int, size: int, progress):
+        self.bufs = [bytearray(size) for _ in range(n)]
+        self.free = list(range(n))
+        self.pending: dict[int, tuple[int, int]] = {}  # slot -> (workers still to finish, nbytes)
+        self.done: queue.Queue = queue.Queue()
+        self.progress = progress
+        self.workers: list[Worker] = []
 
-class _Worker(threading.Thread):
-    """Applies `work` to each (slot, nbytes) it is handed, then reports the slot as done.
-    After a failure it keeps reporting slots (without working) so the reader never waits forever."""
+    def take(self) -> int:
+        while not self.free:
+            self.reap(block=True)
+        return self.free.pop()
 
-    def __init__(self, name: str, work: Callable[[memoryview], None], bufs, done: queue.Queue):
-        super().__init__(name=f"concat-{name}", daemon=True)
-        self.work, self.bufs, self.done = work, bufs, done
-        self.todo: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.stop = False
+    def hand_out(self, slot: int, n: int) -> None:
+        self.pending[slot] = (len(self.workers), n)
+        for w in self.workers:
+            w.put(memoryview(self.bufs[slot])[:n], slot)
+        self.reap(block=False)
 
-    def run(self) -> None:
+    def reap(self, block: bool) -> None:
+        """Take back the buffers every worker is done with; raise a worker's failure."""
         while True:
-            item = self.todo.get()
-            if item is None:
-                return
-            slot, n = item
             try:
-                if self.error is None and not self.stop:
-                    self.work(memoryview(self.bufs[slot])[:n])
-            except BaseException as e:  # reported by the main thread
-                self.error = e
-            finally:
-                self.done.put(slot)
+                slot = self.done.get(block=block)
+            except queue.Empty:
+                return
+            left, n = self.pending[slot]
+            if left == 1:
+                del self.pending[slot]
+                self.free.append(slot)
+                self.progress.advance(n)
+            else:
+                self.pending[slot] = (left - 1, n)
+            block = False
+            for w in self.workers:
+                if w.error is not None:
+                    raise w.error
 
 
 def _copy(pieces: list[Path], sizes: list[int], fd: int, progress, kinds=HASHES) -> dict[str, str]:
     """Copy the pieces to fd in order; return the hex digest of everything written for each hash
     in `kinds` (only those are computed: md5 runs on one core at well under the disk's speed)."""
     hashers = {k: getattr(hashlib, k)() for k in kinds}
-    bufs = [bytearray(max(1, min(CHUNK, sum(sizes)))) for _ in range(NBUF)]
-    done: queue.Queue = queue.Queue()
-    writer = _Worker("write", lambda v: _write_all(fd, v), bufs, done)
-    workers = [writer] + [_Worker(k, h.update, bufs, done) for k, h in hashers.items()]
-    free = list(range(NBUF))
-    pending = {}  # slot -> (consumers still to finish, nbytes)
-
-    def reap(block: bool) -> None:
-        while True:
-            try:
-                slot = done.get(block=block)
-            except queue.Empty:
-                return
-            left, n = pending[slot]
-            if left == 1:
-                del pending[slot]
-                free.append(slot)
-                progress.advance(n)
-            else:
-                pending[slot] = (left - 1, n)
-            block = False
-            for w in workers:
-                if w.error is not None:
-                    raise w.error
-
-    for w in workers:
-        w.start()
+    slots = _Slots(NBUF, max(1, min(CHUNK, sum(sizes))), progress)
+    slots.workers = [Worker(lambda v: _write_all(fd, v), "concat-write", slots.done.put)]
+    slots.workers += [Worker(h.update, f"concat-{k}", slots.done.put) for k, h in hashers.items()]
     try:
         for piece, size in zip(pieces, sizes, strict=True):
             got = 0
@@ -283,29 +270,23 @@ def _copy(pieces: list[Path], sizes: list[int], fd: int, progress, kinds=HASHES)
                 except (AttributeError, OSError):
                     pass
                 while True:
-                    while not free:
-                        reap(block=True)
-                    slot = free.pop()
-                    n = src.readinto(bufs[slot])
+                    slot = slots.take()
+                    n = src.readinto(slots.bufs[slot])
                     if not n:
-                        free.append(slot)
+                        slots.free.append(slot)
                         break
                     got += n
-                    pending[slot] = (len(workers), n)
-                    for w in workers:
-                        w.todo.put((slot, n))
-                    reap(block=False)
+                    slots.hand_out(slot, n)
             if got != size:
                 raise ConvertError(f"{piece}: changed while reading ({size} bytes at the start, "
                                    f"{got} read)")
-        while pending:
-            reap(block=True)
+        while slots.pending:
+            slots.reap(block=True)
     finally:
-        for w in workers:
-            w.stop = True
-            w.todo.put(None)
-        for w in workers:
-            w.join(timeout=30)
+        for w in slots.workers:
+            w.halt()
+        for w in slots.workers:
+            w.close(timeout=30)
     return {k: h.hexdigest() for k, h in hashers.items()}
 
 
@@ -337,12 +318,8 @@ def check_joined(path: Path, name: str = "") -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- the operation
 
-def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None = None,
-           sha256: str | None = None, checksums: Path | None = None, force: bool = False,
-           remove_pieces: bool = False, quiet: bool = False, hashes=()) -> Result:
-    """Join the pieces into `output`, verified; see the module docstring. The hashes computed are
-    those a given checksum needs and those in `hashes`; with neither, sha256 alone."""
-    pieces = find_pieces(inputs)
+def _output_for(pieces: list[Path], output: Path | None, force: bool) -> Path:
+    """Where the joined file goes (default: beside the pieces, under their base name), checked."""
     if output is None:
         output = default_output(pieces)
     elif output.is_dir():
@@ -354,65 +331,87 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
         raise ConvertError(f"{output.parent}: no such directory for OUTPUT")
     if output.exists() and not force:
         raise ConvertError(f"{output} already exists; use --force to overwrite it")
-    expected = read_checksums(output.name, md5, sha256, checksums)
+    return output
+
+
+def _hash_kinds(expected: Expected, hashes) -> list[str]:
+    """The hashes to compute: those a given checksum needs and those asked for; with neither, sha256."""
     unknown = sorted(set(hashes) - set(HASHES))
     if unknown:
         raise ConvertError(f"--hash {unknown[0]}: use md5 or sha256")
     needed = [k for k in HASHES if getattr(expected, k)] or ["sha256"]
-    kinds = [k for k in HASHES if k in needed or k in hashes]
+    return [k for k in HASHES if k in needed or k in hashes]
+
+
+def _join(pieces: list[Path], sizes: list[int], tmp: Path, output: Path, kinds, quiet: bool) -> dict[str, str]:
+    """The pieces copied into `tmp`, fsynced, its size checked; the digests of what was written."""
+    total = sum(sizes)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with progress_bar(f"concat {output.name}", total, quiet) as progress:
+            try:
+                got = _copy(pieces, sizes, fd, progress, kinds)
+            except OSError as e:  # a failed write (disk full, I/O error): name the file
+                e.filename = e.filename or str(output)
+                raise
+            progress.describe(f"fsync {output.name}")
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    written = tmp.stat().st_size
+    if written != total:
+        raise ConvertError(f"{tmp}: wrote {written} bytes, expected {total}")
+    return got
+
+
+def _compare(expected: Expected, got: dict[str, str], kinds, output: Path) -> list[str]:
+    """Each given checksum against the digest of the joined bytes; what was compared."""
+    compared = []
+    for kind in kinds:
+        for want, source in getattr(expected, kind):
+            if want != got[kind]:
+                raise ConvertError(f"{kind} mismatch: {output.name} is {got[kind]}, {source} says "
+                                   f"{want}; a piece is corrupt or from another release")
+            compared.append(f"{kind} ({source})")
+    return compared
+
+
+def _assets(d: Path) -> bool:
+    return (d / "params.json").is_file() and any((d / t).is_file() for t in TOKENIZERS)
+
+
+def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None = None,
+           sha256: str | None = None, checksums: Path | None = None, force: bool = False,
+           remove_pieces: bool = False, quiet: bool = False, hashes=()) -> Result:
+    """Join the pieces into `output`, verified; see the module docstring. The hashes computed are
+    those a given checksum needs and those in `hashes`; with neither, sha256 alone."""
+    pieces = find_pieces(inputs)
+    output = _output_for(pieces, output, force)
+    expected = read_checksums(output.name, md5, sha256, checksums)
+    kinds = _hash_kinds(expected, hashes)
     sizes = [p.stat().st_size for p in pieces]
     total = sum(sizes)
     tmp = partial_path(output)
-    stale = tmp.stat().st_size if tmp.exists() else 0
-    free = shutil.disk_usage(output.parent).free + stale
-    if free < total:
-        raise ConvertError(f"not enough free space in {output.parent}: {output.name} needs "
-                           f"{total} bytes ({human_bytes(total)}), {free} bytes "
-                           f"({human_bytes(free)}) are free")
-
+    check_space(output, output.parent, total, freed=tmp.stat().st_size if tmp.exists() else 0)
+    base = _piece_match(pieces[0])["base"]
     start = time.perf_counter()
     try:
         with atomic_file(output, tmp=tmp) as tmp:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                with progress_bar(f"concat {output.name}", total, quiet) as progress:
-                    try:
-                        got = _copy(pieces, sizes, fd, progress, kinds)
-                    except OSError as e:  # a failed write (disk full, I/O error): name the file
-                        e.filename = e.filename or str(output)
-                        raise
-                    progress.describe(f"fsync {output.name}")
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            written = tmp.stat().st_size
-            if written != total:
-                raise ConvertError(f"{tmp}: wrote {written} bytes, expected {total}")
-            compared = []
-            for kind in kinds:
-                for want, source in getattr(expected, kind):
-                    if want != got[kind]:
-                        raise ConvertError(f"{kind} mismatch: {output.name} is {got[kind]}, {source} says "
-                                           f"{want}; a piece is corrupt or from another release")
-                    compared.append(f"{kind} ({source})")
-            tensors, records = check_joined(tmp, _piece_match(pieces[0])["base"])
+            got = _join(pieces, sizes, tmp, output, kinds, quiet)
+            compared = _compare(expected, got, kinds, output)
+            tensors, records = check_joined(tmp, base)
         fsync_dir(output.parent)
     except OSError as e:
         raise _as_convert_error(e) from None
     seconds = time.perf_counter() - start
-
     if remove_pieces:
         for p in pieces:
             p.unlink()
         fsync_dir(pieces[0].parent)
-
-    def assets(d: Path) -> bool:
-        return (d / "params.json").is_file() and any((d / t).is_file() for t in TOKENIZERS)
-
     return Result(output=output, pieces=pieces, nbytes=total, seconds=seconds, md5=got.get("md5"),
                   sha256=got.get("sha256"), tensors=tensors, records=records, compared=compared,
-                  removed_pieces=remove_pieces, split_ready=assets(output.parent),
-                  assets_beside_pieces=assets(pieces[0].parent),
+                  removed_pieces=remove_pieces, split_ready=_assets(output.parent),
+                  assets_beside_pieces=_assets(pieces[0].parent),
                   checked=(f"whole safetensors file ({tensors} tensors tiling its data; header and size exact)"
-                           if _piece_match(pieces[0])["base"].endswith(".safetensors") else
+                           if base.endswith(".safetensors") else
                            f"loadable torch checkpoint ({tensors} tensors, {records} data records)"))

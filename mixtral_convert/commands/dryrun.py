@@ -10,14 +10,13 @@ real run (`io.atomic.preflight`): a run that would be refused is refused now, wi
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..io import manifest as mf
-from ..io.atomic import nearest_existing, preflight
+from ..io.atomic import check_space, json_bytes, nearest_existing, preflight
 from ..io.progress import human_bytes
 from .common import MARGIN
 
@@ -49,13 +48,6 @@ class DryRun:
     def need(self) -> int:
         return self.nbytes + MARGIN
 
-    def as_dict(self) -> dict:
-        return {"dry_run": True, "command": self.command, "source": self.source, "out": str(self.out),
-                "dtype": self.dtype, "source_dtype": self.source_dtype,
-                "files": [{"name": f.name, "bytes": f.size, "what": f.what} for f in self.files],
-                "bytes": self.nbytes, "need_bytes": self.need, "free_bytes": self.free,
-                "disk": str(self.base) if self.base else None}
-
     def lines(self) -> list[str]:
         cast = f" (cast from {self.source_dtype})" if self.dtype != self.source_dtype else ""
         out = [f"dry run: {self.command} would write {self.out} from {self.source}, {self.dtype}{cast}:"]
@@ -70,18 +62,18 @@ class DryRun:
 
 
 def dry_run(command: str, ck: Checkpoint, out: Path, force: bool, planned: list[Planned], info: dict,
-            shared: bool = False) -> DryRun:
+            shared: bool = False, manifest: str = mf.MANIFEST, check=preflight) -> DryRun:
     """The report for `planned` files into `out` (plus the manifest), after the output checks
     (`shared`: a directory other processes write into too, as with --ranks: only its disk's space)."""
     fake = {p.name: {"size": p.size, "sha256": "0" * 64, **p.entry} for p in planned}
-    size = len(mf.encode(mf.build(fake, **info)))
-    planned = planned + [Planned(mf.MANIFEST, size, "every file's size and sha256, the source's identity")]
-    rep = DryRun(command, ck.where, Path(out), dtype_name(ck.dtype),
+    size = len(json_bytes(mf.build(fake, **info)))
+    planned = planned + [Planned(manifest, size, "every file's size and sha256, the source's identity")]
+    rep = DryRun(command, ck.where, Path(out), info.get("dtype") or dtype_name(ck.dtype),
                  dtype_name(ck.source_dtype or ck.dtype), planned)
     if shared:
         rep.base = nearest_existing(Path(out).resolve())
-        rep.free = shutil.disk_usage(rep.base).free
+        rep.free = check_space(Path(out), rep.base, 0)
     else:
-        pf = preflight(out, force, need_bytes=rep.need, dry=True)
+        pf = check(out, force, rep.need, True)  # the output checks of a real run
         rep.out, rep.base, rep.free = pf.out, pf.base, pf.free
     return rep

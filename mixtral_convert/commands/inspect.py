@@ -16,13 +16,15 @@ from pathlib import Path
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import mistral
+from ..formats import gguf_source, mistral, peft
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import open_checkpoint
 from ..io import hub
+from ..model import tensors as tensors_table
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import PREFIX
+from ..model.names import hf_to_canonical
 from ..tokenizer.files import tokenizer_pieces
 from .concat import piece_of
 
@@ -40,6 +42,8 @@ def inspect(path: Path) -> dict:
         info["archive"] = {"name": path.name, "bytes": path.stat().st_size}
         info["files"] = tarball.listing(path)  # its members
         return info
+    if path.name.endswith(".gguf"):
+        return gguf_source.describe(path)
     if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
     if path.name == mistral.TEKKEN:
@@ -57,6 +61,15 @@ def inspect(path: Path) -> dict:
 
 
 def _directory(path: Path) -> dict:
+    if not hub.is_hub(path) and Path(path).is_dir() and peft.claims(Path(path), {p.name for p in Path(path).iterdir()}):
+        save = peft.summary(Path(path))
+        if save["save"] != "full":  # no model without its base: what the save is
+            return {"path": str(path), "what": f"Accessory mixtral_peft save, {save['save']}", **save}
+        return dict(_model(path), **save)
+    return _model(path)
+
+
+def _model(path) -> dict:
     ck = open_checkpoint(path)
     path = ck.remote or ck.path
     dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in ck.canonical.values())
@@ -68,9 +81,9 @@ def _directory(path: Path) -> dict:
         "tokenizer": ({"pieces": tokenizer_pieces(ck.tokenizer)} if ck.tokenizer else None),
     }
     if ck.tokenizer is not None:
-        info["tokenizer_file"] = ck.tokenizer_where if ck.tokenizer_names else ck.tokenizer.name
-    elif ck.tokenizer_missing:
-        info["tokenizer_problem"] = ck.tokenizer_missing
+        info["tokenizer_file"] = ck.tok.shown_as or ck.tokenizer.name
+    elif ck.tok.missing:
+        info["tokenizer_problem"] = ck.tok.missing
     if ck.plan is not None:
         info["shard_tensors"] = [len(r) for r in ck.plan.ranks]
     return info
@@ -91,14 +104,15 @@ def _file(path: Path) -> dict:
     names = list(tensors)
     m = SHARD_RE.match(path.name)
     if names and all(n.startswith(PREFIX) for n in names):
-        sparse = any(n.endswith(("feed_forward.w1", "feed_forward.w2")) for n in names)
+        sparse = any(tensors_table.is_sparse_stack(n[len(PREFIX):]) for n in names)
         what = f"Accessory {'sparse' if sparse else 'base'} shard" + (
             f" (rank {int(m.group(1))} of {int(m.group(2))})" if m else "")
-    elif "tok_embeddings.weight" in tensors and any(".feed_forward.experts." in n for n in names):
-        what = "torrent-layout Mixtral checkpoint"
-    elif any(".block_sparse_moe.w1" in n and not n.startswith("model.") for n in names):
+    elif any((hit := tensors_table.match(n)) and hit[0].per_expert for n in names):
+        what = "torrent-layout Mixtral checkpoint" + ("" if "tok_embeddings.weight" in tensors else
+                                                      " (or one of its key-split files)")
+    elif any(tensors_table.is_fused(n) for n in names):
         what = "Mistral fused block_sparse_moe checkpoint (or one of its key-split files)"
-    elif any(n.startswith("model.layers.") and ".block_sparse_moe." in n for n in names) or "lm_head.weight" in names:
+    elif any(hf_to_canonical(n) for n in names):
         what = "HF hub Mixtral safetensors file (q/k permuted; or one of several)"
     else:
         what = "torch checkpoint (not a recognised Mixtral layout)"

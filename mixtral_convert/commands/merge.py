@@ -1,11 +1,13 @@
 """merge: an Accessory layout (base or sparse, any N), or any other source, back to the torrent
-layout or to the HF hub layout.
+layout, to the HF hub layout, or to a GGUF file.
 
 Each canonical tensor is assembled from the shards through the same plan that split uses, read
 in the other direction, and streamed by the target format's writer (formats.registry.TARGETS:
 `torrent` writes consolidated.00.pth and params.json, `hf` safetensors with q/k permuted and
 config.json); the tokenizer is checked and carried beside (tokenizer.model and the HF tokenizer
-files; `hf` builds those a tokenizer.model alone lacks), and a manifest lists every file.
+files; `hf` builds those a tokenizer.model alone lacks), and a manifest lists every file. A
+target whose output is a file (`gguf`: PATH.gguf, its vocabulary inside) is written beside its
+manifest instead (io.beside), with nothing carried.
 """
 
 from __future__ import annotations
@@ -15,61 +17,90 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from ..formats import hf
 from ..formats.checkpoint import dtype_name
-from ..formats.registry import open_checkpoint, target
-from ..io import reads
+from ..formats.registry import TARGETS, open_checkpoint, target
+from ..formats.registry import target_options as target_options_of
+from ..io import beside, reads
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
-from . import dryrun
+from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
-          to: str = "torrent", max_shard_size: Optional[int] = None, tokenizer=None,
-          dtype: Optional[str] = None, max_position_embeddings: Optional[int] = None, dry_run: bool = False):
+          to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
+          base=None, drop_biases: bool = False, **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
-    say what would be written (a dryrun.DryRun)."""
+    say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
+    the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
     since = reads.mark()
-    ck = open_checkpoint(shards)
+    ck = open_checkpoint(shards, base=base)
     sources = reads.opened_since(since)  # checked unchanged before the output is renamed into place
-    use_tokenizer(ck, tokenizer)
-    if to == "torrent" and ck.kind == "torrent":
-        raise ConvertError(f"{ck.path}: already in the torrent layout; merge reads Accessory shard directories "
-                           "(or other sources); for the HF layout pass --to hf")
+    ck = use_tokenizer(ck, tokenizer)
+    if ck.kind in tgt.same_kinds:
+        raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
+                           "(or other sources); for another layout pass --to "
+                           + " or --to ".join(n for n in TARGETS if n != to))
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
-    ck.dtype  # noqa: B018 - mixed dtypes are refused before anything is written
-    if to == "hf":
-        max_position_embeddings = hf.prepare(ck, max_position_embeddings)
-    elif max_position_embeddings is not None:
-        raise ConvertError(f"--max-position-embeddings is for --to hf (config.json's context length); the {to} "
-                           "layout has no place for it: leave it out")
-    cast_to(ck, dtype)
+    ck.check()  # mixed dtypes are refused before anything is written
+    ck, _, dropped = biases.settle(ck, tgt.holds_biases, drop_biases, f"--to {to}")  # before anything is written
+    if dtype is not None and dtype not in tgt.dtypes:
+        raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
+    options = target_options_of(tgt, ck, target_options)
+    if tgt.applies_dtype:
+        options["dtype"] = dtype
+    else:
+        ck = cast_to(ck, dtype)
     base = output_base(ck)
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
+    if tgt.output == "file":
+        return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options, dropped, sources)
     if dry_run:
-        options = dict(max_shard_size=max_shard_size, max_position_embeddings=max_position_embeddings)
         planned = [Planned(*p) for p in tgt.plan(ck, **options)]
         if ck.tokenizer is not None:
             skip = {p.name for p in planned}
             planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in
                         carried(ck.tokenizer, skip=skip).items()]
-        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to))
+        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to, dropped))
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
-            files = tgt.write(ck, tmp, prog, max_shard_size=max_shard_size,
-                              max_position_embeddings=max_position_embeddings)
+            files = tgt.write(ck, tmp, prog, **options)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
-        write_manifest(tmp, files, **_manifest_info(ck, to))
-    return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+        write_manifest(tmp, files, **_manifest_info(ck, to, dropped))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0,
+                  notes=[dropped.note()] if dropped is not None else [])
 
 
-def _manifest_info(ck, to: str) -> dict:
-    return dict(layout=to, world_size=1, dtype=dtype_name(ck.dtype), source=dict(ck.source_info(), world_size=ck.N))
+def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict, dropped=None,
+                   sources=()):
+    """A target whose output is a file (PATH.gguf, its pieces beside it), with its manifest beside it."""
+    out = Path(out)
+    options = dict(options, out_name=out.name)
+    planned = [Planned(*p) for p in tgt.plan(ck, **options)]  # refusals come here, before anything is created
+    names = [p.name for p in planned]
+    info = _manifest_info(ck, tgt.name, dropped, options.get("dtype"))
+    if dry_run:
+        return dryrun.dry_run(f"merge --to {tgt.name}", ck, out, force, planned, info,
+                              manifest=beside.manifest_name(out),
+                              check=lambda o, f, need, dry: beside.preflight(o, names, f, need, dry))
+    t0 = time.perf_counter()
+    need = sum(p.size for p in planned) + MARGIN
+    with beside.atomic_output_files(out, names, force, need_bytes=need, sources=sources) as tmp:
+        with progress_bar(f"{tgt.name} from {ck.kind} N={ck.N}", ck.nbytes, quiet) as prog:
+            files = tgt.write(ck, tmp, prog, **options)
+        write_manifest(tmp, files, _name=beside.manifest_name(out), **info)
+    return Result(out, sorted(files), ck.nbytes, time.perf_counter() - t0,
+                  notes=[dropped.note()] if dropped is not None else [])
+
+
+def _manifest_info(ck, to: str, dropped=None, dtype: Optional[str] = None) -> dict:
+    extra = {"dropped_biases": dropped.as_dict()} if dropped is not None else {}
+    return dict(layout=to, world_size=1, dtype=dtype or dtype_name(ck.dtype),
+                source=dict(ck.source_info(), world_size=ck.N), **extra)

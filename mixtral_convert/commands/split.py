@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,13 +26,22 @@ from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_w
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
 from ..io import reads
-from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, fsync_all, json_bytes, write_manifest, write_small
+from ..io.atomic import (
+    MANIFEST,
+    atomic_file,
+    atomic_output_dir,
+    check_space,
+    fsync_all,
+    json_bytes,
+    write_manifest,
+    write_small,
+)
 from ..io.lazy import BLOCK_BYTES, TensorSpec
 from ..io.prefetch import file_producer
-from ..io.progress import Progress, human_bytes, progress_bar
+from ..io.progress import Progress, progress_bar
 from ..model.layouts import Plan
 from ..tokenizer.files import carried
-from . import dryrun
+from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import DryRun, Planned
 
@@ -131,33 +139,40 @@ def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress,
     return {shard_file_name(r, N, fmt): results[r] for r in range(N)}
 
 
-def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str) -> dict:
+def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str, dropped=None) -> dict:
+    extra = {"dropped_biases": dropped.as_dict()} if dropped is not None else {}
     return dict(layout=layout, llama_type=LLAMA_TYPE[layout], world_size=N, shard_format=fmt,
-                dtype=dtype_name(ck.dtype), source=ck.source_info())
+                dtype=dtype_name(ck.dtype), source=ck.source_info(), **extra)
 
 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
           quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
-          tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False, write_ranks: str = "auto"):
+          tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False, write_ranks: str = "auto",
+          base=None, drop_biases: bool = False):
     """Write `src` in `layout` for N ranks (a Result); with `dry_run`, only say what would be
-    written (a dryrun.DryRun)."""
+    written (a dryrun.DryRun). `base`: the model a trainable-only PEFT save `src` was trained from.
+    A model with non-zero biases goes to the base layout as mixtral_peft ("peft", biases in place);
+    the sparse layout refuses it, unless `drop_biases` (commands.biases)."""
     shard_writer(fmt)  # an unknown format fails before anything is read
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
     since = reads.mark()
-    ck = open_checkpoint(src)
+    ck = open_checkpoint(src, base=base)
     sources = reads.opened_since(since)  # checked unchanged before any output is renamed into place
-    use_tokenizer(ck, tokenizer)
-    cast_to(ck, dtype)
+    ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
+    out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
+    ck, keeps, dropped = biases.settle(ck, layout == "base" and not drop_biases, drop_biases,
+                                       "split-sparse (Accessory's mixtral_sparse)")
+    layout = "peft" if keeps else layout
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
     tokenizer = check_tokenizer(ck)
-    out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
     if ranks is None:
         ranks = ranks_from_env(N)
     if dry_run:
-        return _dry_run(ck, plan, tokenizer, out, sorted(set(ranks)) if ranks is not None else None, force, fmt)
+        return _dry_run(ck, plan, tokenizer, out, sorted(set(ranks)) if ranks is not None else None, force, fmt,
+                        dropped)
     if ranks is not None:
-        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt, sources)
+        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt, dropped, sources)
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
@@ -171,12 +186,20 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
                     files[name] = _write_rank(plan, r, ck, tmp / name, prog, fmt)
             fsync_all(tmp / n for n in files)
         files.update(side_files(ck.cfg, tokenizer, layout, tmp, atomic=False))
-        write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt))
-    return Result(Path(out), sorted(files), total, time.perf_counter() - t0)
+        write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt, dropped))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0, notes=_notes(layout, dropped))
+
+
+def _notes(layout: str, dropped) -> list[str]:
+    notes = [dropped.note()] if dropped is not None else []
+    if layout == "peft":
+        notes.append("the model has non-zero biases: written as llama_type mixtral_peft (lora_rank -1: any LoRA "
+                     "merged, biases in place), which Accessory's mixtral_peft loads")
+    return notes
 
 
 def _dry_run(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: Optional[list[int]], force: bool,
-             fmt: str) -> DryRun:
+             fmt: str, dropped=None) -> DryRun:
     N, layout = plan.N, plan.layout
     planned = []
     for r in (ranks if ranks is not None else range(N)):
@@ -185,13 +208,13 @@ def _dry_run(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: Opti
                                {"rank": r}))
     planned += [Planned(name, len(data), "") for name, data in side_contents(ck.cfg, layout).items()]
     planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in carried(tokenizer).items()]
-    cmd = "split" if layout == "base" else "split-sparse"
-    return dryrun.dry_run(f"{cmd} -n {N}", ck, out, force, planned, _manifest_info(ck, layout, N, fmt),
+    cmd = "split-sparse" if layout == "sparse" else "split"
+    return dryrun.dry_run(f"{cmd} -n {N}", ck, out, force, planned, _manifest_info(ck, layout, N, fmt, dropped),
                    shared=ranks is not None)
 
 
 def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: list[int], force: bool,
-                 quiet: bool, fmt: str, sources=()) -> Result:
+                 quiet: bool, fmt: str, dropped=None, sources=()) -> Result:
     """Cooperative mode: write only `ranks` into a shared `out`, each file atomically."""
     N, layout = plan.N, plan.layout
     bad = [r for r in ranks if not 0 <= r < N]
@@ -207,10 +230,7 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     if existing and not force:
         raise ConvertError(f"{out / existing[0]}: already exists; pass --force to replace it")
     total = sum(st.nbytes for r in ranks for st in plan.ranks[r].values())
-    free = shutil.disk_usage(out).free
-    if free < total:
-        raise ConvertError(f"{out}: not enough free space: {human_bytes(total)} needed for ranks "
-                           f"{','.join(map(str, ranks))}, {human_bytes(free)} free")
+    check_space(out, out, total + MARGIN, freed=sum((out / n).stat().st_size for n in existing))
     t0 = time.perf_counter()
     with progress_bar(f"{layout} N={N} ranks {','.join(map(str, ranks))}", total, quiet) as prog:
         for r in ranks:
@@ -220,11 +240,12 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
             with atomic_file(out / _PART.format(r)) as tmp:
                 write_small(tmp, json_bytes({names[r]: entry}))
     side = side_files(ck.cfg, tokenizer, layout, out, atomic=True)
-    _combine_manifest(out, ck, layout, N, side, fmt)
-    return Result(out, sorted(names.values()) + sorted(side), total, time.perf_counter() - t0)
+    _combine_manifest(out, ck, layout, N, side, fmt, dropped)
+    return Result(out, sorted(names.values()) + sorted(side), total, time.perf_counter() - t0,
+                  notes=_notes(layout, dropped))
 
 
-def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict, fmt: str) -> None:
+def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict, fmt: str, dropped=None) -> None:
     """Once every rank's part is present (whichever process gets there), write the manifest."""
     parts = [out / _PART.format(r) for r in range(N)]
     if not all(p.exists() for p in parts):
@@ -233,6 +254,6 @@ def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict
     for p in parts:
         files.update(json.loads(p.read_text()))
     with atomic_file(out / MANIFEST) as tmp:
-        write_manifest(tmp.parent, files, **_manifest_info(ck, layout, N, fmt), _name=tmp.name)
+        write_manifest(tmp.parent, files, **_manifest_info(ck, layout, N, fmt, dropped), _name=tmp.name)
     for p in parts:
         p.unlink(missing_ok=True)

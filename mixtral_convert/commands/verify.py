@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConvertError
-from ..formats import accessory
+from ..formats import accessory, peft
 from ..formats.checkpoint import Checkpoint, dtype_name, read_tensors
 from ..formats.registry import TARGETS, open_checkpoint
 from ..formats.torrent import TORRENT_FILE
@@ -39,6 +39,7 @@ from ..model.layouts import Plan
 from ..tokenizer.files import differences as tokenizer_differences
 from ..tokenizer.files import find as find_tokenizer
 from ..tokenizer.files import tokenizer_pieces
+from . import biases
 from .common import CAST_DTYPES, cast_to
 
 
@@ -63,8 +64,9 @@ class Report:
                 "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
 
 
-def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False) -> Report:
-    """With `source`: structure, then every byte against the source. Without: structure, then
+def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
+    """With `source`: structure, then every byte against the source (a PEFT save: its merged weights,
+    computed as split computes them; `base`: a trainable-only save's base). Without: structure, then
     every file's size and sha256 against the directory's manifest."""
     t0 = time.perf_counter()
     shards = Path(shards)
@@ -81,9 +83,14 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False) -> 
             rep.seconds = time.perf_counter() - t0
         return rep
     since = reads.mark()
-    src = open_checkpoint(source)  # a bad source is bad input (exit 2), not a mismatch
+    src = open_checkpoint(source, base=base)  # a bad source is bad input (exit 2), not a mismatch
     sources = reads.opened_since(since)
     rep = Report(str(shards), str(src.path))
+    if src.kind == "peft":
+        differ = peft.summary(src.path)["replicated_copies_differ"]
+        if differ:
+            rep.checks.append(f"the source's ranks hold different copies of {len(differ)} replicated tensor(s) (first "
+                              f"'{differ[0]}'); rank 0's copy was read and compared, as for every replicated tensor")
     try:
         _verify(shards, src, rep, quiet)
     finally:
@@ -135,7 +142,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     found = _structure(shards, src, rep)
     if found is None or rep.problems:
         return
-    plan, files, opened = found
+    plan, files, opened, src = found
     N = plan.N
     bad = rep.problems.append
     # data, byte for byte
@@ -167,7 +174,7 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
 def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
     """meta.json, config.json (against the source's config, or on its own), a file per rank, the
     tokenizer, and every shard's keys, shapes and dtypes against the plan. Returns (plan, files,
-    opened shards), or None when it cannot go on; problems go to the report."""
+    opened shards, the source as compared), or None when it cannot go on; problems go to the report."""
     bad = rep.problems.append
     try:
         layout = accessory.read_layout(shards)
@@ -175,7 +182,9 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         return bad(str(e))
     rep.layout = layout
     rep.checks.append(f"meta.json: llama_type {accessory.LLAMA_TYPE[layout]}")
-    cfg = _check_config(shards, src, rep)
+    if src is not None:
+        src = _biases_like_layout(src, layout, rep)
+    cfg = _check_config(shards, src, rep, layout)
     if src is not None:
         cfg = src.cfg
     elif cfg is None:
@@ -195,7 +204,7 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         return bad(str(e))
     dtypes = accessory.shard_dtypes(layout, cfg, N, opened)
     if src is not None:
-        _cast_source_like_shards(src, set(dtypes.values()), rep)
+        src = _cast_source_like_shards(src, set(dtypes.values()), rep)
     try:
         plan = Plan(layout, cfg, N, src.dtypes if src is not None else dtypes)
     except ConvertError as e:
@@ -205,33 +214,51 @@ def _structure(shards: Path, src: Optional[Checkpoint], rep: Report):
         rep.problems.extend(structure)
         return None
     rep.checks.append("every shard's keys, shapes and dtypes match the layout")
-    return plan, files, opened
+    return plan, files, opened, src
 
 
-def _cast_source_like_shards(src: Checkpoint, shard_dtypes: set, rep: Report) -> None:
+def _cast_source_like_shards(src: Checkpoint, shard_dtypes: set, rep: Report) -> Checkpoint:
     """Shards written with --dtype hold the source's values cast to their dtype: compare them with
     the source cast the same way (and say so). Anything else is left to the structure check."""
     if len(shard_dtypes) != 1:
-        return
+        return src
     want = shard_dtypes.pop()
     names = {v: k for k, v in CAST_DTYPES.items()}
     try:
-        have = src.dtype
+        have = src.check().dtype
     except ConvertError:
-        return
+        return src
     if want != have and want in names:
-        cast_to(src, names[want])
         rep.checks.append(f"the shards are {names[want]}: compared with the source's {dtype_name(have)} values "
                           f"cast to {names[want]} the same way")
+        return cast_to(src, names[want])
+    return src
 
 
-def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report) -> Optional[ModelConfig]:
-    """config.json: only keys Accessory's ModelArgs takes, nothing it would default wrongly, and
-    (with a source) equal to the source's config."""
+def _biases_like_layout(src: Checkpoint, layout: str, rep: Report) -> Checkpoint:
+    """A source with biases, against a layout without them: compared without its biases when every one is
+    zero (split leaves them out); a non-zero one is a difference (the output dropped it)."""
+    names = biases.bias_names(src)
+    if not names or layout == "peft":
+        return src
+    found = biases.nonzero(src)
+    if found:
+        rep.problems.append(f"the source has non-zero biases (first '{found[0][0]}', max |value| {found[0][1]:.3g}) "
+                            f"and the {accessory.LLAMA_TYPE[layout]} layout has none: the output is not the source's "
+                            "model (written with --drop-biases?)")
+    else:
+        rep.checks.append(f"the source's {len(names)} bias tensors are all zero: compared without them")
+    return replace(src, canonical={k: v for k, v in src.canonical.items() if k not in set(names)})
+
+
+def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report, layout: str = "base") -> Optional[ModelConfig]:
+    """config.json: only keys Accessory's ModelArgs takes (and mixtral_peft's switches, in that layout),
+    nothing it would default wrongly, and (with a source) equal to the source's config."""
     bad, path = rep.problems.append, shards / accessory.CONFIG
+    allowed = ACCESSORY_KEYS | (set(accessory.PEFT_CONFIG) if layout == "peft" else set())
     try:
         raw = read_json(path)
-        unknown = sorted(set(raw) - ACCESSORY_KEYS) if isinstance(raw, dict) else []
+        unknown = sorted(set(raw) - allowed) if isinstance(raw, dict) else []
         if unknown:
             bad(f"{path}: key '{unknown[0]}' is not accepted by Accessory's ModelArgs")
         for k in ("hidden_dim", "rope_theta"):

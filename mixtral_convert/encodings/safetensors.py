@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from ..errors import ConvertError
 from ..io.lazy import Lazy, OnDisk, TensorSpec
+from ..io.pipeline import write_all
 from ..io.reads import SourceFile
 
 DTYPES: dict[str, torch.dtype] = {
@@ -143,7 +144,7 @@ def check_file(path, where: str = "") -> int:
         raise ConvertError(f"{where}: cannot read ({e.strerror or e})") from None
     except ConvertError:
         raise
-    except Exception as e:  # noqa: BLE001 - the library's own refusal: damaged content
+    except Exception as e:  # the library's own refusal: damaged content
         raise ConvertError(f"{where}: not a loadable safetensors file ({str(e).strip()[:120]})") from None
     if names != {e.name for e in entries}:
         raise ConvertError(f"{where}: the safetensors library reads other tensors than the header lists; the file "
@@ -164,6 +165,11 @@ def read_tensors(path: Path) -> dict[str, Lazy]:
     src = SourceFile(path)
     entries, start = parse(src.read, src.size, str(path))
     return {e.name: OnDisk(src, start + e.begin, e.shape, e.dtype, name=e.name) for e in entries}
+
+
+def file_size(specs: list[TensorSpec], metadata: Optional[dict[str, str]] = None) -> int:
+    """The exact size of the file `write_safetensors` writes for `specs` (for --dry-run)."""
+    return len(header_bytes(specs, metadata)) + sum(s.nbytes for s in specs)
 
 
 def header_bytes(specs: list[TensorSpec], metadata: Optional[dict[str, str]] = None) -> bytes:
@@ -193,10 +199,7 @@ def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[Te
         view = memoryview(data).cast("B")
         if hasher is not None:
             hasher.update(view)
-        while view.nbytes:
-            n = os.write(fd, view)
-            view = view[n:]
-            pos += n
+        pos += write_all(fd, view)
 
     try:
         write(header_bytes(specs, metadata))

@@ -24,12 +24,10 @@ import hashlib
 import io
 import os
 import pickle
-import queue
 import struct
-import threading
 import zlib
 
-try:  # ISA-L's CRC-32 is zlib's polynomial, ~3.5x as fast here (6.8 vs 1.9 GiB/s on one core)
+try:  # ISA-L's CRC-32: zlib's polynomial, several times faster (docs/performance.md)
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - isal is a dependency; plain zlib is the same result
     _crc32 = zlib.crc32
@@ -40,6 +38,7 @@ import torch
 
 from ..errors import ConvertError
 from ..io.lazy import OnDisk, TensorSpec, materialize
+from ..io.pipeline import Worker, write_all
 from ..io.reads import SourceFile, span
 from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, meta_tensors, zip_layout, zip_records  # noqa: F401
 
@@ -103,7 +102,7 @@ def check_checkpoint(path: Path) -> tuple[int, int]:
     needs = check_storages(path, layout)
     try:
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any failure means "not loadable"
+    except Exception as e:  # any failure means "not loadable"
         raise DamagedZip(path, f"torch.load failed: {first_line(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DamagedZip(path, "it does not hold a dict of tensors")
@@ -160,56 +159,22 @@ def checkpoint_pickle(specs: list[TensorSpec]) -> bytes:
     return buf.getvalue()
 
 
-class _Digest(threading.Thread):
-    """Feeds buffers, in file order, to `update` on its own thread (zlib and hashlib release
-    the GIL on large buffers, so this runs on the second core while the main thread writes).
-    The queue keeps each buffer alive until it has been digested."""
-
-    def __init__(self, update):
-        super().__init__(daemon=True)
-        self.update, self.error = update, None
-        self.q: queue.Queue = queue.Queue(maxsize=4)  # slack: the hashers lag the writer in bursts
-        self.start()
-
-    def run(self) -> None:
-        while True:
-            view = self.q.get()
-            try:
-                if view is None:
-                    return
-                if self.error is None:
-                    self.update(view)
-            except BaseException as e:  # surfaced to the writer by wait()
-                self.error = e
-            finally:
-                self.q.task_done()
-
-    def wait(self) -> None:
-        self.q.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.join()
-
-
 class _Checksums:
     """The current record's CRC-32 and an optional whole-file hash, each on its own thread."""
 
     def __init__(self, hasher=None):
         self.crc = 0
-        self._crc = _Digest(self._update_crc)
-        self._file = _Digest(hasher.update) if hasher is not None else None
+        self._crc = Worker(self._update_crc, "zip-crc", maxsize=4)  # slack: the hashers lag the writer in bursts
+        self._file = Worker(hasher.update, "zip-hash", maxsize=4) if hasher is not None else None
 
     def _update_crc(self, view) -> None:
         self.crc = _crc32(view, self.crc)
 
     def feed(self, view, is_data: bool) -> None:
         if is_data:
-            self._crc.q.put(view)
+            self._crc.put(view)
         if self._file is not None:
-            self._file.q.put(view)
+            self._file.put(view)
 
     def take_crc(self) -> int:
         self._crc.wait()
@@ -239,10 +204,7 @@ class _ZipWriter:
     def _write(self, data, is_data: bool = False) -> None:
         view = memoryview(data).cast("B")
         self.sums.feed(view, is_data)
-        while view.nbytes:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.pos += n
+        self.pos += write_all(self.fd, view)
 
     def record(self, name: str, size: int, chunks: Iterable) -> None:
         """One stored record. The CRC-32 follows the data in a data descriptor (flag bit 3),

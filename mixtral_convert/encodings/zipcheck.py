@@ -82,7 +82,7 @@ def _opened(path: Path) -> Iterator[tuple[zipfile.ZipFile, BinaryIO]]:
             if e.errno != errno.EINVAL:  # EINVAL: a seek to an offset the damaged directory made up
                 raise ConvertError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
             raise DamagedZip(path, f"its zip directory is damaged: {first_line(e)}") from None
-        except Exception as e:  # noqa: BLE001 - BadZipFile, and what else a damaged directory makes zipfile raise
+        except Exception as e:  # BadZipFile, and what else a damaged directory makes zipfile raise
             why = (f"no zip end record: {e}" if "not a zip file" in str(e) else
                    f"its zip directory is damaged: {type(e).__name__}: {first_line(e)}")
             raise DamagedZip(path, why) from None
@@ -95,7 +95,7 @@ def is_zip(path: Path) -> bool:
     of its own (is_zipfile lets BadZipFile "span multiple disks" and ValueError through)."""
     try:
         return zipfile.is_zipfile(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DamagedZip(path, f"its zip end record is damaged: {type(e).__name__}: {first_line(e)}") from None
 
 
@@ -184,7 +184,7 @@ def zip_layout(path: Path) -> Layout:
                 continue
             try:
                 content = zf.read(name)
-            except Exception as e:  # noqa: BLE001 - a bad CRC-32, or what else zipfile makes of damage
+            except Exception as e:  # a bad CRC-32, or what else zipfile makes of damage
                 raise DamagedZip(path, f"record {name}: {first_line(e)}") from None
             if name == prefix + "data.pkl":
                 pkl = content
@@ -245,7 +245,7 @@ def _unpickle_meta(path: Path, pkl: bytes, refuse: bool = False):
         up = _weights_only_unpickler.Unpickler(io.BytesIO(pkl), encoding="utf-8")
         up.persistent_load = persistent_load
         obj = up.load()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if refuse and isinstance(e, pickle.UnpicklingError) and re.search(r"[Uu]nsupported|not an allowed", str(e)):
             m = re.search(r"(?:unsupported|Unsupported) (?:global|GLOBAL|operand) ?:? ?(?:GLOBAL )?([\w.]+)", str(e))
             first = (f"it would call {m.group(1)}" if m and "." in m.group(1) else

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from ..encodings.safetensors import header_bytes, write_safetensors
+from ..encodings.safetensors import file_size as safetensors_size
+from ..encodings.safetensors import write_safetensors
 from ..encodings.torchzip import checkpoint_size, write_checkpoint
 from ..errors import ConvertError
 from ..io.atomic import atomic_file, json_bytes, write_small
@@ -26,7 +27,7 @@ from ..io.lazy import Lazy
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import Plan
 from ..tokenizer.files import carry
-from .checkpoint import Checkpoint, Reader, check_tensors, find_tokenizer, read_tensors
+from .checkpoint import Checkpoint, Reader, Sharded, TokenizerRef, check_tensors, find_tokenizer, read_tensors
 
 META = "meta.json"
 CONFIG = "config.json"
@@ -34,7 +35,10 @@ TOKENIZER = "tokenizer.model"
 SHARD_RE = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.(pth|safetensors)\Z")
 SHARD_GLOB = "consolidated.*-of-*.model.{ext}"  # every rank's file of one extension
 SHARD_WRITERS = {"pth": write_checkpoint, "safetensors": write_safetensors}  # both (path, specs, produce, hasher=)
-LLAMA_TYPE = {"base": "mixtral", "sparse": "mixtral_sparse"}
+LLAMA_TYPE = {"base": "mixtral", "sparse": "mixtral_sparse", "peft": "mixtral_peft"}
+# config.json keys of mixtral_peft beyond ModelArgs' (docs/formats.md, "Accessory PEFT saves"), as written
+# for a merged model with biases
+PEFT_CONFIG = {"lora_rank": -1, "bias_tuning": True, "norm_tuning": False}
 LAYOUT_OF_LLAMA_TYPE = {v: k for k, v in LLAMA_TYPE.items()}
 
 
@@ -108,13 +112,15 @@ def listing(path: Path, names: Optional[set[str]] = None) -> Listing:
 def shard_dtypes(layout: str, cfg: ModelConfig, N: int, shards: list[dict[str, Lazy]]) -> dict[str, torch.dtype]:
     """Each canonical tensor's dtype as the shards hold it (where absent: bfloat16, and the
     structure check then names the missing tensor)."""
-    names = cfg.canonical_shapes()
+    names = cfg.canonical_shapes(optional=layout == "peft")  # peft: the biases, where the shards hold them
     probe = Plan(layout, cfg, N, {k: torch.bfloat16 for k in names})
     out = {}
+    required = cfg.canonical_shapes()
     for name in names:
         p = probe.by_source[name][0]
         t = shards[p.rank].get(p.key)
-        out[name] = t.dtype if t is not None else torch.bfloat16
+        if t is not None or name in required:
+            out[name] = t.dtype if t is not None else torch.bfloat16
     return out
 
 
@@ -148,10 +154,10 @@ def open_accessory(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
     problems = structure_problems(plan, ls.files, shards)
     if problems:
         raise ConvertError(problems[0])
-    canonical = {name: plan.canonical_tensor(name, shards) for name in ls.cfg.canonical_shapes()}
+    canonical = {name: plan.canonical_tensor(name, shards) for name in plan.shapes}
     check_tensors(ls.cfg, {k: (t.shape, t.dtype) for k, t in canonical.items()}, str(path))
-    return Checkpoint(path, ls.layout, ls.cfg, ls.files, find_tokenizer(path), ls.N, canonical, shards, plan,
-                      label=f"Accessory {ls.layout} layout")
+    return Checkpoint(path, ls.layout, ls.cfg, ls.files, TokenizerRef(find_tokenizer(path)), canonical,
+                      label=f"Accessory {ls.layout} layout", sharded=Sharded(plan, shards))
 
 
 def open_rank(path: Path, r: int) -> tuple[Plan, dict[str, Lazy], Optional[Path]]:
@@ -164,7 +170,8 @@ def open_rank(path: Path, r: int) -> tuple[Plan, dict[str, Lazy], Optional[Path]
     if len(dtypes) != 1:
         raise ConvertError(f"{f}: tensors of several dtypes {sorted(map(str, dtypes))}; expected one")
     dt = dtypes.pop()
-    plan = Plan(ls.layout, ls.cfg, ls.N, {k: dt for k in ls.cfg.canonical_shapes()})
+    # a peft layout holds every bias (bias_tuning: Accessory's mixtral_peft has one on every PEFT linear)
+    plan = Plan(ls.layout, ls.cfg, ls.N, {k: dt for k in ls.cfg.canonical_shapes(optional=ls.layout == "peft")})
     problems = structure_problems(plan, [f], [sd], ranks=[r])
     if problems:
         raise ConvertError(problems[0])
@@ -185,14 +192,15 @@ READER = Reader(
 # ----------------------------------------------------------------------------- writing
 def side_contents(cfg: ModelConfig, layout: str) -> dict[str, bytes]:
     """config.json and meta.json, as bytes."""
-    return {CONFIG: json_bytes(cfg.to_accessory()), META: json_bytes({"llama_type": LLAMA_TYPE[layout]})}
+    config = dict(cfg.to_accessory(), **(PEFT_CONFIG if layout == "peft" else {}))
+    return {CONFIG: json_bytes(config), META: json_bytes({"llama_type": LLAMA_TYPE[layout]})}
 
 
 def shard_size(specs: list, fmt: str) -> int:
     """The exact size of the shard file `shard_writer(fmt)` writes for `specs`."""
     if fmt == "pth":
         return checkpoint_size(specs)
-    return len(header_bytes(specs)) + sum(s.nbytes for s in specs)
+    return safetensors_size(specs)
 
 
 def side_files(cfg: ModelConfig, tokenizer: Path, layout: str, out: Path, atomic: bool) -> dict[str, dict]:

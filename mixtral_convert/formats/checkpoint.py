@@ -9,37 +9,86 @@ a checkpoint in its format (`merge --to NAME`). `formats.registry` holds the lis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..encodings import safetensors as safetensorsfile
 from ..encodings import torchzip
 from ..errors import ConvertError
-from ..io.lazy import Lazy
+from ..io.lazy import Lazy, dtype_name
 from ..model.config import ModelConfig
 from ..model.layouts import Plan
 from ..tokenizer import files as tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
+class TokenizerRef:
+    """The tokenizer a checkpoint comes with: its file (or HF tokenizer directory), how messages name
+    it (a tar member's copy by its archive and member name), or why none is usable although the
+    source ships one (tekken.json, a damaged member)."""
+
+    path: Optional[Path] = None
+    shown_as: str = ""  # how messages name it, when not by its path
+    missing: str = ""  # the message, when there is none to use
+
+    @property
+    def where(self) -> str:
+        return self.shown_as or str(self.path)
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """An Accessory layout's shards (per rank: shard key -> lazy tensor) and the plan they follow."""
+
+    plan: Plan
+    shards: list[dict[str, Lazy]]
+
+    @property
+    def N(self) -> int:
+        return self.plan.N
+
+
+@dataclass(frozen=True)
 class Checkpoint:
-    path: Path  # the directory
-    kind: str  # the reader's name: "torrent", "fused", "hf", "base", "sparse"
+    """One model: where it comes from (path, the reader's `kind` and `label`, its files, the hub
+    name it was resolved from), its config, every canonical tensor (lazy), its tokenizer, and for
+    an Accessory layout its shards. Frozen: a changed view of it (another tokenizer, tensors cast
+    with --dtype, the hub name) is a new one, made with `dataclasses.replace`."""
+
+    path: Path  # the directory (or the archive)
+    kind: str  # the reader's name: "torrent", "fused", "mistral", "hf", "base", "sparse"
     cfg: ModelConfig
     files: list[Path]
-    tokenizer: Optional[Path]
-    N: int = 1
-    canonical: dict[str, Lazy] = field(default_factory=dict)  # canonical name -> lazy tensor
-    shards: list[dict[str, Lazy]] = field(default_factory=list)  # Accessory layouts: per rank
-    plan: Optional[Plan] = None  # Accessory layouts: the plan their shards follow
-    remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
+    tok: TokenizerRef
+    canonical: dict[str, Lazy]  # canonical name -> lazy tensor
     label: str = ""  # what the format is called in messages
+    sharded: Optional[Sharded] = None  # Accessory layouts
+    remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
     source_dtype: Optional[torch.dtype] = None  # set when --dtype casts the tensors as they are read
-    tokenizer_missing: str = ""  # why none is usable although the source ships one (tekken.json): the message
-    tokenizer_names: dict = field(default_factory=dict)  # a temporary copy (of a tar member) -> its name in messages
+
+    @property
+    def tokenizer(self) -> Optional[Path]:
+        return self.tok.path
+
+    @property
+    def tokenizer_where(self) -> str:
+        """How messages name the tokenizer: a tar member by its archive and name, not its copy."""
+        return self.tok.where
+
+    @property
+    def N(self) -> int:
+        return self.sharded.N if self.sharded is not None else 1
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        return self.sharded.plan if self.sharded is not None else None
+
+    @property
+    def shards(self) -> list[dict[str, Lazy]]:
+        return self.sharded.shards if self.sharded is not None else []
 
     @property
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -47,18 +96,17 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The one dtype of every tensor (readers refuse mixed dtypes; so does this)."""
-        check_tensors(self.cfg, {k: (t.shape, t.dtype) for k, t in self.canonical.items()}, self.where)
+        """The tensors' dtype (one for all once `check` has passed; every reader checks)."""
         return next(iter(self.canonical.values())).dtype
+
+    def check(self) -> "Checkpoint":
+        """Canonical names and shapes as the config implies, one dtype; ConvertError otherwise."""
+        check_tensors(self.cfg, {k: (t.shape, t.dtype) for k, t in self.canonical.items()}, self.where)
+        return self
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.canonical.values())
-
-    @property
-    def tokenizer_where(self) -> str:
-        """How messages name the tokenizer: a tar member by its archive and name, not its copy."""
-        return self.tokenizer_names.get(self.tokenizer, str(self.tokenizer))
 
     @property
     def where(self) -> str:
@@ -97,15 +145,61 @@ class Reader:
 
 
 @dataclass(frozen=True)
+class TargetOption:
+    """A command-line option a target declares (`merge --to NAME --FLAG VALUE`): given, `parse(text)`
+    is passed to the target's `prepare`, `write` and `plan` as keyword `dest`; not given, `default`
+    is parsed (None: the keyword is None)."""
+
+    flag: str  # "--max-shard-size"
+    dest: str  # "max_shard_size"
+    help: str
+    metavar: str = "VALUE"
+    parse: Callable[[str], Any] = str
+    default: Optional[str] = None
+
+
+CAST_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
 class Target:
-    """An output format of merge. `write(ck, tmp, progress, options)` writes every file into the
+    """An output format of merge. `write(ck, tmp, progress, **options)` writes every file into the
     temporary directory `tmp` and returns their manifest entries {name: {size, sha256}};
-    `plan(ck, options)` says what it would write, writing nothing (--dry-run)."""
+    `plan(ck, **options)` says what it would write, writing nothing (--dry-run). Before either,
+    `prepare(ck, options)` checks what the target needs of the source and returns the options
+    resolved (e.g. the context length from the source when not given).
+
+    What it can hold is declared, so that a refusal is one check in one place: `dtypes` (what
+    `--dtype` may name), `holds_biases` (whether the format has bias tensors on the linears), and
+    `same_kinds` (source kinds already in this format: merging one to it is refused)."""
 
     name: str
     suffix: str  # default output: SOURCE + suffix
     write: Callable[..., dict[str, dict]]
     plan: Callable[..., list[tuple[str, int, str]]]  # (name, exact size, what) of every file write writes
+    help: str = ""  # one line for --to's help
+    options: tuple[TargetOption, ...] = ()
+    prepare: Optional[Callable[[Checkpoint, dict], dict]] = None
+    dtypes: tuple[str, ...] = CAST_DTYPES
+    holds_biases: bool = False
+    same_kinds: tuple[str, ...] = ()
+    # The writer applies --dtype itself (given as the option `dtype`; the checkpoint is not cast
+    # first): GGUF keeps norms and the router in F32 from the source's values, and quantizes.
+    applies_dtype: bool = False
+    # "dir": the output is a directory; "file": the output names a file (PATH.gguf: llama.cpp and Ollama
+    # take a file), written with its pieces and manifest beside it (io.beside), the option `out_name` its name
+    output: str = "dir"
+
+    def resolve(self, ck: Checkpoint, given: dict[str, Optional[str]]) -> dict[str, Any]:
+        """This target's options from the command line's (`dest` -> text, or None when not given),
+        parsed (defaults applied) and prepared. Options of other targets are not looked at: the
+        registry refuses them (`registry.target_options`)."""
+        options = {}
+        for o in self.options:
+            text = given.get(o.dest)
+            text = o.default if text is None else text
+            options[o.dest] = None if text is None else o.parse(text)
+        return self.prepare(ck, options) if self.prepare is not None else options
 
 
 def read_tensors(path: Path) -> dict[str, Lazy]:
@@ -121,9 +215,11 @@ def find_tokenizer(path: Path) -> Optional[Path]:
 
 
 def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None:
-    """Canonical names, shapes and one dtype, exactly as the config implies."""
-    expected = cfg.canonical_shapes()
-    missing = [k for k in expected if k not in found]
+    """Canonical names, shapes and one dtype, exactly as the config implies (optional tensors, the
+    biases, may be present or not)."""
+    expected = cfg.canonical_shapes(optional=True)
+    required = cfg.canonical_shapes()
+    missing = [k for k in required if k not in found]
     extra = [k for k in found if k not in expected]
     if missing:
         raise ConvertError(f"{where}: {len(missing)} tensor(s) the config implies are missing, first "
@@ -132,7 +228,7 @@ def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None
         raise ConvertError(f"{where}: {len(extra)} unexpected tensor(s), first '{extra[0]}'; "
                            "the file does not match params.json")
     for k, shape in expected.items():
-        if tuple(found[k][0]) != shape:
+        if k in found and tuple(found[k][0]) != shape:
             raise ConvertError(f"{where}: tensor '{k}' has shape {list(found[k][0])}, params.json implies "
                                f"{list(shape)}; the checkpoint and params.json disagree")
     dtypes = {}
@@ -141,7 +237,3 @@ def check_tensors(cfg: ModelConfig, found: dict[str, tuple], where: str) -> None
     if len(dtypes) > 1:
         desc = ", ".join(f"{str(dt).replace('torch.', '')} (e.g. '{k}')" for dt, k in dtypes.items())
         raise ConvertError(f"{where}: mixed dtypes {desc}; convert the checkpoint to a single dtype first")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

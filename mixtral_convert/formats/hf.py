@@ -22,21 +22,20 @@ from typing import Callable, Optional
 
 import torch
 
-from ..encodings.safetensors import header_bytes, write_safetensors
+from ..encodings.safetensors import file_size as safetensors_size
 from ..encodings.safetensors import read_tensors as read_safetensors
+from ..encodings.safetensors import write_safetensors
 from ..errors import ConvertError
 from ..io.atomic import json_bytes, write_small
-from ..io.lazy import Lazy, TensorSpec
+from ..io.lazy import Lazy, TensorSpec, dtype_name
 from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
 from ..tokenizer import files as tokenizer
-from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
+from .checkpoint import Checkpoint, Reader, Target, TargetOption, TokenizerRef, check_tensors, find_tokenizer
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DEFAULT_MAX_SHARD = 5 * 10**9  # bytes, transformers' default for save_pretrained
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports carry
 
 
 class RowPermuted(Lazy):
@@ -95,7 +94,7 @@ def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
                 continue  # the index names another file for it; trust the index
             name = hfnames.hf_to_canonical(hf_name)
             if name is None:
-                if hf_name.endswith(_IGNORED_SUFFIXES):
+                if hfnames.hf_ignored(hf_name):
                     continue
                 raise ConvertError(f"{f}: tensor '{hf_name}' is not a Mixtral HF tensor name "
                                    "(expected model.layers.L.block_sparse_moe.experts.e.w1.weight and the like)")
@@ -109,7 +108,7 @@ def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
             canonical[name] = lazy
     check_tensors(cfg, found, str(path))
     canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
-    return Checkpoint(path, "hf", cfg, files, find_tokenizer(path), 1, canonical,
+    return Checkpoint(path, "hf", cfg, files, TokenizerRef(find_tokenizer(path)), canonical,
                       label="HF hub layout (safetensors, q/k permuted)")
 
 
@@ -162,7 +161,7 @@ def _weight_files(cfg: ModelConfig, canonical: dict[str, Lazy], max_shard_size: 
 
 
 def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], stream: Callable,
-                     max_shard_size: int = DEFAULT_MAX_SHARD) -> dict[str, dict]:
+                     max_shard_size: int) -> dict[str, dict]:
     """The safetensors files (and the index when several) into `tmp`; manifest entries back.
     `stream(lazy)` yields a lazy tensor's bytes in blocks."""
     tensors, files, index = _weight_files(cfg, canonical, max_shard_size)
@@ -176,56 +175,47 @@ def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], st
     return entries
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def prepare(ck: Checkpoint, max_position_embeddings: Optional[int] = None) -> int:
+def prepare(ck: Checkpoint, options: dict) -> dict:
     """What a complete repository needs, checked before anything is written: a tokenizer whose
-    HF files can be carried or built, and the context length (the option, else the source's).
-    Returns the context length."""
+    HF files can be carried or built, and the context length (the option, else the source's)."""
     if ck.tokenizer is None:
         raise ConvertError(f"{ck.where}: no tokenizer beside the checkpoint, and merge --to hf writes a complete "
                            "HF repository (tokenizer.json, tokenizer_config.json): pass --tokenizer PATH (or "
                            "hf://org/name)")
     tokenizer.check_hf_ready(ck.tokenizer)
-    max_pos = max_position_embeddings or ck.cfg.max_position_embeddings
+    max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length "
                            "(max_position_embeddings); pass --max-position-embeddings N (32768 for Mixtral-8x7B, "
                            "65536 for 8x22B)")
-    return max_pos
+    return dict(options, max_position_embeddings=max_pos)
 
 
-def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: Optional[int] = None,
-          max_position_embeddings: Optional[int] = None, **_options) -> dict[str, dict]:
-    """The HF hub layout into `tmp`: the tokenizer files this target builds (tokenizer.files;
-    the caller carries tokenizer.model and the HF files the source has), safetensors (q/k permuted,
-    split at max_shard_size with an index when several) and config.json."""
-    max_pos = prepare(ck, max_position_embeddings)
+def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: int, max_position_embeddings: int) -> dict[str, dict]:
+    """The HF hub layout into `tmp` (options prepared): the tokenizer files this target builds
+    (tokenizer.files; the caller carries tokenizer.model and the HF files the source has),
+    safetensors (q/k permuted, split at max_shard_size with an index when several) and config.json."""
     ids = tokenizer.specials(ck.tokenizer)
     files = tokenizer.write_hf_tokenizer(ck.tokenizer, tmp)
-    files.update(write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress),
-                                  max_shard_size or DEFAULT_MAX_SHARD))
-    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_pos, ids.bos_id, ids.eos_id)
+    files.update(write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress), max_shard_size))
+    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id)
     files["config.json"] = write_small(tmp / "config.json", json_bytes(cfg))
     return files
 
 
-def plan(ck: Checkpoint, max_shard_size: Optional[int] = None, max_position_embeddings: Optional[int] = None,
-         **_options) -> list[tuple[str, int, str]]:
+def plan(ck: Checkpoint, max_shard_size: int, max_position_embeddings: int) -> list[tuple[str, int, str]]:
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
-    max_pos = prepare(ck, max_position_embeddings)
     ids = tokenizer.specials(ck.tokenizer)
     out = [(name, len(data), "tokenizer file built from the tokenizer") for name, data in
            tokenizer.built(ck.tokenizer).items()]
-    _, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size or DEFAULT_MAX_SHARD)
+    _, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size)
     for fname, specs in files:
-        out.append((fname, len(header_bytes(specs)) + sum(s.nbytes for s in specs), f"{len(specs)} tensors"))
+        out.append((fname, safetensors_size(specs), f"{len(specs)} tensors"))
     if index is not None:
         out.append((INDEX, len(index), "which file holds each tensor"))
-    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_pos, ids.bos_id, ids.eos_id)
-    out.append(("config.json", len(json_bytes(cfg)), f"MixtralConfig, max_position_embeddings {max_pos}"))
+    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id)
+    out.append(("config.json", len(json_bytes(cfg)),
+                f"MixtralConfig, max_position_embeddings {max_position_embeddings}"))
     return out
 
 
@@ -241,9 +231,6 @@ def hub_single(d: Path) -> list[str]:
     return [SINGLE] if (d / "config.json").is_file() and "hidden_size" in (read_json(d / "config.json") or {}) else []
 
 
-TARGET = Target("hf", "_hf", write, plan)
-
-
 def parse_size(text) -> int:
     """'5GB', '500MB', '2GiB', '1000000' -> bytes (decimal units as transformers, binary with 'i')."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
@@ -254,3 +241,28 @@ def parse_size(text) -> int:
     if n <= 0:
         raise ConvertError(f"--max-shard-size {text!r}: must be positive")
     return n
+
+
+def _positive_int(text) -> int:
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise ConvertError(f"--max-position-embeddings {text!r}: expected a whole number of tokens") from None
+    if n < 1:
+        raise ConvertError(f"--max-position-embeddings {text!r}: must be at least 1")
+    return n
+
+
+CONTEXT_OPTION = TargetOption(
+    "--max-position-embeddings", "max_position_embeddings", metavar="N", parse=_positive_int,
+    help="the context length for the model's config when the source does not state it (an HF config.json "
+         "does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, 65536 for 8x22B. "
+         "Overrides the source's.")
+
+TARGET = Target(
+    "hf", "_hf", write, plan, prepare=prepare,
+    help="the HF hub layout (config.json, safetensors with q/k permuted, an index when several files, the "
+         "tokenizer files) that transformers loads as a hub repository",
+    options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size, default="5GB",
+                          help="largest safetensors file (e.g. 5GB, 500MB, 2GiB; default 5GB)."),
+             CONTEXT_OPTION))

@@ -31,9 +31,10 @@ from typing import Optional
 from ..encodings import safetensors as stheader
 from ..encodings import tar as tarball
 from ..errors import ConvertError
+from ..io.pipeline import write_all
 from ..model.config import ModelConfig
 from ..tokenizer.files import tokenizer_pieces
-from .checkpoint import Checkpoint, Reader
+from .checkpoint import Checkpoint, Reader, TokenizerRef
 from .torrent import PARAMS, TORRENT_FILE, canonical_of
 
 SAFETENSORS = "consolidated.safetensors"
@@ -59,9 +60,9 @@ def _no_tokenizer(where: str, names, cfg: ModelConfig) -> str:
 
 
 def _checkpoint(path: Path, cfg: ModelConfig, files: list[Path], tensors: dict, where: str,
-                tokenizer: Optional[Path], label: str) -> Checkpoint:
+                tok: TokenizerRef, label: str) -> Checkpoint:
     """Canonical tensors (fused block_sparse_moe names unfused into views), checked against the config."""
-    return Checkpoint(path, "mistral", cfg, files, tokenizer, 1, canonical_of(cfg, tensors, where), label=label)
+    return Checkpoint(path, "mistral", cfg, files, tok, canonical_of(cfg, tensors, where), label=label)
 
 
 # ----------------------------------------------------------------------------- a directory
@@ -73,10 +74,8 @@ def open_dir(path: Path, names: set[str]) -> Checkpoint:
     cfg = ModelConfig.from_json_file(path / PARAMS)
     tensors = stheader.read_tensors(f)  # OSError becomes a one-line ConvertError there
     tok_name = pick_tokenizer(names)
-    ck = _checkpoint(path, cfg, [f], tensors, str(f), path / tok_name if tok_name else None, LABEL)
-    if tok_name is None:
-        ck.tokenizer_missing = _no_tokenizer(str(path), names, cfg)
-    return ck
+    tok = TokenizerRef(path / tok_name) if tok_name else TokenizerRef(missing=_no_tokenizer(str(path), names, cfg))
+    return _checkpoint(path, cfg, [f], tensors, str(f), tok, LABEL)
 
 
 READER = Reader(
@@ -138,25 +137,37 @@ def open_archive(path: Path) -> Checkpoint:
     where = f"{path}:{st.name}"
     entries, start = stheader.parse(lambda off, n: ar.read(st, off, n), st.size, where)
     tensors = {e.name: ar.tensor(st, start + e.begin, e.dtype, e.shape, e.name) for e in entries}
+    return _checkpoint(path, cfg, [path], tensors, where, _archive_tokenizer(path, ar, inside, names, cfg),
+                       f"{LABEL}, read in place from an uncompressed tar")
+
+
+def _archive_tokenizer(path: Path, ar, inside: dict, names: set[str], cfg: ModelConfig) -> TokenizerRef:
+    """The archive's SentencePiece tokenizer as a process-lifetime copy, named in messages by its member."""
     tok_name = pick_tokenizer(names)
-    ck = _checkpoint(path, cfg, [path], tensors, where, None, f"{LABEL}, read in place from an uncompressed tar")
     if tok_name is None:
-        ck.tokenizer_missing = _no_tokenizer(str(path), names, cfg)
-        return ck
+        return TokenizerRef(missing=_no_tokenizer(str(path), names, cfg))
     tok = ar.member(inside[tok_name])
     shown = f"{path}:{tok.name}"
     copy = _memory_file(ar.read(tok), tok_name, (path, tok.name, tok.size, path.stat().st_mtime_ns))
     try:
         tokenizer_pieces(copy)
     except ConvertError:
-        ck.tokenizer_missing = (f"{shown}: not a SentencePiece model; the archive is damaged: re-download it, "
-                                "or pass --tokenizer PATH with the release's tokenizer.model")
-        return ck
-    ck.tokenizer, ck.tokenizer_names = copy, {copy: shown}
-    return ck
+        return TokenizerRef(missing=f"{shown}: not a SentencePiece model; the archive is damaged: re-download it, "
+                                    "or pass --tokenizer PATH with the release's tokenizer.model")
+    return TokenizerRef(copy, shown_as=shown)
 
 
 _COPIES: dict[tuple, Path] = {}
+_FILES: list[Path] = []  # the copies that are files on disk (where there is no memfd)
+
+
+def remove_copies() -> None:
+    """Remove the tokenizer copies written to disk (memfds go with the process by themselves)."""
+    while _FILES:
+        path = _FILES.pop()
+        path.unlink(missing_ok=True)
+        for key in [k for k, v in _COPIES.items() if v == path]:
+            del _COPIES[key]
 
 
 def _memory_file(data: bytes, name: str, key: tuple) -> Path:
@@ -166,14 +177,13 @@ def _memory_file(data: bytes, name: str, key: tuple) -> Path:
         return _COPIES[key]
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create(name)  # never closed: its path must stay valid; freed at exit
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         path = Path(f"/proc/self/fd/{fd}")
-    else:  # pragma: no cover - not Linux
+    else:  # not Linux: a temporary file, removed by remove_copies (entry calls it before it exits)
         with tempfile.NamedTemporaryFile(prefix="mixtral-convert-", suffix=f"-{name}", delete=False) as f:
             f.write(data)
         path = Path(f.name)
-        atexit.register(os.unlink, f.name)
+        _FILES.append(path)
+        atexit.register(remove_copies)  # for library use; entry's os._exit skips atexit
     _COPIES[key] = path
     return path

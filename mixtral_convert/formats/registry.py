@@ -9,16 +9,19 @@ with a `Target`, added to `TARGETS`. Every command reads through here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, hf, mistral, torrent
+from . import accessory, gguf_source, gguf_target, hf, mistral, peft, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
-READERS: tuple[Reader, ...] = (accessory.READER, mistral.READER, torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
-TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET)}
+READERS: tuple[Reader, ...] = (peft.READER, accessory.READER, mistral.READER, torrent.TORRENT, hf.READER,
+                               torrent.CONSOLIDATED)
+TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf_target.TARGET)}
 # hf://: the small files that say what a repository holds, and who names its weight files, in order
 HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
 HUB_PROBES = (hf.hub_index, accessory.hub_weights, hf.hub_single, torrent.hub_weights)
@@ -38,6 +41,28 @@ def hub_weight_patterns(d: Path) -> list[str]:
         if found:
             return found
     return []
+
+
+def target_options(tgt: Target, ck: Checkpoint, given: dict[str, Optional[str]]) -> dict:
+    """`tgt`'s options, parsed and prepared (Target.resolve); an option given that only other targets
+    take is refused, naming them."""
+    for dest, value in given.items():
+        if value is None or any(o.dest == dest for o in tgt.options):
+            continue
+        owners = [t.name for t in TARGETS.values() if any(o.dest == dest for o in t.options)]
+        flag = next(o.flag for t in TARGETS.values() for o in t.options if o.dest == dest) if owners else dest
+        raise ConvertError(f"{flag} is for --to {' or '.join(owners)}; the {tgt.name} layout has no place for it: "
+                           "leave it out")
+    return tgt.resolve(ck, given)
+
+
+def all_target_options() -> list:
+    """Every target's options, each once (by flag), with the targets that take it: for the CLI."""
+    seen: dict[str, tuple] = {}
+    for t in TARGETS.values():
+        for o in t.options:
+            seen.setdefault(o.flag, (o, []))[1].append(t.name)
+    return list(seen.values())
 
 
 def checkpoint_dir(path: Path) -> Path:
@@ -68,15 +93,33 @@ def detect(path: Path, names: set[str]) -> Reader:
     return first
 
 
-def open_checkpoint(path) -> Checkpoint:
+def open_checkpoint(path, base=None) -> Checkpoint:
     """A checkpoint directory (or one of its files), Mistral's .tar download, or
-    hf://org/name[@rev], of any registered format."""
+    hf://org/name[@rev], of any registered format. `base` (any of those): the model a trainable-only
+    PEFT save at `path` was trained from (formats.peft)."""
+    if base is not None:
+        return _open_on_base(path, base)
     if hub.is_hub(path):
         ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns))
-        ck.remote = hub.normalize(path)
-        return ck
+        return replace(ck, remote=hub.normalize(path))
     if tarball.is_archive(path):
         return mistral.open_archive(path)
+    if str(path).endswith(".gguf") and Path(path).is_file():
+        return gguf_source.open_gguf(Path(path))
     path = checkpoint_dir(path)
     names = {p.name for p in path.iterdir()}
     return detect(path, names).open(path, names)
+
+
+def _open_on_base(path, base) -> Checkpoint:
+    """A trainable-only PEFT save read on top of its base (--base)."""
+    remote = None
+    if hub.is_hub(path):
+        remote, path = hub.normalize(path), hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns)
+    path = checkpoint_dir(path)
+    names = {p.name for p in path.iterdir()}
+    if detect(path, names) is not peft.READER:
+        raise ConvertError(f"--base {base}: is for a trainable-only PEFT save (llama_type mixtral_peft); "
+                           f"{path} is not one: leave --base out")
+    ck = peft.open_peft(path, names, base=open_checkpoint(base))
+    return replace(ck, remote=remote) if remote else ck

@@ -20,7 +20,7 @@ from ..io.atomic import fsync_all, json_bytes, write_small
 from ..io.lazy import Lazy, OnDisk, Stored, TensorSpec
 from ..io.prefetch import file_producer
 from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, Reader, Target, check_tensors, find_tokenizer
+from .checkpoint import Checkpoint, Reader, Target, TokenizerRef, check_tensors, find_tokenizer
 from .fused import is_fused, unfuse
 
 TORRENT_FILE = "consolidated.00.pth"
@@ -47,7 +47,7 @@ def open_consolidated(path: Path, names: list[str]) -> Checkpoint:
     fused = is_fused(tensors)
     canonical = canonical_of(cfg, tensors, where)
     kind, label = ("fused", "Mistral fused block_sparse_moe layout") if fused else ("torrent", "torrent layout")
-    return Checkpoint(path, kind, cfg, files, find_tokenizer(path), 1, canonical, label=label)
+    return Checkpoint(path, kind, cfg, files, TokenizerRef(find_tokenizer(path)), canonical, label=label)
 
 
 def canonical_of(cfg: ModelConfig, tensors: dict, where: str) -> dict[str, Lazy]:
@@ -89,7 +89,7 @@ def hint(path: Path, names: set[str]) -> Optional[str]:
     return None
 
 
-def write(ck: Checkpoint, tmp: Path, progress, **_options) -> dict[str, dict]:
+def write(ck: Checkpoint, tmp: Path, progress) -> dict[str, dict]:
     """consolidated.00.pth (every canonical tensor, streamed) and params.json into `tmp`."""
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
     h = hashlib.sha256()
@@ -100,11 +100,12 @@ def write(ck: Checkpoint, tmp: Path, progress, **_options) -> dict[str, dict]:
             PARAMS: write_small(tmp / PARAMS, json_bytes(ck.cfg.to_params()))}
 
 
-def plan(ck: Checkpoint, **_options) -> list[tuple[str, int, str]]:
+def plan(ck: Checkpoint) -> list[tuple[str, int, str]]:
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
     return [(TORRENT_FILE, checkpoint_size(specs), f"{len(specs)} tensors"),
             (PARAMS, len(json_bytes(ck.cfg.to_params())), "the model's hyper-parameters")]
 
 
-TARGET = Target("torrent", "_merged", write, plan)
+TARGET = Target("torrent", "_merged", write, plan, same_kinds=("torrent",),
+                help="the torrent release's layout: consolidated.00.pth and params.json")

@@ -28,6 +28,7 @@ class Job:
     top: int = 5
     dtype: str = "float32"
     device: str = "cpu"
+    base: Optional[str] = None  # a trainable-only PEFT save's base (--base)
 
     def as_dict(self) -> dict:
         return asdict(self)

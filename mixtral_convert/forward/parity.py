@@ -145,7 +145,7 @@ def compare(ref: torch.Tensor, out: torch.Tensor, rep: ParityReport, tol: Tolera
 
 
 def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
-           device: str = "cpu") -> ParityReport:
+           device: str = "cpu", base=None) -> ParityReport:
     """Reference forward on `source` vs sharded forward on `shards`, over the same tokens.
 
     Input problems (unreadable source, bad tokens) raise ConvertError; a sharded forward that
@@ -157,7 +157,7 @@ def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dt
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
     dt, device = torch_dtype(dtype), check_device(device)
     rep = ParityReport(dtype, device)
-    ref_model = open_model(source, dt, device)
+    ref_model = open_model(source, dt, device, base=base, unmerged=True)
     cfg = ref_model.cfg
     tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
     rep.tokens_shape = list(tokens.shape)

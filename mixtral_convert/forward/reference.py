@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..model import tensors
 from ..model.config import ModelConfig
 
 Getter = Callable[[str], torch.Tensor]
@@ -69,22 +71,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.reshape(x.shape).to(x.dtype)
 
 
+def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x W^T (+ b): `w` a tensor, or anything with `apply(x)` (a LoRA linear computed unmerged, forward.peft)."""
+    y = w.apply(x) if hasattr(w, "apply") else x @ w.T
+    return y if b is None else y + b
+
+
 def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
-              *, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+              *, head_dim: int, cos: torch.Tensor, sin: torch.Tensor, biases: Optional[dict] = None) -> torch.Tensor:
     """Causal GQA self-attention of a subset of heads; returns their share of the output [B, S, D].
 
     x [B, S, D] (already normed); wq [nq*hd, D]; wk, wv [nkv*hd, D]; wo [D, nq*hd]. Query head j of
     the subset uses KV head j // (nq/nkv) of the subset, as in the full model when the subset is
-    a run of whole KV groups (every tensor-parallel split is).
+    a run of whole KV groups (every tensor-parallel split is). `biases`: the subset's wq/wk/wv biases by
+    short name, where the model has them; wo's bias is the caller's to add once, after the sum of the shares.
     """
+    b = biases or {}
     B, S, _ = x.shape
     nq, nkv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
     if nq * head_dim != wq.shape[0] or nkv * head_dim != wk.shape[0] or nq % nkv:
         raise ValueError(f"attention: wq {tuple(wq.shape)} / wk {tuple(wk.shape)} do not hold whole "
                          f"head groups of head_dim {head_dim}")
-    q = apply_rope((x @ wq.T).view(B, S, nq, head_dim), cos, sin)
-    k = apply_rope((x @ wk.T).view(B, S, nkv, head_dim), cos, sin)
-    v = (x @ wv.T).view(B, S, nkv, head_dim)
+    q = apply_rope(linear(x, wq, b.get("wq")).view(B, S, nq, head_dim), cos, sin)
+    k = apply_rope(linear(x, wk, b.get("wk")).view(B, S, nkv, head_dim), cos, sin)
+    v = linear(x, wv, b.get("wv")).view(B, S, nkv, head_dim)
     rep = nq // nkv
     k = k.repeat_interleave(rep, dim=2)            # [B, S, nq, hd]
     v = v.repeat_interleave(rep, dim=2)
@@ -94,7 +104,7 @@ def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Ten
     scores = scores.masked_fill(causal, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(x.dtype)
     out = (probs @ v).transpose(1, 2).reshape(B, S, nq * head_dim)
-    return out @ wo.T
+    return linear(out, wo)
 
 
 def route(x: torch.Tensor, gate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,9 +114,11 @@ def route(x: torch.Tensor, gate: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     return top_p / top_p.sum(-1, keepdim=True), top_e
 
 
-def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x); with w1/w3 rows and w2 columns sliced, the slice's partial output."""
-    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+               b1=None, b2=None, b3=None) -> torch.Tensor:
+    """w2(silu(w1 x + b1) * (w3 x + b3)) + b2; with w1/w3 rows and w2 columns sliced, the slice's partial
+    output (biases only on whole experts)."""
+    return linear(F.silu(linear(x, w1, b1)) * linear(x, w3, b3), w2, b2)
 
 
 def moe(x: torch.Tensor, gate: torch.Tensor, experts: Iterable[Expert], k: int) -> torch.Tensor:
@@ -120,42 +132,42 @@ def moe(x: torch.Tensor, gate: torch.Tensor, experts: Iterable[Expert], k: int) 
     x = x.reshape(-1, shape[-1])
     top_p, top_e = route(x, gate, k)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e, w1, w2, w3 in experts:
+    for e, *w in experts:  # (e, w1, w2, w3) or (e, w1, w2, w3, b1, b2, b3)
         tok, slot = torch.nonzero(top_e == e, as_tuple=True)
         if tok.numel():
-            out = expert_ffn(x[tok], w1, w2, w3).float()
+            out = expert_ffn(x[tok], *w).float()
             y.index_add_(0, tok, out * top_p[tok, slot, None])
-        del w1, w2, w3  # let a lazily loaded expert go before the next one loads
+        del w  # let a lazily loaded expert go before the next one loads
     return y.to(x.dtype).reshape(shape)
 
 
 # ----- the full forward ---------------------------------------------------------------------
 
 def layer_names(L: int) -> dict[str, str]:
-    """Short name -> canonical name of layer L's non-expert tensors."""
-    p = f"layers.{L}."
-    return {
-        "attention_norm": p + "attention_norm.weight",
-        "wq": p + "attention.wq.weight", "wk": p + "attention.wk.weight",
-        "wv": p + "attention.wv.weight", "wo": p + "attention.wo.weight",
-        "ffn_norm": p + "ffn_norm.weight",
-        "gate": p + "feed_forward.gate.weight",
-    }
+    """Short name -> canonical name of layer L's non-expert tensors (the tensor table's short names)."""
+    return tensors.layer_names(L)
 
 
 def expert_name(L: int, e: int, w: str) -> str:
     """Canonical name of layer L's expert e's w ('w1', 'w2' or 'w3')."""
-    return f"layers.{L}.feed_forward.experts.{e}.{w}.weight"
+    return tensors.expert_name(L, e, w)
 
 
 @torch.no_grad()
 def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dtype = torch.float32,
             device="cpu") -> torch.Tensor:
-    """float32 logits [B, S, V] of tokens [B, S], holding one layer's weights at a time."""
+    """float32 logits [B, S, V] of tokens [B, S], holding one layer's weights at a time. Biases are used
+    where `weights` holds them (`name in weights`: a mapping or a TensorGetter)."""
     get = as_getter(weights)
 
     def load(name: str) -> torch.Tensor:
         return get(name).to(device=device, dtype=dtype)
+
+    has = getattr(weights, "__contains__", None)  # the optional biases (model.tensors) are asked for where held
+
+    def load_bias(weight: str) -> Optional[torch.Tensor]:
+        name = tensors.bias_name(weight)
+        return load(name) if has is not None and has(name) else None
 
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
@@ -166,12 +178,16 @@ def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dty
     h = get("tok_embeddings.weight")[tokens.cpu()].to(device=device, dtype=dtype)
 
     for L in range(cfg.n_layers):
-        w = {key: load(name) for key, name in layer_names(L).items()}
+        names = layer_names(L)
+        w = {key: load(name) for key, name in names.items()}
+        b = {m: load_bias(names[m]) for m in ("wq", "wk", "wv", "wo")}
         x = rms_norm(h, w["attention_norm"], cfg.norm_eps)
-        h = h + attention(x, w["wq"], w["wk"], w["wv"], w["wo"], head_dim=cfg.head_dim, cos=cos, sin=sin)
+        a = attention(x, w["wq"], w["wk"], w["wv"], w["wo"], head_dim=cfg.head_dim, cos=cos, sin=sin, biases=b)
+        h = h + (a if b["wo"] is None else a + b["wo"])
         x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
         # A generator: moe() loads one expert at a time and drops it before the next.
-        experts = ((e, *(load(expert_name(L, e, m)) for m in ("w1", "w2", "w3")))
+        experts = ((e, *(load(expert_name(L, e, m)) for m in ("w1", "w2", "w3")),
+                    *_expert_biases([load_bias(expert_name(L, e, m)) for m in ("w1", "w2", "w3")]))
                    for e in range(cfg.num_experts))
         h = h + moe(x, w["gate"], experts, cfg.experts_per_tok)
         del w, x
@@ -180,28 +196,7 @@ def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dty
     return (h @ load("output.weight").T).float()
 
 
-# ----- greedy continuation of a prompt ------------------------------------------------------
+def _expert_biases(b: list) -> list:
+    """An expert's (b1, b2, b3) where it has any, else nothing (the plain expert)."""
+    return b if any(t is not None for t in b) else []
 
-@torch.no_grad()
-def generate_next_tokens(cfg: ModelConfig, weights, tokenizer_path, text: str, k: int, *,
-                         dtype: torch.dtype = torch.float32, device="cpu", forward_fn=None):
-    """Greedy continuation of `text` by k tokens: (new token ids, their decoded text).
-
-    The prompt is encoded with the SentencePiece model at `tokenizer_path`, BOS first. No KV
-    cache: each step reruns the whole forward (and so reads all weights again) — fine for the
-    few tokens a sanity check needs. `forward_fn(tokens) -> logits` replaces the reference
-    forward (e.g. a sharded one).
-    """
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    if sp.get_piece_size() != cfg.vocab_size:
-        raise ValueError(f"{tokenizer_path}: {sp.get_piece_size()} pieces but the model's vocab_size is "
-                         f"{cfg.vocab_size}; use the checkpoint's own tokenizer.model")
-    run = forward_fn or (lambda t: forward(cfg, weights, t, dtype=dtype, device=device))
-    ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(text)
-    new: list[int] = []
-    for _ in range(k):
-        logits = run(torch.tensor([ids + new]))
-        new.append(int(logits[0, -1].argmax()))
-    return new, sp.decode(new)

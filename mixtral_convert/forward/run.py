@@ -24,6 +24,7 @@ from ..errors import ConvertError
 from ..formats.registry import open_checkpoint
 from ..io.lazy import TensorGetter
 from ..model.config import ModelConfig
+from . import peft
 from .distributed import run_distributed
 from .inputs import check_device, torch_dtype
 from .job import ForwardFn, Job, Result, compute
@@ -41,9 +42,10 @@ class Model:
     weights_dtype: Optional[torch.dtype] = None  # the dtype the checkpoint stores (None: mixed)
 
 
-def open_model(path, dtype: torch.dtype, device: str) -> Model:
-    """The forward of the checkpoint at `path`: sharded for an Accessory layout, else the reference."""
-    ck = open_checkpoint(Path(path))
+def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool = False) -> Model:
+    """The forward of the checkpoint at `path`: sharded for an Accessory layout, else the reference
+    (`base`: a trainable-only PEFT save's; `unmerged`: a PEFT save's LoRA applied unmerged, forward.peft)."""
+    ck = open_checkpoint(Path(path) if base is None else path, base=base)
     cfg = ck.cfg
     stored = {t.dtype for t in ck.canonical.values()}
     weights_dtype = stored.pop() if len(stored) == 1 else None
@@ -52,9 +54,11 @@ def open_model(path, dtype: torch.dtype, device: str) -> Model:
         ranks = [TensorGetter(shard) for shard in ck.shards]
         return Model(cfg, lambda t: sharded_forward(plan, ranks, t, dtype=dtype, device=device), ck.tokenizer,
                      f"sharded forward, {ck.describe()}, in one process", True, weights_dtype)
-    get = TensorGetter(ck.canonical)
-    return Model(cfg, lambda t: forward(cfg, get, t, dtype=dtype, device=device),
-                 ck.tokenizer, f"reference forward, {ck.describe()}", False, weights_dtype)
+    get, how = TensorGetter(ck.canonical), f"reference forward, {ck.describe()}"
+    if unmerged and peft.has_lora(ck.canonical):
+        get, how = peft.unmerged_getter(ck.canonical), f"reference forward, LoRA unmerged, {ck.describe()}"
+    return Model(cfg, lambda t: forward(cfg, get, t, dtype=dtype, device=device), ck.tokenizer, how, False,
+                 weights_dtype)
 
 
 def run(job: Job, distributed: bool = False) -> Optional[Result]:
@@ -64,7 +68,7 @@ def run(job: Job, distributed: bool = False) -> Optional[Result]:
     dtype, device = torch_dtype(job.dtype), check_device(job.device)
     if distributed:
         return run_distributed(job)
-    model = open_model(job.path, dtype, device)
+    model = open_model(job.path, dtype, device, base=job.base)
     return compute(job, model.cfg, model.run, model.tokenizer, model.how)
 
 

@@ -32,6 +32,7 @@ import torch
 from ..errors import ConvertError
 from ..model.config import ModelConfig
 from ..model.layouts import Piece, Plan
+from ..model.tensors import bias_name
 from .reference import as_getter, attention, expert_name, layer_names, moe, rms_norm, rope_angles
 
 Region = tuple[int, int]  # [start, stop) along the piece's dim
@@ -73,6 +74,11 @@ class RankShard:
             return 0, self.plan.shapes[name][dim]
         return p.start, p.stop
 
+    def load_bias(self, weight: str) -> Optional[torch.Tensor]:
+        """This rank's slice of a weight's bias, where the model has biases (None where not)."""
+        name = bias_name(weight)
+        return self.load(name) if self.holds(name) else None
+
     def load(self, name: str, cast: bool = True) -> torch.Tensor:
         """This rank's slice of canonical `name`, in canonical orientation, on device/dtype."""
         p = self.piece(name)
@@ -105,8 +111,9 @@ def _attention_share(rk: RankShard, L: int, x, cfg: ModelConfig, cos, sin) -> Op
     if q != o or k != v or q[0] != k[0] * rep or q[1] != k[1] * rep or q[0] % hd or q[1] % hd:
         raise ConvertError(f"rank {rk.r} layer {L}: wq rows {q}, wk rows {k}, wv rows {v}, wo columns {o} "
                            f"are not one group of whole heads (head_dim {hd}, {rep} query heads per KV head)")
+    biases = {m: rk.load_bias(n[m]) for m in ("wq", "wk", "wv")}  # the rank's rows of them, where the model has any
     return attention(x, rk.load(n["wq"]), rk.load(n["wk"]), rk.load(n["wv"]), rk.load(n["wo"]),
-                     head_dim=hd, cos=cos, sin=sin)
+                     head_dim=hd, cos=cos, sin=sin, biases=biases)
 
 
 def _moe_share(rk: RankShard, L: int, x, cfg: ModelConfig) -> torch.Tensor:
@@ -122,7 +129,8 @@ def _moe_share(rk: RankShard, L: int, x, cfg: ModelConfig) -> torch.Tensor:
             if not h1 == h2 == h3:
                 raise ConvertError(f"rank {rk.r} layer {L} expert {e}: w1 rows {h1}, w3 rows {h3} and "
                                    f"w2 columns {h2} are not the same FFN slice")
-            yield e, rk.load(w1), rk.load(w2), rk.load(w3)
+            b = [rk.load_bias(w) for w in (w1, w2, w3)]
+            yield (e, rk.load(w1), rk.load(w2), rk.load(w3)) + (tuple(b) if any(t is not None for t in b) else ())
 
     gate = rk.load(layer_names(L)["gate"])
     return moe(x, gate, experts(), cfg.experts_per_tok)
@@ -188,6 +196,9 @@ def rank_steps(plan: Plan, r: int, weights, tokens: torch.Tensor, *, dtype: torc
         if share is None:  # a rank without heads contributes nothing to the all-reduce
             share = torch.zeros_like(h)
         h = h + (yield Collective("sum", share, what=f"layers.{L}.attention"))
+        bo = rk.load_bias(n["wo"])  # RowParallelLinear's bias: whole on every rank, added after the all-reduce
+        if bo is not None:
+            h = h + bo
         share = _moe_share(rk, L, rms_norm(h, rk.load(n["ffn_norm"]), cfg.norm_eps), cfg)
         h = h + (yield Collective("sum", share, what=f"layers.{L}.feed_forward"))
 

@@ -168,6 +168,18 @@ def _free(path: Path) -> Optional[int]:
         return None
 
 
+def check_space(out: Path, base: Path, need: int, freed: int = 0) -> Optional[int]:
+    """The bytes free on `base`'s disk (None: unknown); ConvertError naming `out` when they, plus
+    `freed` (what the files the run replaces hold), are fewer than `need`. The one free-space check."""
+    free = _free(base)
+    if need and free is not None and free + freed < need:
+        also = f" (+{human_bytes(freed)} in the files it replaces)" if freed else ""
+        raise ConvertError(f"{out}: not enough free space on {base}: {human_bytes(need)} needed (it needs {need} "
+                           f"bytes), {human_bytes(free)} free ({free} bytes){also}; free some space or choose "
+                           "another -o")
+    return free
+
+
 def _space(need: int, free: Optional[int], now: Optional[int] = None) -> str:
     parts = []
     if need:
@@ -233,11 +245,7 @@ def preflight(out: Path, force: bool = False, need_bytes: int = 0, dry: bool = F
         except OSError:
             pass
         raise ConvertError(f"{out}: cannot create the output there ({why}); choose another -o")
-    free0 = _free(base)
-    if need_bytes and free0 is not None and free0 < need_bytes:
-        raise ConvertError(f"{out}: not enough free space on {base}: {human_bytes(need_bytes)} needed "
-                           f"({need_bytes} bytes), {human_bytes(free0)} free ({free0} bytes); free some space "
-                           "or choose another -o")
+    free0 = check_space(out, base, need_bytes)
     return Preflight(out, base, free0, ours, prev)
 
 
@@ -323,7 +331,7 @@ def _replace_in_place(tmp: Path, out: Path, ours: set[str], prev: Optional[dict]
     union = dict(prev["files"]) if prev else {}
     union.update(new["files"])
     interim = dict(new, files=union, incomplete=True)
-    write_small(out / (MANIFEST + ".tmp"), mf.encode(interim))
+    write_small(out / (MANIFEST + ".tmp"), json_bytes(interim))
     os.replace(out / (MANIFEST + ".tmp"), out / MANIFEST)
     for name in new["files"]:
         os.replace(tmp / name, out / name)
@@ -377,13 +385,14 @@ def write_small(path: Path, data: bytes) -> dict:
 
 
 def json_bytes(obj) -> bytes:
+    """A small JSON file's bytes, as every file this tool writes them: indented, one final newline."""
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
 def write_manifest(tmp: Path, files: dict[str, dict], _name: str = MANIFEST, **info) -> None:
     """The manifest (see manifest.py): tool, version, command, source identity, every file's
     size and sha256."""
-    write_small(tmp / _name, mf.encode(mf.build(files, **info)))
+    write_small(tmp / _name, json_bytes(mf.build(files, **info)))
 
 
 @contextmanager

@@ -45,6 +45,11 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how files and messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def tensor_bytes(t: torch.Tensor):
     """A tensor's bytes as a buffer (made contiguous first; no copy when it already is)."""
     t = t.contiguous()
@@ -243,6 +248,9 @@ class TensorGetter:
     def __init__(self, lazies: dict[str, Lazy], keep: int = 3):
         self.lazies, self.keep = lazies, keep
         self.recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.lazies
 
     def __call__(self, name: str) -> torch.Tensor:
         if name in self.recent:

@@ -89,10 +89,6 @@ def build(files: dict[str, dict], **info) -> dict:
             "command": " ".join([TOOL] + sys.argv[1:]), **info, "files": files}
 
 
-def encode(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=2) + "\n").encode()
-
-
 def _plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
         and "\0" not in name

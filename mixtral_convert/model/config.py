@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
+from . import tensors
 
 DEFAULT_ROPE_THETA = 1e6
 
@@ -170,27 +171,9 @@ class ModelConfig:
         return cfg
 
     # ----- tensors -------------------------------------------------------------------
-    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every canonical (torrent) tensor name -> its shape, in a stable order."""
-        D, H, V = self.dim, self.hidden_dim, self.vocab_size
-        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D)}
-        for L in range(self.n_layers):
-            p = f"layers.{L}."
-            shapes[p + "attention.wq.weight"] = (q, D)
-            shapes[p + "attention.wk.weight"] = (kv, D)
-            shapes[p + "attention.wv.weight"] = (kv, D)
-            shapes[p + "attention.wo.weight"] = (D, q)
-            shapes[p + "feed_forward.gate.weight"] = (self.num_experts, D)
-            for e in range(self.num_experts):
-                shapes[p + f"feed_forward.experts.{e}.w1.weight"] = (H, D)
-                shapes[p + f"feed_forward.experts.{e}.w2.weight"] = (D, H)
-                shapes[p + f"feed_forward.experts.{e}.w3.weight"] = (H, D)
-            shapes[p + "attention_norm.weight"] = (D,)
-            shapes[p + "ffn_norm.weight"] = (D,)
-        shapes["norm.weight"] = (D,)
-        shapes["output.weight"] = (V, D)
-        return shapes
+    def canonical_shapes(self, optional: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every canonical (torrent) tensor name -> its shape, in a stable order (model.tensors)."""
+        return tensors.canonical_shapes(self, optional)
 
 
 def _int(d: dict, key: str, where: str) -> int:

@@ -11,7 +11,6 @@ rank's share with them. No other module knows a layout rule.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +19,7 @@ import torch
 from ..errors import ConvertError, WorldSizeError
 from ..io.lazy import Assembled, Lazy, Placement
 from .config import ModelConfig
+from .tensors import TENSORS, Row, compile_pattern, expand
 
 PREFIX = "llma."
 
@@ -97,6 +97,18 @@ class Chunk(Rule):
         return [Piece(r, PREFIX + name, 0, name, self.dim, r * n, (r + 1) * n)]
 
 
+class Owned(Rule):
+    """Every rank holds a whole tensor of its own: the copies differ (a column-parallel LoRA A, trained by
+    each rank through its own rows of B; docs/formats.md, "Accessory PEFT saves"). There is no one
+    canonical tensor to read back: rank r's copy goes with rank r's pieces of the weight (formats.peft)."""
+
+    def pieces(self, name, shape, m, r, N, cfg):
+        return [Piece(r, PREFIX + name, 0, name, None)]
+
+    def reads(self, piece: Piece) -> bool:
+        return False
+
+
 class ExpertOwner(Rule):
     """Whole experts: rank r holds experts [r*E/N, (r+1)*E/N) under their global names."""
 
@@ -129,40 +141,35 @@ class ExpertSlice(Rule):
                       self.transpose)]
 
 
-_COMMON = [
-    ("tok_embeddings.weight", Chunk(1)),             # fairscale ParallelEmbedding: columns
-    ("output.weight", Chunk(0)),                     # ColumnParallelLinear: rows
-    ("norm.weight", Replicate()),
-    ("layers.{L}.attention.{w:wq|wk|wv}.weight", Chunk(0, per_head=True)),
-    ("layers.{L}.attention.wo.weight", Chunk(1, per_head=True)),  # RowParallelLinear: columns
-    ("layers.{L}.{n:attention_norm|ffn_norm}.weight", Replicate()),
-    ("layers.{L}.feed_forward.gate.weight", Replicate()),
-]
+def row_rule(row: Row, layout: str) -> Rule:
+    """A table row's rule in a layout, from how it is parallelised (docs/formats.md, "Accessory layouts")."""
+    if row.parallel == "expert":
+        if layout == "sparse":
+            return ExpertSlice(row.sparse_dim, into=row.sparse, transpose=row.sparse_dim == 1)
+        return ExpertOwner()
+    return {
+        "embedding": Chunk(1),  # fairscale ParallelEmbedding: columns
+        "column": Chunk(0),  # ColumnParallelLinear: rows
+        "column_heads": Chunk(0, per_head=True),  # ... in whole heads
+        "row_heads": Chunk(1, per_head=True),  # RowParallelLinear: columns, in whole heads
+        "replicated": Replicate(),
+        "owned": Owned(),
+    }[row.parallel]
 
+
+def parallel_rule(parallel: str) -> Rule:
+    """The base layout's rule for a parallelism kind (a LoRA tensor's, model.tensors.DERIVED)."""
+    return row_rule(Row("", lambda c: (), parallel), "base")
+
+
+# "peft": the base layout with the biases in place (Accessory's mixtral_peft, lora_rank -1;
+# docs/formats.md, "Accessory PEFT saves").
+# "base" and "sparse" (Accessory's mixtral and mixtral_sparse) have no biases.
+LAYOUTS = ("base", "sparse", "peft")
 TABLES: dict[str, list[tuple[str, Rule]]] = {
-    "base": _COMMON + [
-        ("layers.{L}.feed_forward.experts.{e}.{w:w1|w2|w3}.weight", ExpertOwner()),
-    ],
-    "sparse": _COMMON + [
-        ("layers.{L}.feed_forward.experts.{e}.{w:w1|w3}.weight",
-         ExpertSlice(0, into="layers.{L}.feed_forward.{w}")),
-        ("layers.{L}.feed_forward.experts.{e}.w2.weight",
-         ExpertSlice(1, into="layers.{L}.feed_forward.w2", transpose=True)),
-    ],
-}
-
-def _compile(pattern: str) -> re.Pattern:
-    out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)(?::([^}]*))?\}", pattern):
-        out.append(re.escape(pattern[pos:m.start()]))
-        alt = m.group(2) or r"\d+"
-        out.append(f"(?P<{m.group(1)}>{alt})")
-        pos = m.end()
-    out.append(re.escape(pattern[pos:]))
-    return re.compile("".join(out) + r"\Z")
-
-
-_COMPILED = {name: [(_compile(p), rule) for p, rule in table] for name, table in TABLES.items()}
+    layout: [(r.pattern, row_rule(r, "base" if layout == "peft" else layout)) for r in TENSORS
+             if layout == "peft" or not r.optional] for layout in LAYOUTS}
+_COMPILED = {name: [(compile_pattern(p), rule) for p, rule in table] for name, table in TABLES.items()}
 
 
 def rule_for(layout: str, name: str) -> tuple[Rule, dict]:
@@ -204,9 +211,10 @@ class Plan:
         valid = valid_world_sizes(layout, cfg)
         if N not in valid:
             raise WorldSizeError(N, layout, valid,
-                                 f"heads, vocab, dim and {'experts' if layout == 'base' else 'FFN dim'}")
+                                 f"heads, vocab, dim and {'FFN dim' if layout == 'sparse' else 'experts'}")
         self.layout, self.cfg, self.N = layout, cfg, N
-        self.shapes = cfg.canonical_shapes()
+        # the model's tensors, and the optional ones (biases) it has: those `dtypes` names
+        self.shapes = {k: s for k, (row, s) in expand(cfg, optional=True).items() if not row.optional or k in dtypes}
         self.ranks: list[dict[str, ShardTensor]] = [dict() for _ in range(N)]
         self.by_source: dict[str, list[Piece]] = {}
         self.rules: dict[str, Rule] = {}

@@ -1,4 +1,5 @@
-"""HF hub tensor names <-> canonical (torrent) names, and the q/k rotary permutation.
+"""HF hub tensor names <-> canonical (torrent) names, and the q/k rotary permutation; the names
+and which rows are permuted come from the tensor table (model.tensors).
 
 docs/formats.md, "HF hub layout". The table covers the hub checkpoint names
 (`model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight`, ...), i.e. what is stored in
@@ -12,41 +13,20 @@ needs `permute_qk_to_hf`.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-# (canonical pattern, HF hub pattern); `{L}` = layer index, `{e}` = expert index.
-NAME_TABLE: tuple[tuple[str, str], ...] = (
-    ("tok_embeddings.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-    ("layers.{L}.attention.wq.weight", "model.layers.{L}.self_attn.q_proj.weight"),
-    ("layers.{L}.attention.wk.weight", "model.layers.{L}.self_attn.k_proj.weight"),
-    ("layers.{L}.attention.wv.weight", "model.layers.{L}.self_attn.v_proj.weight"),
-    ("layers.{L}.attention.wo.weight", "model.layers.{L}.self_attn.o_proj.weight"),
-    ("layers.{L}.attention_norm.weight", "model.layers.{L}.input_layernorm.weight"),
-    ("layers.{L}.ffn_norm.weight", "model.layers.{L}.post_attention_layernorm.weight"),
-    ("layers.{L}.feed_forward.gate.weight", "model.layers.{L}.block_sparse_moe.gate.weight"),
-    ("layers.{L}.feed_forward.experts.{e}.w1.weight", "model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight"),
-    ("layers.{L}.feed_forward.experts.{e}.w2.weight", "model.layers.{L}.block_sparse_moe.experts.{e}.w2.weight"),
-    ("layers.{L}.feed_forward.experts.{e}.w3.weight", "model.layers.{L}.block_sparse_moe.experts.{e}.w3.weight"),
-)
+from . import tensors
+from .tensors import compile_pattern
+
+# (canonical pattern, HF hub pattern), from the tensor table; `{L}` = layer index, `{e}` = expert index.
+NAME_TABLE: tuple[tuple[str, str], ...] = tuple((c, h) for c, h in tensors.hf_pairs() if c is not None)
 
 # Canonical patterns whose rows HF permutes, and the ModelConfig field giving n.
-PERMUTED_QK: dict[str, str] = {
-    "layers.{L}.attention.wq.weight": "n_heads",
-    "layers.{L}.attention.wk.weight": "n_kv_heads",
-}
+PERMUTED_QK: dict[str, str] = {r.pattern: r.permute for r in tensors.TENSORS if r.permute}
 
-
-def _regex(pattern: str) -> re.Pattern:
-    rx = re.escape(pattern).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-    return re.compile(rx + r"\Z")
-
-
-_CANON_RX = [(_regex(c), c, h) for c, h in NAME_TABLE]
-_HF_RX = [(_regex(h), c, h) for c, h in NAME_TABLE]
+_CANON_RX = [(compile_pattern(c), c, h) for c, h in NAME_TABLE]
+_HF_RX = [(compile_pattern(h), c, h) for c, h in NAME_TABLE]
+_IGNORED_RX = [compile_pattern(h) for c, h in tensors.hf_pairs() if c is None]
 
 
 def _match(name: str, table) -> tuple[str, str, dict[str, str]] | None:
@@ -55,6 +35,11 @@ def _match(name: str, table) -> tuple[str, str, dict[str, str]] | None:
         if m:
             return canon, hf, m.groupdict()
     return None
+
+
+def hf_ignored(hf_name: str) -> bool:
+    """Whether an HF name is one the table drops (a buffer, not a weight of the model)."""
+    return any(rx.match(hf_name) for rx in _IGNORED_RX)
 
 
 def hf_to_canonical(hf_name: str) -> str | None:

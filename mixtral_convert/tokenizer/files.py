@@ -61,7 +61,7 @@ def tokenizer_pieces(path: Path) -> int:
     path = Path(path)
     if path.is_dir():
         return hf_vocab_size(path)
-    import sentencepiece as spm  # noqa: PLC0415 - imported only when a tokenizer is checked
+    import sentencepiece as spm  # imported only when a tokenizer is checked
     try:
         return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except (OSError, RuntimeError) as e:
@@ -70,7 +70,7 @@ def tokenizer_pieces(path: Path) -> int:
 
 
 def _load_hf(d: Path):
-    from tokenizers import Tokenizer  # noqa: PLC0415 - imported only when an HF tokenizer is used
+    from tokenizers import Tokenizer  # imported only when an HF tokenizer is used
     try:
         return Tokenizer.from_file(str(d / HF_JSON))
     except Exception as e:  # tokenizers raises plain Exception for every parse error
@@ -123,7 +123,7 @@ def specials(tok: Path) -> Specials:
         hf = _load_hf(tok)
         ids = {k: hf.token_to_id(v) if v is not None else None for k, v in names.items()}
         return Specials(names["bos_token"], names["eos_token"], names["unk_token"], ids["bos_token"], ids["eos_token"])
-    import sentencepiece as spm  # noqa: PLC0415
+    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     bos, eos, unk = (i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
     piece = lambda i: sp.id_to_piece(i) if i is not None else None  # noqa: E731

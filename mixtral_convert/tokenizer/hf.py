@@ -171,7 +171,7 @@ def merges_of(m: SpModel) -> list[tuple[str, str]]:
 
 def build_tokenizer(m: SpModel, bos: Optional[str], where: str):
     """The `tokenizers.Tokenizer` that encodes as SentencePiece does (see the module's docstring)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors  # noqa: PLC0415
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     check_supported(m, where)
     vocab = {p: i for i, (p, _, _) in enumerate(m.pieces)}
     unk = m.pieces[m.ids_of(UNKNOWN)[0]][0]

@@ -422,7 +422,7 @@ def test_remove_pieces_not_after_failure(ckpt, capsys, how):
 def test_not_enough_space_refused(ckpt, capsys, monkeypatch):
     data, d = ckpt
     import shutil
-    monkeypatch.setattr(op.shutil, "disk_usage",
+    monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     refused(["concat", d], capsys, "not enough free space", f"needs {len(data)} bytes",
             "100 bytes", directory=d, output=d / BASE)

@@ -52,3 +52,21 @@ def test_ranks_refuses_bad_numbers_and_existing_files(wide_src, tmp_path, capsys
     code, _, err = cli("split", wide_src, "-n", 4, "-o", tmp_path / "o", "--ranks", "1", capsys=capsys)
     assert code == 2 and "--force" in err
     assert cli("split", wide_src, "-n", 4, "-o", tmp_path / "o", "--ranks", "1", "--force", "-q", capsys=capsys)[0] == 0
+
+
+def test_ranks_space_check_keeps_a_margin_and_counts_the_files_force_replaces(wide_src, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--ranks asks for the ranks' bytes plus the margin every output gets, less what the files it
+    replaces with --force already hold."""
+    from mixtral_convert.commands.common import MARGIN
+    from mixtral_convert.io import atomic
+    out = tmp_path / "o"
+    assert cli("split", wide_src, "-n", 4, "-o", out, "--ranks", "1", "-q", capsys=capsys)[0] == 0
+    rank1 = (out / "consolidated.01-of-04.model.pth").stat().st_size
+    need = rank1  # a rank's tensor bytes are a little less than its file; the file is what is replaced
+    monkeypatch.setattr(atomic, "_free", lambda p: need + MARGIN // 2)  # enough for the data, not the margin
+    code, _, err = cli("split", wide_src, "-n", 4, "-o", out, "--ranks", "2", capsys=capsys)
+    assert code == 2 and "not enough free space" in err and not (out / "consolidated.02-of-04.model.pth").exists()
+    monkeypatch.setattr(atomic, "_free", lambda p: MARGIN + 1000)  # short unless rank 1's own bytes count
+    code, _, err = cli("split", wide_src, "-n", 4, "-o", out, "--ranks", "1", "--force", "-q", capsys=capsys)
+    assert code == 0, err

@@ -14,9 +14,9 @@ import shutil
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import WIDE, cli, load
+from helpers import WIDE, cli, greedy, load
 
-from mixtral_convert.forward.reference import forward, generate_next_tokens
+from mixtral_convert.forward.reference import forward
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.synth import tiny_config, write_torrent
 
@@ -134,7 +134,7 @@ def test_transformers_uses_the_directory_as_a_hub_repository(repo, src, strings,
     out = gen("hello world", max_new_tokens=4, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
     prompt = [1] + sp.encode("hello world")
     assert out[:len(prompt)] == prompt and len(prompt) < len(out) <= len(prompt) + 4
-    new, _ = generate_next_tokens(cfg, W, src / "tokenizer.model", "hello world", 4)
+    new, _ = greedy(cfg, W, src / "tokenizer.model", "hello world", 4)
     assert out[len(prompt):] == new[:len(out) - len(prompt)]
     assert len(out) == len(prompt) + 4 or out[-1] == 2
 

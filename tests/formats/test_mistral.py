@@ -13,6 +13,7 @@ import gzip
 import json
 import lzma
 import math
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -397,3 +398,22 @@ def test_tokenizer_option_takes_a_directory_of_mistral_tokenizer_files(small, tm
     assert (out / "tokenizer.model").read_bytes() == (tokdir / "tokenizer.model.v3").read_bytes()
     code, _, err = cli("split", d, "-n", 2, "-o", tmp_path / "o2", "--tokenizer", tmp_path / "r", capsys=capsys)
     assert code == 2 and "--tokenizer directory holds no tokenizer.model" in err
+
+
+def test_a_tokenizer_copy_on_disk_is_removed_when_the_command_exits(tmp_path, monkeypatch):
+    """Where there is no memfd, a tar member's tokenizer is copied to a temporary file; the console
+    entry leaves with os._exit (no atexit handlers), so it removes the copies itself first."""
+    from mixtral_convert import entry
+    from mixtral_convert.formats import mistral
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    made = []
+
+    def fake_main():
+        made.append(mistral._memory_file(b"spm bytes", "tokenizer.model", ("test", tmp_path)))
+        assert made[0].read_bytes() == b"spm bytes"
+
+    exits = []
+    monkeypatch.setattr(entry, "main", fake_main)
+    monkeypatch.setattr(entry.os, "_exit", exits.append)
+    entry.entry()
+    assert exits == [0] and made and not made[0].exists()

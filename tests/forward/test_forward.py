@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ODD, WIDE, cli, load, same_bytes
+from helpers import ODD, WIDE, cli, greedy, load, same_bytes
 
 from mixtral_convert.encodings.torchzip import load_lazy
-from mixtral_convert.forward.reference import forward, generate_next_tokens
+from mixtral_convert.forward.reference import forward
 from mixtral_convert.model import layouts
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.model.layouts import Chunk, ExpertSlice, Piece, valid_world_sizes
+from mixtral_convert.model.tensors import compile_pattern
 from mixtral_convert.synth import tiny_config
 
 CMD = {"base": "split", "sparse": "split-sparse"}
@@ -78,10 +79,11 @@ def test_verify_forward_parity(request, capsys, name, layout, N):
     assert f["top1_agreement"] == 1.0 and f["tokens_shape"] == [2, 16]
 
 
-@pytest.mark.parametrize("layout,N", [("base", 8), ("sparse", 2)])
-def test_verify_forward_bf16(wide_src, capsys, layout, N):
+@pytest.mark.parametrize("layout,N,flag", [("base", 8, "--compute-dtype"), ("sparse", 2, "--dtype")])
+def test_verify_forward_bf16(wide_src, capsys, layout, N, flag):
+    """--compute-dtype, or its older name --dtype, sets the dtype verify's forward computes in."""
     code, out, _ = cli("verify", converted(wide_src, layout, N), "--source", wide_src, "--forward", "--json",
-                       "--dtype", "bfloat16", capsys=capsys)
+                       flag, "bfloat16", capsys=capsys)
     f = json.loads(out)["forward"]
     print(f"bf16 {layout} N={N}: {f}")
     assert code == 0 and f["ok"] and f["dtype"] == "bfloat16"
@@ -106,7 +108,7 @@ def test_forward_command_on_source_and_layouts(wide_src, tokens, tmp_path, capsy
 
 def test_prompt_prints_next_tokens(wide_src, capsys):
     cfg = ModelConfig.from_json_file(wide_src / "params.json")
-    want, text = generate_next_tokens(cfg, load_lazy(wide_src / "consolidated.00.pth"), wide_src / "tokenizer.model",
+    want, text = greedy(cfg, load_lazy(wide_src / "consolidated.00.pth"), wide_src / "tokenizer.model",
                                       "the quick fox", 3)
     for path in (wide_src, converted(wide_src, "sparse", 4)):
         code, out, _ = cli("forward", path, "--prompt", "the quick fox", "--new-tokens", "3", capsys=capsys)
@@ -253,7 +255,7 @@ class ShiftedW2(ExpertSlice):
 
 
 def _patched(table: list, pattern: str, rule) -> list:
-    return [(layouts._compile(p), rule if p == pattern else r) for p, r in table]
+    return [(compile_pattern(p), rule if p == pattern else r) for p, r in table]
 
 
 WRONG = {

@@ -1,12 +1,13 @@
-"""generate_next_tokens: greedy continuation with a real SentencePiece model, against
+"""forward --prompt's greedy continuation (forward.job.compute) with a real SentencePiece model, against
 transformers' greedy generate on the same random weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import greedy
 
-from mixtral_convert.forward.reference import generate_next_tokens
+from mixtral_convert.errors import ConvertError
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -32,7 +33,7 @@ def test_greedy_matches_transformers_generate(tokenizer):
     cfg = tiny_cfg(vocab_size=60)
     model = hf_model(cfg, seed=3)
     W = canonical_from_hub(hub_state_dict(model, cfg), cfg)
-    new, text = generate_next_tokens(cfg, W, tokenizer, "the lazy fox", 5)
+    new, text = greedy(cfg, W, tokenizer, "the lazy fox", 5)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     prompt = torch.tensor([[sp.bos_id()] + sp.encode("the lazy fox")])
     hf = model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5,
@@ -43,5 +44,5 @@ def test_greedy_matches_transformers_generate(tokenizer):
 
 def test_vocab_mismatch_is_refused(tokenizer):
     cfg = tiny_cfg(vocab_size=61)
-    with pytest.raises(ValueError, match="60 pieces"):
-        generate_next_tokens(cfg, {}, tokenizer, "x", 1)
+    with pytest.raises(ConvertError, match="60 pieces"):
+        greedy(cfg, {}, tokenizer, "x", 1)

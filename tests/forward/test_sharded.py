@@ -145,9 +145,10 @@ def test_shard_count_must_match_plan():
 def test_written_shards_on_disk(tmp_path, layout, N):
     """Shards written by `split` to disk, read back mmap'd, run sharded == the torrent's forward;
     and a greedy continuation through the sharded forward equals the reference one."""
+    from helpers import greedy
+
     from mixtral_convert.commands.split import split as split_cmd
     from mixtral_convert.encodings.torchzip import load_lazy
-    from mixtral_convert.forward.reference import generate_next_tokens
     from mixtral_convert.synth import tiny_config, write_torrent
 
     cfg = tiny_config(n_kv_heads=4)
@@ -162,6 +163,6 @@ def test_written_shards_on_disk(tmp_path, layout, N):
     print(f"on disk {layout} N={N}: max|logits| {ref.abs().max():.3g}, max diff {diff:.3g}")
     assert diff <= 1e-5 * max(1.0, ref.abs().max().item())
     tok = res.out / "tokenizer.model"
-    want = generate_next_tokens(cfg, W, tok, "hello", 3)
-    got = generate_next_tokens(cfg, None, tok, "hello", 3, forward_fn=lambda t: sharded_forward(plan, shards, t))
+    want = greedy(cfg, W, tok, "hello", 3)
+    got = greedy(cfg, None, tok, "hello", 3, forward_fn=lambda t: sharded_forward(plan, shards, t))
     assert got == want

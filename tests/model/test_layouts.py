@@ -7,6 +7,8 @@ import pytest
 import torch
 from helpers import cli, load, same_bytes
 
+from mixtral_convert.model.tensors import compile_pattern
+
 
 @pytest.fixture(scope="module")
 def canonical(wide_src):
@@ -114,7 +116,7 @@ def test_replicated_tensors_are_read_from_the_rank_the_table_names(wide_src, tmp
     assert same_bytes(merged_norm("m0"), rank0)
     table = [(p, layouts.Replicate(read_from=1) if isinstance(r, layouts.Replicate) else r)
              for p, r in layouts.TABLES["base"]]
-    monkeypatch.setitem(layouts._COMPILED, "base", [(layouts._compile(p), r) for p, r in table])
+    monkeypatch.setitem(layouts._COMPILED, "base", [(compile_pattern(p), r) for p, r in table])
     assert same_bytes(merged_norm("m1"), sd["llma.norm.weight"])
 
 
@@ -132,7 +134,7 @@ def test_pieces_that_do_not_tile_are_a_convert_error(monkeypatch):
 
     table = [(p, Overlapping(r.dim, r.into, r.transpose) if isinstance(r, layouts.ExpertSlice) else r)
              for p, r in layouts.TABLES["sparse"]]
-    monkeypatch.setitem(layouts._COMPILED, "sparse", [(layouts._compile(p), r) for p, r in table])
+    monkeypatch.setitem(layouts._COMPILED, "sparse", [(compile_pattern(p), r) for p, r in table])
     cfg = tiny_config()
     with pytest.raises(ConvertError, match="gap or overlap"):
         layouts.Plan("sparse", cfg, 2, {k: torch.bfloat16 for k in cfg.canonical_shapes()})

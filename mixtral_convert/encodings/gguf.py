@@ -1,0 +1,154 @@
+"""The GGUF byte encoding (docs/formats.md, "GGUF"), written as a stream of known size.
+
+A GGUF file (version 3, little-endian): magic `GGUF`, version, tensor count, metadata count,
+the metadata key/values, the tensor infos (name, dims innermost first, ggml type, offset from
+the data start), padding to the alignment (32), then each tensor's bytes padded to the
+alignment. Everything before the data depends only on names, shapes and types, so
+`header_bytes` is computed up front and `file_size` is exact before a byte of data exists.
+`write_gguf` then streams each tensor's bytes from a producer, a block at a time, the way the
+safetensors and torch zip writers do (the `gguf` package's own writer wants whole tensors).
+
+Values are typed with the `gguf` package's `GGUFValueType`; tensor types and their block
+sizes are its `GGMLQuantizationType` and `GGML_QUANT_SIZES`. `quantize_rows` turns float rows
+into a type's bytes with the package's quantizer (`gguf.quants`: Q8_0 blocks of an f16 scale
+and 32 int8), the same bytes for the same rows however the tensor is cut into row blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, quants
+from gguf import GGUFValueType as V
+
+from ..errors import ConvertError
+from ..io.pipeline import write_all
+
+T = GGMLQuantizationType
+TORCH_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}  # stored as-is
+_SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+           V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+_ARRAY_NP = {V.FLOAT32: "<f4", V.INT32: "<i4", V.UINT32: "<u4", V.UINT8: "u1", V.INT8: "i1"}
+
+
+@dataclass(frozen=True)
+class Value:
+    """A metadata value: `vtype` a scalar or STRING type, or ARRAY with `item` the element type."""
+
+    vtype: V
+    value: object
+    item: Union[V, None] = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the header describes it: `shape` in numpy (row-major) order."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: T
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        if self.shape[-1] % block:
+            raise ConvertError(f"tensor '{self.name}': rows of {self.shape[-1]} values are not whole blocks of "
+                               f"{block}, which {self.ggml_type.name} needs")
+        return math.prod(self.shape[:-1]) * (self.shape[-1] // block) * size
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _value(v: Value) -> bytes:
+    if v.vtype == V.STRING:
+        return _string(v.value)
+    if v.vtype != V.ARRAY:
+        return struct.pack(_SCALAR[v.vtype], v.value)
+    items = list(v.value)
+    head = struct.pack("<IQ", int(v.item), len(items))
+    if v.item == V.STRING:
+        return head + b"".join(_string(s) for s in items)
+    if v.item in _ARRAY_NP:
+        return head + np.asarray(items, dtype=_ARRAY_NP[v.item]).tobytes()
+    return head + b"".join(struct.pack(_SCALAR[v.item], x) for x in items)
+
+
+def _pad(n: int, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> int:
+    return (-n) % alignment
+
+
+def offsets(tensors: Sequence[TensorInfo]) -> list[int]:
+    """Each tensor's offset from the data start: the previous one's end, aligned."""
+    out, pos = [], 0
+    for t in tensors:
+        out.append(pos)
+        pos += t.nbytes + _pad(t.nbytes)
+    return out
+
+
+def header_bytes(metadata: dict[str, Value], tensors: Sequence[TensorInfo]) -> bytes:
+    """Everything before the tensor data, padding included."""
+    parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata))]
+    for key, v in metadata.items():
+        parts.append(_string(key) + struct.pack("<I", int(v.vtype)) + _value(v))
+    for t, off in zip(tensors, offsets(tensors), strict=True):
+        dims = tuple(reversed(t.shape))  # GGUF lists the innermost dimension first
+        parts.append(_string(t.name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, int(t.ggml_type), off))
+    raw = b"".join(parts)
+    return raw + b"\0" * _pad(len(raw))
+
+
+def file_size(metadata: dict[str, Value], tensors: Sequence[TensorInfo]) -> int:
+    """The exact size `write_gguf` will write."""
+    data = sum(t.nbytes + _pad(t.nbytes) for t in tensors)
+    return len(header_bytes(metadata, tensors)) + data
+
+
+def quantize_rows(block: torch.Tensor, ggml_type: T) -> np.ndarray:
+    """Rows of values as `ggml_type`'s bytes (uint8): float types cast by torch (rounding to
+    nearest even, as every cast in this tool), Q8_0 and others by the gguf package's quantizer
+    from float32 (what llama.cpp's converter quantizes from)."""
+    if ggml_type in TORCH_TYPES:
+        t = block.to(TORCH_TYPES[ggml_type]).contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy()
+    rows = block.float().contiguous().numpy()
+    return quants.quantize(rows, ggml_type).reshape(-1)
+
+
+def write_gguf(path, metadata: dict[str, Value], tensors: Sequence[TensorInfo],
+               produce: Callable[[TensorInfo], Iterator], fsync: bool = True, hasher=None) -> int:
+    """Write a GGUF file; `produce(info)` yields the tensor's bytes in order (exactly `nbytes`).
+    `hasher` (hashlib-like) sees every byte in order. Returns the file size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    pos = 0
+
+    def write(data) -> None:
+        nonlocal pos
+        view = memoryview(data).cast("B")
+        if hasher is not None:
+            hasher.update(view)
+        pos += write_all(fd, view)
+
+    try:
+        write(header_bytes(metadata, tensors))
+        for t in tensors:
+            start = pos
+            for chunk in produce(t):
+                write(chunk)
+            if pos - start != t.nbytes:
+                raise AssertionError(f"tensor {t.name}: produced {pos - start} bytes, expected {t.nbytes}")
+            write(b"\0" * _pad(t.nbytes))
+        if fsync:
+            os.fsync(fd)
+        return pos
+    finally:
+        os.close(fd)

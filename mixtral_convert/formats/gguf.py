@@ -1,0 +1,309 @@
+"""GGUF for llama.cpp (and Ollama, LM Studio): `merge --to gguf` (docs/formats.md, "GGUF").
+
+Mixtral is llama.cpp's architecture `llama` with experts. The canonical tensors keep their row
+order (q and k in Meta's order, which is llama.cpp's), renamed through `NAME_TABLE`; each
+layer's experts are stacked into one 3-D tensor per weight (`ffn_gate_exps` = every expert's
+w1 [E, H, D], `ffn_up_exps` w3, `ffn_down_exps` w2 [E, D, H]), streamed expert after expert,
+a block of rows at a time, so no layer is ever whole in memory. Types (`--dtype`): float32,
+float16, bfloat16 and q8_0 are written here (q8_0 by the gguf package's quantizer); 1-D
+tensors and the router stay F32, as llama.cpp's converter keeps them. The k-quants are made
+from a temporary F16/BF16 GGUF by llama.cpp's own quantizer (formats.gguf_kquant); the merge
+target, which picks one or the other, is formats.gguf_target.
+
+Metadata: every hyper-parameter, the context length under the HF export's rule (the source's
+or --max-position-embeddings, never guessed), general.file_type, general.name (the source's
+name or --name), and the SentencePiece vocabulary (pieces, scores, types, BOS/EOS/UNK, BOS
+added, EOS not) with the chat template a tokenizer_config.json beside it holds.
+Refused before anything is written: no tokenizer.model (an HF tokenizer.json alone holds BPE
+merges, not the scores and piece types llama.cpp's SentencePiece tokenizer ranks merges by),
+a vocabulary llama.cpp would tokenize differently or abort on (no 256 byte pieces), rows that
+are not whole quantization blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, LlamaFileType
+from gguf import GGUFValueType as V
+
+from ..encodings.gguf import TensorInfo, Value, quantize_rows, write_gguf
+from ..errors import ConvertError
+from ..io.lazy import Cast, Lazy
+from ..io.prefetch import prefetched
+from ..model.config import ModelConfig
+from ..tokenizer import files as tokfiles
+from ..tokenizer import hf as sptok
+from .checkpoint import Checkpoint
+
+ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # "llama"
+T = GGMLQuantizationType
+# --dtype -> (tensor type of the weight matrices, general.file_type)
+TYPES = {"float32": (T.F32, LlamaFileType.ALL_F32), "float16": (T.F16, LlamaFileType.MOSTLY_F16),
+         "bfloat16": (T.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
+KQUANTS = {"q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+           "q6_k": LlamaFileType.MOSTLY_Q6_K}
+DTYPES = tuple(TYPES) + tuple(KQUANTS)
+FILE_TYPE_NAMES = {int(ft): n for n, (_, ft) in TYPES.items()} | {int(ft): n for n, ft in KQUANTS.items()}
+SOURCE_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+QUANT_BLOCK_BYTES = 4 << 20  # source bytes per block quantized at once (numpy's temporaries are several times it)
+
+# (canonical pattern, GGUF pattern): `{L}` the layer; `{e}` the expert, stacked on the GGUF side
+# (expert e is index e of the 3-D tensor). The order is the file's.
+NAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("tok_embeddings.weight", "token_embd.weight"),
+    ("layers.{L}.attention_norm.weight", "blk.{L}.attn_norm.weight"),
+    ("layers.{L}.attention.wq.weight", "blk.{L}.attn_q.weight"),
+    ("layers.{L}.attention.wk.weight", "blk.{L}.attn_k.weight"),
+    ("layers.{L}.attention.wv.weight", "blk.{L}.attn_v.weight"),
+    ("layers.{L}.attention.wo.weight", "blk.{L}.attn_output.weight"),
+    ("layers.{L}.ffn_norm.weight", "blk.{L}.ffn_norm.weight"),
+    ("layers.{L}.feed_forward.gate.weight", "blk.{L}.ffn_gate_inp.weight"),
+    ("layers.{L}.feed_forward.experts.{e}.w1.weight", "blk.{L}.ffn_gate_exps.weight"),
+    ("layers.{L}.feed_forward.experts.{e}.w2.weight", "blk.{L}.ffn_down_exps.weight"),
+    ("layers.{L}.feed_forward.experts.{e}.w3.weight", "blk.{L}.ffn_up_exps.weight"),
+    ("norm.weight", "output_norm.weight"),
+    ("output.weight", "output.weight"),
+)
+KEEP_F32 = ("ffn_gate_inp.weight",)  # besides every 1-D tensor: the router, as llama.cpp's converter
+SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf\Z")
+
+
+@dataclass
+class GTensor:
+    """One GGUF tensor and the canonical tensors it is made of (E of them when stacked)."""
+
+    info: TensorInfo
+    sources: list[Lazy]
+
+
+def gguf_tensors(cfg: ModelConfig, canonical: dict[str, Lazy], dtype: str, where: str = "source") -> list[GTensor]:
+    """The file's tensors in order (the embedding, each layer's, output_norm and output), typed
+    for `dtype` (a key of TYPES)."""
+    wtype = TYPES[dtype][0]
+    layered = [row for row in NAME_TABLE if "{L}" in row[0]]
+    rows = [(None, NAME_TABLE[0])] + [(L, row) for L in range(cfg.n_layers) for row in layered] + \
+        [(None, row) for row in NAME_TABLE[1:] if "{L}" not in row[0]]
+    out: list[GTensor] = []
+    for L, (canon, gname) in rows:
+        stacked = "{e}" in canon
+        srcs = [canonical[canon.format(L=L, e=e)] for e in range(cfg.num_experts if stacked else 1)]
+        shape = ((len(srcs),) if stacked else ()) + tuple(srcs[0].shape)
+        name = gname.format(L=L)
+        ttype = T.F32 if len(shape) == 1 or name.endswith(KEEP_F32) else wtype
+        if ttype == T.F16:  # the float16 overflow rule, as every --dtype float16
+            srcs = [s if s.dtype == torch.float16 else Cast(s, torch.float16, where) for s in srcs]
+        out.append(GTensor(TensorInfo(name, shape, ttype), srcs))
+    return out
+
+
+def check_blocks(tensors: list[GTensor]) -> None:
+    """ConvertError (naming the tensor) when a tensor's rows are not whole blocks of its type."""
+    for t in tensors:
+        t.info.nbytes  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- metadata
+def _u32(x) -> Value:
+    return Value(V.UINT32, int(x))
+
+
+def model_metadata(cfg: ModelConfig, name: str, file_type: int, context_length: int) -> dict[str, Value]:
+    """general.* and llama.* keys."""
+    a = ARCH
+    return {
+        Keys.General.ARCHITECTURE: Value(V.STRING, a),
+        Keys.General.NAME: Value(V.STRING, name),
+        Keys.General.FILE_TYPE: _u32(file_type),
+        Keys.General.QUANTIZATION_VERSION: _u32(2),  # ggml's GGML_QNT_VERSION
+        Keys.LLM.VOCAB_SIZE.format(arch=a): _u32(cfg.vocab_size),
+        Keys.LLM.CONTEXT_LENGTH.format(arch=a): _u32(context_length),
+        Keys.LLM.EMBEDDING_LENGTH.format(arch=a): _u32(cfg.dim),
+        Keys.LLM.BLOCK_COUNT.format(arch=a): _u32(cfg.n_layers),
+        Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a): _u32(cfg.hidden_dim),
+        Keys.Attention.HEAD_COUNT.format(arch=a): _u32(cfg.n_heads),
+        Keys.Attention.HEAD_COUNT_KV.format(arch=a): _u32(cfg.n_kv_heads),
+        Keys.Attention.KEY_LENGTH.format(arch=a): _u32(cfg.head_dim),
+        Keys.Attention.VALUE_LENGTH.format(arch=a): _u32(cfg.head_dim),
+        Keys.Rope.DIMENSION_COUNT.format(arch=a): _u32(cfg.head_dim),
+        Keys.Rope.FREQ_BASE.format(arch=a): Value(V.FLOAT32, float(cfg.rope_theta)),
+        Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a): Value(V.FLOAT32, float(cfg.norm_eps)),
+        Keys.LLM.EXPERT_COUNT.format(arch=a): _u32(cfg.num_experts),
+        Keys.LLM.EXPERT_USED_COUNT.format(arch=a): _u32(cfg.experts_per_tok),
+    }
+
+
+def check_tokenizer(ck: Checkpoint) -> sptok.SpModel:
+    """The SentencePiece model a GGUF can carry so that llama.cpp tokenizes as SentencePiece does."""
+    tok = ck.tokenizer
+    if tok is None:
+        raise ConvertError(ck.tok.missing or f"{ck.where}: no tokenizer.model beside the checkpoint, and a GGUF "
+                           "carries the vocabulary: pass --tokenizer PATH (or hf://org/name)")
+    if tok.is_dir():
+        raise ConvertError(f"{tok}: an HF tokenizer.json without tokenizer.model; GGUF's llama tokenizer needs the "
+                           "SentencePiece scores and piece types, which tokenizer.json does not hold (it has BPE "
+                           "merges): pass --tokenizer with the model's tokenizer.model")
+    m = sptok.read_model(tok)
+    fix = "; llama.cpp would not tokenize as SentencePiece does: use the checkpoint's own tokenizer.model"
+    if m.model_type != sptok.BPE_TYPE:
+        raise ConvertError(f"{tok}: a {sptok.MODEL_TYPES.get(m.model_type, m.model_type)} SentencePiece model, not "
+                           f"BPE{fix}")
+    nbytes = len(m.ids_of(sptok.BYTE))
+    if nbytes != 256:
+        raise ConvertError(f"{tok}: has {nbytes} byte pieces, not the 256 (<0x00> .. <0xFF>) llama.cpp needs (it "
+                           f"aborts tokenizing text outside the vocabulary){fix}")
+    if m.charsmap or m.remove_extra_whitespaces or m.whitespace_suffix or not m.escape_whitespaces:
+        raise ConvertError(f"{tok}: normalizes text (a character map, collapsed or suffixed whitespace), which "
+                           f"llama.cpp does not apply{fix}")
+    return m
+
+
+def chat_template(tok: Path) -> Optional[str]:
+    """The chat template of tokenizer_config.json (or chat_template.jinja) beside the tokenizer."""
+    files = tokfiles.hf_files(tok)
+    if tokfiles.HF_TEMPLATE in files:
+        return files[tokfiles.HF_TEMPLATE].read_text(encoding="utf-8")
+    if tokfiles.HF_CONFIG in files:
+        cfg = tokfiles.read_json(files[tokfiles.HF_CONFIG])
+        t = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        return t if isinstance(t, str) else None
+    return None
+
+
+def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
+    ids = tokfiles.specials(tok)
+    unk = m.ids_of(sptok.UNKNOWN)
+    meta = {
+        Keys.Tokenizer.MODEL: Value(V.STRING, "llama"),
+        Keys.Tokenizer.LIST: Value(V.ARRAY, [p for p, _, _ in m.pieces], V.STRING),
+        Keys.Tokenizer.SCORES: Value(V.ARRAY, [s for _, s, _ in m.pieces], V.FLOAT32),
+        Keys.Tokenizer.TOKEN_TYPE: Value(V.ARRAY, [t for _, _, t in m.pieces], V.INT32),
+    }
+    for key, i in ((Keys.Tokenizer.BOS_ID, ids.bos_id), (Keys.Tokenizer.EOS_ID, ids.eos_id),
+                   (Keys.Tokenizer.UNK_ID, unk[0] if unk else None)):
+        if i is not None:
+            meta[key] = _u32(i)
+    meta[Keys.Tokenizer.ADD_BOS] = Value(V.BOOL, ids.bos_id is not None)
+    meta[Keys.Tokenizer.ADD_EOS] = Value(V.BOOL, False)
+    meta[Keys.Tokenizer.ADD_PREFIX] = Value(V.BOOL, m.add_dummy_prefix)
+    template = chat_template(tok)
+    if template is not None:
+        meta[Keys.Tokenizer.CHAT_TEMPLATE] = Value(V.STRING, template)
+    return meta
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class Layout:
+    """What a GGUF output is: its files, each with its metadata and tensors."""
+
+    files: list[tuple[str, dict[str, Value], list[GTensor]]]
+    dtype: str
+
+
+def default_name(ck: Checkpoint) -> str:
+    if ck.remote is not None:
+        return ck.remote.split("://", 1)[-1].split("@")[0].rstrip("/")
+    return ck.path.stem if ck.path.is_file() else ck.path.resolve().name
+
+
+def source_dtype(ck: Checkpoint) -> str:
+    dt = ck.dtype
+    if dt not in SOURCE_TYPES:
+        raise ConvertError(f"{ck.where}: tensors in {dt}; GGUF is written from float32, float16 or bfloat16 sources")
+    return SOURCE_TYPES[dt]
+
+
+def prepare(ck: Checkpoint, options: dict) -> dict:
+    """Checked before anything is written: the tokenizer can be carried, and the context length
+    (the option, else the source's; never guessed). Returns the options with it resolved."""
+    check_tokenizer(ck)
+    max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
+    if max_pos is None:
+        raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
+                           "pass --max-position-embeddings N (32768 for Mixtral-8x7B, 65536 for 8x22B)")
+    return dict(options, max_position_embeddings=max_pos)
+
+
+def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+           max_position_embeddings: Optional[int], name: Optional[str]) -> Layout:
+    """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
+    dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
+    if dtype not in TYPES:
+        raise ConvertError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    context = prepare(ck, {"max_position_embeddings": max_position_embeddings})["max_position_embeddings"]
+    m = check_tokenizer(ck)
+    tensors = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
+    check_blocks(tensors)
+    meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
+    meta.update(tokenizer_metadata(m, ck.tokenizer))
+    groups = [tensors] if not max_shard_size else _groups(tensors, max_shard_size)
+    if len(groups) == 1:
+        return Layout([(out_name, meta, tensors)], dtype)
+    stem, k = out_name[:-len(".gguf")] if out_name.endswith(".gguf") else out_name, len(groups)
+    files = []
+    for i, g in enumerate(groups):
+        split = {Keys.Split.LLM_KV_SPLIT_NO: Value(V.UINT16, i), Keys.Split.LLM_KV_SPLIT_COUNT: Value(V.UINT16, k),
+                 Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: Value(V.INT32, len(tensors))}
+        files.append((f"{stem}-{i + 1:05d}-of-{k:05d}.gguf", dict(meta, **split) if i == 0 else split, g))
+    return Layout(files, dtype)
+
+
+def _groups(tensors: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
+    """Greedy: a file takes tensors while it stays within max_bytes (a larger tensor gets its own)."""
+    if max_bytes <= 0:
+        raise ConvertError(f"--max-shard-size must be positive, got {max_bytes}")
+    groups: list[list[GTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.info.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.info.nbytes
+    if len(groups) > 99999:
+        raise ConvertError(f"--max-shard-size {max_bytes}: {len(groups)} pieces, more than gguf-split's 99999")
+    return groups
+
+
+# ----------------------------------------------------------------------------- writing
+def _blocks(tensors: list[GTensor]):
+    """(tensor name, its bytes in the file's type, source bytes read) for every block of rows of
+    every tensor (a stacked one's experts in turn), in file order."""
+    for t in tensors:
+        for src in t.sources:
+            step = QUANT_BLOCK_BYTES if t.info.ggml_type not in (T.F32, T.F16, T.BF16) else None
+            for block in (src.blocks(step) if step else src.blocks()):
+                yield t.info.name, quantize_rows(block, t.info.ggml_type), block.numel() * src.dtype.itemsize
+
+
+def _producer(blocks, progress):
+    """`produce(info)` for write_gguf over the shared block stream of one file."""
+    def produce(info: TensorInfo):
+        left = info.nbytes
+        while left > 0:
+            name, buf, src_bytes = next(blocks)
+            if name != info.name:
+                raise AssertionError(f"writer asked for {info.name} but the blocks are {name}'s")
+            left -= buf.nbytes
+            yield buf
+            progress.advance(src_bytes)
+    return produce
+
+
+def write_files(tmp: Path, lay: Layout, progress) -> dict[str, dict]:
+    """Every file of `lay` into `tmp` (blocks converted a little ahead on a second thread, which is
+    joined on any exit); their manifest entries."""
+    entries = {}
+    for fname, meta, tensors in lay.files:
+        h = hashlib.sha256()
+        with closing(prefetched(_blocks(tensors))) as blocks:
+            size = write_gguf(tmp / fname, meta, [t.info for t in tensors], _producer(blocks, progress), hasher=h)
+        entries[fname] = {"size": size, "sha256": h.hexdigest()}
+    return entries

@@ -1,0 +1,44 @@
+"""`merge --to gguf`: the target (docs/formats.md, "GGUF"). float32, float16, bfloat16 and q8_0
+are written by formats.gguf; the k-quants by llama.cpp's quantizer from a temporary half-type
+GGUF (formats.gguf_kquant)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..encodings.gguf import file_size
+from . import gguf
+from .checkpoint import Checkpoint, Target, TargetOption
+from .gguf_kquant import plan_kquant, write_kquant
+from .hf import CONTEXT_OPTION, parse_size
+
+
+def write(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+          max_position_embeddings: int, name: Optional[str]) -> dict[str, dict]:
+    """The GGUF file (or its pieces) into `tmp`; the k-quants through llama.cpp's quantizer."""
+    if dtype in gguf.KQUANTS:
+        return write_kquant(ck, tmp, progress, out_name, dtype, max_shard_size, max_position_embeddings, name)
+    lay = gguf.layout(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+    return gguf.write_files(tmp, lay, progress)
+
+
+def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+         max_position_embeddings: int, name: Optional[str]) -> list[tuple[str, int, str]]:
+    """What `write` would write: (file name, exact size, what it holds), nothing written."""
+    if dtype in gguf.KQUANTS:
+        return plan_kquant(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+    lay = gguf.layout(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+    return [(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
+            for fname, meta, ts in lay.files]
+
+
+TARGET = Target(
+    "gguf", ".gguf", write, plan, prepare=gguf.prepare, dtypes=gguf.DTYPES, applies_dtype=True, output="file",
+    help="one GGUF file for llama.cpp, Ollama and LM Studio (-o PATH.gguf; --dtype q8_0 and the k-quants too)",
+    options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size,
+                          help="cut the file into PATH-00001-of-0000K.gguf pieces of at most SIZE, as llama.cpp's "
+                               "gguf-split does (default: one file)."),
+             CONTEXT_OPTION,
+             TargetOption("--name", "name", metavar="NAME",
+                          help="general.name (default: the source's directory or hub repository).")))

@@ -1,0 +1,59 @@
+"""verify OUT.gguf --forward: the reference forward on the GGUF's tensors, dequantized to float32
+(formats.gguf_source), against the reference forward on the source, over the same tokens.
+
+The figures are parity.py's (max abs / rel, rms rel, top-1 agreement). The bound is the stored
+type's: float32, float16 and bfloat16 as parity.TOLERANCES; the quantized types by their
+rounding (Q8_0: 8 bits per weight with a scale per 32; the k-quants fewer), with margins over
+what the tiny fixtures measure.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConvertError
+from ..formats.gguf import FILE_TYPE_NAMES
+from ..formats.gguf_source import field, open_gguf, read
+from ..io.lazy import materialize
+from .inputs import check_device, default_tokens, load_tokens, torch_dtype
+from .parity import TOLERANCES, ParityReport, Tolerance, compare
+from .reference import forward
+from .run import open_model
+
+# Tiny random models are harsh judges of rounding: a router near a tie picks another expert
+# once a weight moves, so these bounds sit over the tiny fixtures' figures (q8_0: rms 0.11, top-1
+# 0.875 on seeded random tokens), not over what a trained Mixtral shows.
+QUANTIZED = {"q8_0": Tolerance(None, 0.2, 0.75), "q6_k": Tolerance(None, 0.3, 0.7),
+             "q5_k_m": Tolerance(None, 0.4, 0.6), "q4_k_m": Tolerance(None, 0.5, 0.5)}
+
+
+def gguf_parity(path: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
+                device: str = "cpu", base=None) -> ParityReport:
+    t0 = time.perf_counter()
+    if source is None:
+        raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the GGUF must match")
+    dt, device = torch_dtype(dtype), check_device(device)
+    rep = ParityReport(dtype, device)
+    ref_model = open_model(source, dt, device, base=base, unmerged=True)
+    cfg = ref_model.cfg
+    tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
+    rep.tokens_shape, rep.reference = list(tokens.shape), ref_model.how
+    ref = ref_model.run(tokens)
+    path = Path(path)
+    ck = open_gguf(path, dequantize=True)
+    stored = FILE_TYPE_NAMES.get(int(field(read(ck.files[0]), "general.file_type", path)), "q4_k_m")
+    rep.sharded = f"reference forward, GGUF {stored} dequantized to float32 ({path.name})"
+    if ck.cfg != cfg:
+        rep.problems.append(f"forward: {path}: its config differs from the source's")
+    else:
+        out = forward(cfg, lambda n: materialize(ck.canonical[n]), tokens, dtype=dt, device=device)
+        rep.tolerance_dtype = stored
+        compare(ref, out, rep, QUANTIZED.get(stored) or TOLERANCES[max(stored, dtype, key=_coarseness)])
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _coarseness(name: str) -> int:
+    return ("float32", "float16", "bfloat16").index(name)

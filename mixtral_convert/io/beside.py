@@ -1,0 +1,126 @@
+"""Output that is a file, not a directory: `PATH.gguf` (or its pieces `PATH-00001-of-0000K.gguf`)
+with its manifest `PATH.gguf.mixtral-convert-manifest.json` beside it, never half-written.
+
+llama.cpp, Ollama (`FROM ./model.gguf`) and LM Studio take a file, so the GGUF target's output
+is named by its file. The files are written into a marked temporary directory beside it (the
+same one `atomic` uses for a directory output: a killed run's is recognised and removed, a
+live run's refused), then renamed into place with signals deferred: the pieces after the
+first, the first (or only) file, then the manifest. On any error or interrupt the temporary
+directory is removed and nothing is left. `--force` replaces only files the previous manifest
+lists with the sizes it recorded; anything else in the way is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import ConvertError
+from . import atomic, reads
+from . import manifest as mf
+from .atomic import Preflight
+
+
+def manifest_name(out: Path) -> str:
+    return f"{out.name}.{mf.MANIFEST}"
+
+
+def _previous(out: Path) -> dict:
+    """The manifest an earlier run left beside `out` ({} when none)."""
+    p = out.parent / manifest_name(out)
+    if not p.is_file():
+        return {}
+    try:
+        import json
+        m = json.loads(p.read_text())
+        return m.get("files") or {} if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def preflight(out: Path, names: list[str], force: bool = False, need_bytes: int = 0, dry: bool = False) -> Preflight:
+    """Every check before anything is created, for the files `names` (beside `out`, the manifest
+    added): each is absent, or (with --force) one the previous manifest lists at its size."""
+    out = Path(os.path.abspath(out))
+    if out.is_dir():
+        raise ConvertError(f"{out}: is a directory; -o names the .gguf file (e.g. {out / 'model.gguf'})")
+    tmp = atomic._temp_for(out)
+    if tmp.exists() or tmp.is_symlink():
+        atomic._remove_stale(tmp, "temporary output", remove=not dry)
+    prev = _previous(out)
+    for name in list(names) + [manifest_name(out)]:
+        p = out.parent / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if not force:
+            raise ConvertError(f"{p}: exists; choose another -o, or pass --force to replace what mixtral-convert "
+                               "wrote there")
+        if p.is_symlink() or not p.is_file() or (name != manifest_name(out) and
+                                                 (prev.get(name) or {}).get("size") != p.stat().st_size):
+            raise ConvertError(f"{p}: not a file the manifest beside it lists at its size, so mixtral-convert did "
+                               "not write it; --force only replaces its own files: move it away or choose another -o")
+    base = atomic.nearest_existing(out.parent)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ConvertError(f"{out}: cannot create the output there (not a writable directory); choose another -o")
+    free0 = atomic._free(base)
+    if need_bytes and free0 is not None and free0 < need_bytes:
+        raise ConvertError(f"{out}: not enough free space on {base}: {need_bytes} bytes needed, {free0} free; free "
+                           "some space or choose another -o")
+    return Preflight(out, base, free0, set(prev), {"files": prev})
+
+
+@contextmanager
+def atomic_output_files(out: Path, names: list[str], force: bool = False, need_bytes: int = 0,
+                        sources: Iterable[reads.SourceFile] = ()) -> Iterator[Path]:
+    """Yield a temporary directory to write `names` (and the manifest, `manifest_name(out)`) into;
+    on success they are renamed beside `out` (once every file of `sources` is checked unchanged,
+    as for atomic.atomic_output_dir), on any failure or interrupt it is removed."""
+    sources = list(sources)
+    pf = preflight(out, names, force, need_bytes)
+    out = pf.out
+    tmp = atomic._temp_for(out)
+    created = []
+    p = out.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    lock = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        lock = atomic._mark(tmp)
+    except OSError as e:
+        with atomic._signals_blocked():
+            atomic._cleanup(tmp, created)
+        raise ConvertError(f"{out}: cannot create the output there ({e.strerror or e}); choose another -o") from None
+    try:
+        yield tmp
+        with atomic._signals_blocked():
+            reads.check_unchanged(sources)
+            _commit(tmp, out, list(names), pf.ours)
+    except BaseException as e:
+        free_now = atomic._free(pf.base)
+        with atomic._signals_blocked():
+            atomic._cleanup(tmp, created)
+        mapped = atomic.write_error(e, out, tmp, need_bytes, pf.free, free_now)
+        if mapped is not None:
+            raise mapped from None
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _commit(tmp: Path, out: Path, names: list[str], old: set[str]) -> None:
+    """The pieces after the first, then the first (llama.cpp's entry point), then the manifest;
+    files of the previous output this one does not rewrite go last."""
+    for name in names[1:] + names[:1] + [manifest_name(out)]:
+        os.replace(tmp / name, out.parent / name)
+    for name in old - set(names):
+        if Path(name).name == name:
+            (out.parent / name).unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    atomic.fsync_dir(out.parent)

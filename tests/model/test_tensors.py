@@ -1,0 +1,54 @@
+"""The tensor table (model.tensors): every other name and shape table is derived from it."""
+
+from mixtral_convert.model import layouts, names, tensors
+from mixtral_convert.model.tensors import Row
+from mixtral_convert.synth import tiny_config
+
+
+def test_canonical_shapes_in_the_order_every_output_is_written():
+    cfg = tiny_config(n_layers=1, num_experts=2, dim=8, head_dim=2, n_heads=4, n_kv_heads=2, hidden_dim=6,
+                      vocab_size=10, experts_per_tok=1)
+    want = [("tok_embeddings.weight", (10, 8)),
+            ("layers.0.attention.wq.weight", (8, 8)), ("layers.0.attention.wk.weight", (4, 8)),
+            ("layers.0.attention.wv.weight", (4, 8)), ("layers.0.attention.wo.weight", (8, 8)),
+            ("layers.0.feed_forward.gate.weight", (2, 8)),
+            ("layers.0.feed_forward.experts.0.w1.weight", (6, 8)),
+            ("layers.0.feed_forward.experts.0.w2.weight", (8, 6)),
+            ("layers.0.feed_forward.experts.0.w3.weight", (6, 8)),
+            ("layers.0.feed_forward.experts.1.w1.weight", (6, 8)),
+            ("layers.0.feed_forward.experts.1.w2.weight", (8, 6)),
+            ("layers.0.feed_forward.experts.1.w3.weight", (6, 8)),
+            ("layers.0.attention_norm.weight", (8,)), ("layers.0.ffn_norm.weight", (8,)),
+            ("norm.weight", (8,)), ("output.weight", (10, 8))]
+    assert list(cfg.canonical_shapes().items()) == want
+
+
+def test_derived_tables():
+    assert names.canonical_to_hf("layers.3.attention.wq.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert names.hf_to_canonical("model.layers.3.block_sparse_moe.experts.5.w2.weight") == \
+        "layers.3.feed_forward.experts.5.w2.weight"
+    assert names.hf_ignored("model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert names.PERMUTED_QK == {"layers.{L}.attention.wq.weight": "n_heads",
+                                 "layers.{L}.attention.wk.weight": "n_kv_heads"}
+    assert tensors.layer_names(2)["wo"] == "layers.2.attention.wo.weight"
+    assert tensors.expert_name(1, 7, "w3") == "layers.1.feed_forward.experts.7.w3.weight"
+    rule, m = layouts.rule_for("sparse", "layers.1.feed_forward.experts.7.w2.weight")
+    assert isinstance(rule, layouts.ExpertSlice) and rule.transpose and rule.into == "layers.{L}.feed_forward.w2"
+    assert isinstance(layouts.rule_for("base", "layers.0.attention.wo.weight")[0], layouts.Chunk)
+    assert tensors.is_sparse_stack("layers.4.feed_forward.w3") and tensors.is_fused("layers.4.block_sparse_moe.w1")
+
+
+def test_a_new_row_is_one_line(monkeypatch):
+    """An optional per-layer row (a bias, say) lands in its layer, after the rows before it, and
+    only when optional rows are asked for."""
+    bias = Row("layers.{L}.attention.wq.bias", lambda c: (c.n_heads * c.head_dim,), "column_heads", optional=True)
+    rows = list(tensors.TENSORS)
+    rows.insert(2, bias)  # after wq
+    monkeypatch.setattr(tensors, "TENSORS", tuple(rows))
+    cfg = tiny_config(n_layers=2)
+    plain, full = tensors.canonical_shapes(cfg), tensors.canonical_shapes(cfg, optional=True)
+    assert "layers.0.attention.wq.bias" not in plain
+    keys = list(full)
+    assert keys[keys.index("layers.1.attention.wq.weight") + 1] == "layers.1.attention.wq.bias"
+    assert full["layers.1.attention.wq.bias"] == (cfg.n_heads * cfg.head_dim,)
+    assert isinstance(layouts.row_rule(bias, "base"), layouts.Chunk)
