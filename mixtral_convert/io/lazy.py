@@ -30,6 +30,7 @@ from ..errors import ConvertError
 from . import reads
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
+BAND_BLOCKS = 4  # blocks of a transposed placement read in one band (Assembled._transposed_blocks)
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,29 @@ class Assembled(Lazy):
         row_bytes = max(1, self.nbytes // max(self.shape[0], 1))
         step = max(1, block_bytes // row_bytes)
         for p in sorted(self.placements, key=lambda p: p.dst[0]):
+            if p.transpose:
+                yield from self._transposed_blocks(p, step, row_bytes, block_bytes)
+                continue
             for a in range(p.dst[0], p.dst[1], step):
                 yield self.read(a, min(a + step, p.dst[1]))
+
+    def _transposed_blocks(self, p: Placement, step: int, row_bytes: int, block_bytes: int):
+        """A transposed placement's blocks of `step` rows, from bands of up to BAND_BLOCKS blocks
+        read at once: each row of the band is one positioned read for several blocks (a narrow
+        block of a w2 column band would cost one read of a few hundred bytes per source row)."""
+        dr0, dr1, _, _ = p.dst
+        sr0, _, sc0, _ = p.src_region
+        width = self.shape[1]
+        group = step * max(1, min(BAND_BLOCKS, BLOCK_BYTES // max(1, step * row_bytes)))
+        for g in range(dr0, dr1, group):
+            ge = min(g + group, dr1)
+            band = p.src.read(sr0, sr0 + width, sc0 + g - dr0, sc0 + ge - dr0)  # source rows x these columns
+            for a in range(g, ge, step):
+                b = min(a + step, ge)
+                out = torch.empty((b - a, width), dtype=self.dtype)
+                _transpose_into(out, band[:, a - g:b - g])
+                yield out
+            del band
 
 
 def materialize(lz: Lazy) -> torch.Tensor:
