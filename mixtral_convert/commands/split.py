@@ -37,7 +37,7 @@ from ..io.atomic import (
     write_small,
 )
 from ..io.lazy import BLOCK_BYTES, TensorSpec
-from ..io.prefetch import file_producer
+from ..io.prefetch import file_producer, release_freed_blocks
 from ..io.progress import Progress, progress_bar
 from ..model.layouts import Plan
 from ..tokenizer.files import carried
@@ -107,7 +107,8 @@ def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress,
         if stop.is_set():
             raise _Stopped()
         try:
-            barrier.wait()
+            if barrier.wait() == 0:
+                release_freed_blocks()  # once per tensor, by one of the writers
         except threading.BrokenBarrierError:
             raise _Stopped() from None
 

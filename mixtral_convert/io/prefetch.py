@@ -39,20 +39,31 @@ def reuse_freed_blocks() -> None:
     """Let glibc keep freed block-sized buffers for reuse instead of returning them to the OS:
     a fresh buffer costs a page fault (and the kernel's zeroing) per 4 KiB on first touch, which
     slows every read and copy (docs/performance.md), in one heap for all threads; the heap is
-    not trimmed below 512 MiB of free space, so the blocks the reads fill are reused, not faulted
-    in again. Resident memory stays bounded by the
-    few blocks alive at once. Called once by the CLI's entry point, before any thread starts."""
+    not trimmed below 64 MiB of free space (freed heap counts as the process's anonymous memory:
+    512 MiB let it grow past the bound). Resident memory stays bounded by the few blocks alive at
+    once; writers working together also call `release_freed_blocks` once per tensor. Called once
+    by the CLI's entry point, before any thread starts."""
     if not sys.platform.startswith("linux") or _lib() is None:
         return
     try:
         _lib().mallopt(-3, 2 * BLOCK_BYTES)  # M_MMAP_THRESHOLD
-        _lib().mallopt(-1, 32 * BLOCK_BYTES)  # M_TRIM_THRESHOLD
+        _lib().mallopt(-1, 4 * BLOCK_BYTES)  # M_TRIM_THRESHOLD
         # M_ARENA_MAX: one heap for every thread. Each worker thread (block producer, hashers)
         # would otherwise get an arena of its own that keeps its freed blocks, and the kept
         # blocks add up (docs/performance.md: split-sparse's peak anonymous memory).
         _lib().mallopt(-8, 1)
     except AttributeError:
         pass
+
+
+def release_freed_blocks() -> None:
+    """Give the heap's free pages back to the OS now (malloc_trim): N writers' freed blocks, kept
+    for reuse, would otherwise add up to more than the blocks alive at once."""
+    if _lib() is not None and sys.platform.startswith("linux"):
+        try:
+            _lib().malloc_trim(0)
+        except AttributeError:
+            pass
 
 
 def warm(lazy: Lazy, region: Optional[Region] = None) -> None:
