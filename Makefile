@@ -5,6 +5,7 @@
 #               tests with llama.cpp as the judge, none skipped (CI runs it after make test)
 #   make bench  the disk-speed and memory benchmark (not part of make test)
 #   make bench-concat  concat against cat on a several-GB checkpoint (not part of make test)
+#   make bench-ram  the tool's own ceiling, source and output on a tmpfs (not part of make test)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -21,7 +22,7 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOL
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF
 WHEELS ?= .whl
 
-.PHONY: all venv install install-dev install-llama demo lint test test-llama bench bench-concat clean
+.PHONY: all venv install install-dev install-llama demo lint test test-llama bench bench-concat bench-ram clean
 
 all: test
 
@@ -70,6 +71,9 @@ bench: install
 
 bench-concat: install
 	$(PY) bench/bench_concat.py $(BENCH_ARGS)
+
+bench-ram: install
+	$(PY) bench/bench_ram.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -20,7 +20,7 @@ from ..errors import ConvertError
 from ..formats.checkpoint import dtype_name
 from ..formats.registry import TARGETS, open_checkpoint, target
 from ..formats.registry import target_options as target_options_of
-from ..io import beside
+from ..io import beside, reads
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
@@ -36,7 +36,9 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
+    since = reads.mark()
     ck = open_checkpoint(shards, base=base)
+    sources = reads.opened_since(since)  # checked unchanged before the output is renamed into place
     ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
@@ -57,7 +59,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     out = Path(out) if out is not None else base.parent / f"{base.name}{tgt.suffix}"
     total = ck.nbytes
     if tgt.output == "file":
-        return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options, dropped)
+        return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options, dropped, sources)
     if dry_run:
         planned = [Planned(*p) for p in tgt.plan(ck, **options)]
         if ck.tokenizer is not None:
@@ -66,7 +68,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
                         carried(ck.tokenizer, skip=skip).items()]
         return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to, dropped))
     t0 = time.perf_counter()
-    with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
+    with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
             files = tgt.write(ck, tmp, prog, **options)
         if ck.tokenizer is not None:
@@ -76,7 +78,8 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
                   notes=[dropped.note()] if dropped is not None else [])
 
 
-def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict, dropped=None):
+def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict, dropped=None,
+                   sources=()):
     """A target whose output is a file (PATH.gguf, its pieces beside it), with its manifest beside it."""
     out = Path(out)
     options = dict(options, out_name=out.name)
@@ -89,7 +92,7 @@ def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, 
                               check=lambda o, f, need, dry: beside.preflight(o, names, f, need, dry))
     t0 = time.perf_counter()
     need = sum(p.size for p in planned) + MARGIN
-    with beside.atomic_output_files(out, names, force, need_bytes=need) as tmp:
+    with beside.atomic_output_files(out, names, force, need_bytes=need, sources=sources) as tmp:
         with progress_bar(f"{tgt.name} from {ck.kind} N={ck.N}", ck.nbytes, quiet) as prog:
             files = tgt.write(ck, tmp, prog, **options)
         write_manifest(tmp, files, _name=beside.manifest_name(out), **info)

@@ -25,6 +25,7 @@ from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
+from ..io import reads
 from ..io.atomic import (
     MANIFEST,
     atomic_file,
@@ -36,7 +37,7 @@ from ..io.atomic import (
     write_small,
 )
 from ..io.lazy import BLOCK_BYTES, TensorSpec
-from ..io.prefetch import file_producer
+from ..io.prefetch import file_producer, release_freed_blocks
 from ..io.progress import Progress, progress_bar
 from ..model.layouts import Plan
 from ..tokenizer.files import carried
@@ -106,7 +107,8 @@ def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress,
         if stop.is_set():
             raise _Stopped()
         try:
-            barrier.wait()
+            if barrier.wait() == 0:
+                release_freed_blocks()  # once per tensor, by one of the writers
         except threading.BrokenBarrierError:
             raise _Stopped() from None
 
@@ -155,7 +157,9 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     shard_writer(fmt)  # an unknown format fails before anything is read
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
+    since = reads.mark()
     ck = open_checkpoint(src, base=base)
+    sources = reads.opened_since(since)  # checked unchanged before any output is renamed into place
     ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
     ck, keeps, dropped = biases.settle(ck, layout == "base" and not drop_biases, drop_biases,
@@ -169,10 +173,10 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
         return _dry_run(ck, plan, tokenizer, out, sorted(set(ranks)) if ranks is not None else None, force, fmt,
                         dropped)
     if ranks is not None:
-        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt, dropped)
+        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt, dropped, sources)
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
     t0 = time.perf_counter()
-    with atomic_output_dir(out, force, need_bytes=total + MARGIN) as tmp:
+    with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         files = {}
         with progress_bar(f"{layout} N={N}", total, quiet) as prog:
             if _together(write_ranks, plan, ck.nbytes):
@@ -211,7 +215,7 @@ def _dry_run(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: Opti
 
 
 def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: list[int], force: bool,
-                 quiet: bool, fmt: str, dropped=None) -> Result:
+                 quiet: bool, fmt: str, dropped=None, sources=()) -> Result:
     """Cooperative mode: write only `ranks` into a shared `out`, each file atomically."""
     N, layout = plan.N, plan.layout
     bad = [r for r in ranks if not 0 <= r < N]
@@ -231,7 +235,7 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     t0 = time.perf_counter()
     with progress_bar(f"{layout} N={N} ranks {','.join(map(str, ranks))}", total, quiet) as prog:
         for r in ranks:
-            with atomic_file(out / names[r]) as tmp:
+            with atomic_file(out / names[r], sources=sources) as tmp:
                 entry = _write_rank(plan, r, ck, tmp, prog, fmt)
                 fsync_all([tmp])
             with atomic_file(out / _PART.format(r)) as tmp:

@@ -30,7 +30,7 @@ from ..formats import accessory, peft
 from ..formats.checkpoint import Checkpoint, dtype_name, read_tensors
 from ..formats.registry import TARGETS, open_checkpoint
 from ..formats.torrent import TORRENT_FILE
-from ..io import manifest
+from ..io import manifest, reads
 from ..io.manifest import MANIFEST
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
@@ -82,7 +82,9 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         finally:
             rep.seconds = time.perf_counter() - t0
         return rep
+    since = reads.mark()
     src = open_checkpoint(source, base=base)  # a bad source is bad input (exit 2), not a mismatch
+    sources = reads.opened_since(since)
     rep = Report(str(shards), str(src.path))
     if src.kind == "peft":
         differ = peft.summary(src.path)["replicated_copies_differ"]
@@ -93,6 +95,10 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         _verify(shards, src, rep, quiet)
     finally:
         rep.seconds = time.perf_counter() - t0
+    # a source rewritten while it was compared proves nothing either way: refused, like a bad source
+    reads.check_unchanged(sources, "the comparison")
+    if rep.ok:
+        rep.checks.append(f"the source's {len(sources)} file(s) kept their size, mtime and inode while they were read")
     return rep
 
 

@@ -6,9 +6,9 @@ the header), then the raw little-endian bytes. Every tensor's location is known 
 header alone.
 
 Reading: `parse_file` parses and checks the header (one-line errors for every
-malformation, the tensors tiling the data exactly); `read_tensors` then opens the file with the
-safetensors library (`safe_open`, which maps it) and gives a lazy tensor per entry that copies
-out only the block asked for. Writing: `write_safetensors` writes the header for known shapes
+malformation, the tensors tiling the data exactly); `read_tensors` gives a lazy tensor per
+entry that describes where its bytes lie (`io.lazy.OnDisk`), read by positioned reads of only
+the block asked for. Writing: `write_safetensors` writes the header for known shapes
 and dtypes, then streams each tensor's bytes from a producer in blocks, with the same signature
 as `torchzip.write_checkpoint`.
 
@@ -37,8 +37,9 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ConvertError
-from ..io.lazy import Lazy, TensorSpec
+from ..io.lazy import Lazy, OnDisk, TensorSpec
 from ..io.pipeline import write_all
+from ..io.reads import SourceFile
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -154,34 +155,16 @@ def check_file(path, where: str = "") -> int:
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
-class Sliced(Lazy):
-    """A tensor of a safetensors file opened with `safetensors.safe_open`: the library maps the
-    file and copies out only the rows (and columns) asked for; nothing is held."""
-
-    def __init__(self, handle, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
-        self.handle, self.name, self.dtype, self.shape = handle, name, dtype, shape
-
-    def read(self, r0, r1, c0=None, c1=None):
-        sl = self.handle.get_slice(self.name)
-        if not self.shape:
-            return sl[...].reshape(1)
-        return sl[r0:r1] if c0 is None else sl[r0:r1, c0:c1]
-
-
 def read_tensors(path: Path) -> dict[str, Lazy]:
-    """Every tensor of a safetensors file as a lazy tensor. The header is checked first (a
-    one-line error naming what is wrong), then the file is opened with the library."""
+    """Every tensor of a safetensors file as a description of where its bytes lie, in data
+    order, read later by positioned reads (`io.reads`). The header is checked first (a one-line
+    error naming what is wrong); the file's identity is recorded before it is read."""
     path = Path(path)
-    entries, _ = parse_file(path)
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as e:  # the library's errors (SafetensorError and others): damaged input
-        raise ConvertError(f"{path}: unreadable safetensors file ({str(e).strip()[:160]}); the file is damaged "
-                           "or truncated: re-download it") from None
-    out: dict[str, Lazy] = {}
-    for e in entries:  # in data order
-        out[e.name] = Sliced(handle, e.name, e.dtype, e.shape)
-    return out
+    if not path.is_file():
+        raise ConvertError(f"{path}: not found")
+    src = SourceFile(path)
+    entries, start = parse(src.read, src.size, str(path))
+    return {e.name: OnDisk(src, start + e.begin, e.shape, e.dtype, name=e.name) for e in entries}
 
 
 def file_size(specs: list[TensorSpec], metadata: Optional[dict[str, str]] = None) -> int:

@@ -1,18 +1,16 @@
 """An uncompressed tar read in place: Mistral ships its releases as plain `.tar` downloads
 (docs/formats.md, "mistral-inference folders and .tar downloads"), and a member's bytes are
-contiguous in the archive, so its tensors can be mapped where they lie instead of being extracted first.
+contiguous in the archive, so its tensors can be read where they lie instead of being extracted first.
 
 `open_tar` lists the members (tar headers only: `tarfile` seeks past the data), refusing a
-compressed archive with what to do instead; an `Archive` maps the file once (read-only) and
-gives a member's bytes (small files) or tensor views at an offset inside it.
+compressed archive with what to do instead; an `Archive` opens the file once for positioned
+reads (`io.reads`) and gives a member's bytes (small files) or tensors at an offset inside it.
 """
 
 from __future__ import annotations
 
-import mmap
 import posixpath
 import tarfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +18,8 @@ from typing import Optional
 import torch
 
 from ..errors import ConvertError
+from ..io.lazy import OnDisk
+from ..io.reads import SourceFile
 
 # compressed tars: the suffixes they go by, and the magic bytes they start with
 COMPRESSED_SUFFIXES = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bzip2", ".tbz2": "bzip2", ".tbz": "bzip2",
@@ -57,36 +57,11 @@ class Member:
         return self.info.offset_data
 
 
-class Mapping:
-    """A file mapped read-only, once: tensors are views of it at byte offsets."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._mm: Optional[mmap.mmap] = None
-
-    def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A view of the tensor stored at `offset` (nothing is read until it is touched; then
-        only those pages)."""
-        count = 1
-        for s in shape:
-            count *= s
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():  # the mapping is read-only; nothing writes to a source tensor
-            warnings.simplefilter("ignore")
-            t = torch.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
-        return t.view(shape)
-
-
 class Archive:
     """The members of an uncompressed tar, and their bytes in place."""
 
-    def __init__(self, path: Path, size: int, members: dict[str, Member]):
-        self.path, self.size, self.members = path, size, members
-        self.mapping = Mapping(path)
+    def __init__(self, path: Path, size: int, members: dict[str, Member], src: SourceFile):
+        self.path, self.size, self.members, self.src = path, size, members, src
 
     def member(self, name: str) -> Member:
         """A member whose bytes are all in the archive, contiguous (a plain regular file)."""
@@ -105,13 +80,11 @@ class Archive:
     def read(self, m: Member, offset: int = 0, n: Optional[int] = None) -> bytes:
         """Bytes [offset, offset + n) of member m (default: to its end)."""
         n = m.size - offset if n is None else min(n, m.size - offset)
-        with open(self.path, "rb") as f:
-            f.seek(m.offset + offset)
-            return f.read(max(n, 0))
+        return self.src.read(m.offset + offset, max(n, 0))
 
-    def tensor(self, m: Member, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A view of the tensor stored at `offset` inside member m."""
-        return self.mapping.tensor(m.offset + offset, dtype, shape)
+    def tensor(self, m: Member, offset: int, dtype: torch.dtype, shape: tuple[int, ...], name: str = "?") -> OnDisk:
+        """The tensor stored at `offset` inside member m, as a description of where it lies."""
+        return OnDisk(self.src, m.offset + offset, shape, dtype, name=name)
 
 
 def _plain_name(name: str) -> str:
@@ -136,7 +109,8 @@ def open_tar(path: Path) -> Archive:
         raise ConvertError(f"{path}: compressed tar ({kind}), whose members cannot be read in place: extract it "
                            f"first (tar -xf {path.name}) and pass the directory, or decompress it to a plain .tar "
                            f"({DECOMPRESS[kind]} -c {path.name} > {_plain_name(path.name)}) and pass that")
-    size = path.stat().st_size
+    src = SourceFile(path)  # its identity is recorded before anything of it is read
+    size = src.size
     members: dict[str, Member] = {}
     try:
         with tarfile.open(path, "r:") as tf:
@@ -153,7 +127,7 @@ def open_tar(path: Path) -> Archive:
                            "tar") from None
     if not members:
         raise ConvertError(f"{path}: an empty tar archive (or not a tar); expected Mistral's release download")
-    return Archive(path, size, members)
+    return Archive(path, size, members, src)
 
 
 def listing(path: Path) -> list[dict]:

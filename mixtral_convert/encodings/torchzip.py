@@ -1,10 +1,12 @@
 """Reading and writing torch's zip checkpoint format without holding tensors in memory.
 
-Reading: `load_lazy` maps the file (torch.load with mmap=True, weights_only=True): tensors are
-views of the page cache, read only when touched; nothing but tensors is ever unpickled. The
-zip's structure and every storage's record are checked first (`zipcheck`), so a damaged file
-is one ConvertError, never a traceback or a view of bytes the file does not hold there.
-`check_checkpoint` (concat's check of a joined file) adds a full torch.load.
+Reading: `read_tensors` describes every tensor (its record's offset, shape, dtype, strides)
+from data.pkl, unpickled by torch's weights-only unpickler with stand-in storages: nothing but
+tensors is ever unpickled, and no tensor byte is read until a block is asked for, then by a
+positioned read (`io.reads`). The zip's structure and every storage's record are checked first
+(`zipcheck`), so a damaged file is one ConvertError, never a traceback or a read of bytes the
+file does not hold there. `check_checkpoint` (concat's check of a joined file) adds a full
+torch.load (mmap=True, which reads no tensor data).
 
 Writing: `write_checkpoint` streams a `{name: tensor}` file record by record. The small
 `data.pkl` (the dict of tensor descriptions) is pickled from stubs that reduce exactly as
@@ -22,7 +24,6 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import struct
 import zlib
 
@@ -36,9 +37,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..errors import ConvertError
-from ..io.lazy import Stored, TensorSpec
+from ..io.lazy import OnDisk, TensorSpec, materialize
 from ..io.pipeline import Worker, write_all
-from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, zip_layout, zip_records  # noqa: F401
+from ..io.reads import SourceFile, span
+from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, meta_tensors, zip_layout, zip_records  # noqa: F401
 
 # (Record and zip_records are re-exported: verify's tests and concat import them from here)
 
@@ -49,47 +51,46 @@ ZIP64_LIMIT = _U32  # sizes/offsets at or past this use zip64 records (tests low
 
 
 # ----------------------------------------------------------------------------- reading
-def load_lazy(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a torch zip checkpoint, as mmap-backed views; refuses anything else.
-    The zip's structure is checked first (`zip_layout`) and every storage against the size of
-    its record before any view is handed out: damage is a one-line ConvertError, never a view
-    of bytes the file does not hold there."""
+def read_tensors(path: Path) -> dict[str, OnDisk]:
+    """Every tensor of a torch zip checkpoint as a description of where its bytes lie (record
+    offset, shape, dtype, strides), read later by positioned reads; refuses anything else. The
+    zip's structure is checked first (`zip_layout`), then data.pkl is unpickled by the
+    weights-only unpickler with stand-in storages (no tensor data is read), and every tensor
+    must lie inside its record: damage is a one-line ConvertError, never a read of bytes the
+    file does not hold there."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: not found")
     if not is_zip(path):
         raise ConvertError(f"{path}: not a torch zip checkpoint (no zip end record: truncated, "
                            "or saved in torch's legacy format); re-download it or re-save it with torch.save")
+    src = SourceFile(path)  # its identity is recorded before anything of it is read
     layout = zip_layout(path)
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is a page of advice; keep what names the refused object
-        m = re.search(r"(?:unsupported|Unsupported) (?:global|GLOBAL|operand) ?:? ?(?:GLOBAL )?([\w.]+)", str(e))
-        first = (f"it would call {m.group(1)}" if m and "." in m.group(1) else
-                 next((ln for ln in str(e).splitlines() if ln.strip() and "Weights only load failed" not in ln),
-                      "not allowed by weights_only"))
-        raise ConvertError(f"{path}: refused to load: it holds objects other than tensors "
-                           f"({first[:160]}); only plain tensor checkpoints are accepted") from None
-    except OSError as e:
-        raise ConvertError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
-    except Exception as e:  # its zip holds together, so what fails is damaged content
-        raise DamagedZip(path, f"torch.load failed: {first_line(e)}") from None
-    check_storages(path, layout)
+    obj, records = meta_tensors(path, layout)
+    order = layout.records.get(layout.prefix + "byteorder")
+    if order is not None and src.read(order.data_offset, order.size) == b"big":
+        raise ConvertError(f"{path}: saved on a big-endian machine; re-save it with torch.save on a little-endian one")
     if isinstance(obj, dict) and set(obj) == {"model"} and isinstance(obj["model"], dict):
         obj = obj["model"]  # Accessory also writes {"model": state_dict}
     if not isinstance(obj, dict):
         raise ConvertError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    out: dict[str, OnDisk] = {}
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise ConvertError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
                                "expected a flat dict of tensors")
-    return obj
+        rec = records[v.untyped_storage()._cdata]
+        start = v.storage_offset() * v.element_size()
+        if start + span(tuple(v.shape), v.stride()) * v.element_size() > rec.size:
+            raise DamagedZip(path, f"tensor {k!r} reaches past the end of its record {rec.name}")
+        out[k] = OnDisk(src, rec.data_offset + start, tuple(v.shape), v.dtype, v.stride(), k)
+    return out
 
 
-def read_tensors(path: Path) -> dict[str, Stored]:
-    """`load_lazy`'s tensors as lazy tensors."""
-    return {k: Stored(t, k) for k, t in load_lazy(path).items()}
+def load_lazy(path: Path) -> dict[str, torch.Tensor]:
+    """`read_tensors`, every tensor read whole into memory (tests and the forward's callers
+    that want plain tensors of a small file)."""
+    return {k: materialize(v) for k, v in read_tensors(path).items()}
 
 
 # ----------------------------------------------------------------------------- checking a whole file

@@ -7,8 +7,8 @@ directory says and with the same name, stored (not compressed), inside the file 
 where its data descriptor (or its local header) says, no two records overlapping; and the
 CRC-32 of data.pkl and of the other small records (byteorder, version, ...), so a damaged
 pickle is refused rather than misread. `check_storages` then checks that every storage
-data.pkl names has a record holding the bytes its tensors need, so no mapped view reaches
-past its record (or past the end of a truncated file, which would SIGBUS on read).
+data.pkl names has a record holding the bytes its tensors need, so no tensor is read past
+its record (or past the end of a truncated file).
 
 Used by `torchzip.load_lazy` before it hands out views, and by `torchzip.check_checkpoint`
 (concat's check of a joined file). Every failure is a `DamagedZip` (a ConvertError) whose
@@ -21,6 +21,7 @@ import contextlib
 import errno
 import io
 import os
+import pickle
 import re
 import struct
 import zipfile
@@ -194,7 +195,10 @@ def zip_layout(path: Path) -> Layout:
 
 def check_storages(path: Path, layout: Layout) -> dict[str, int]:
     """Every storage data.pkl names has its record, holding at least the bytes its tensors need."""
-    needs = _storage_needs(path, layout.pkl)
+    return _checked_needs(path, layout, _unpickle_meta(path, layout.pkl)[1])
+
+
+def _checked_needs(path: Path, layout: Layout, needs: dict[str, int]) -> dict[str, int]:
     for key, nbytes in needs.items():
         name = f"{layout.prefix}data/{key}"
         if name not in layout.records:
@@ -204,26 +208,49 @@ def check_storages(path: Path, layout: Layout) -> dict[str, int]:
     return needs
 
 
-def _storage_needs(path: Path, pkl: bytes) -> dict[str, int]:
-    """Bytes each storage record must hold, read from data.pkl with torch's weights-only
-    unpickler (no arbitrary code runs), storages stood in for by 'meta' storages of the right
-    size so that no tensor data is read."""
+class Refused(ConvertError):
+    """data.pkl names an object other than tensors (the weights-only unpickler refused it)."""
+
+
+def meta_tensors(path: Path, layout: Layout) -> tuple[object, dict[int, Record]]:
+    """data.pkl unpickled by torch's weights-only unpickler (no arbitrary code runs) with every
+    storage stood in for by a 'meta' storage of the right size, so that no tensor data is read:
+    (the object, {id of a tensor's storage: the record holding its bytes}). Each record is checked
+    to hold its storage's bytes (`check_storages`)."""
+    obj, needs, keys = _unpickle_meta(path, layout.pkl, refuse=True)
+    _checked_needs(path, layout, needs)
+    return obj, {cdata: layout.records[f"{layout.prefix}data/{key}"] for cdata, key in keys.items()}
+
+
+def _unpickle_meta(path: Path, pkl: bytes, refuse: bool = False):
+    """(object, bytes each storage record must hold, {storage id: key}) of data.pkl, storages
+    stood in for by 'meta' storages of the right size."""
     from torch import _weights_only_unpickler
 
     needs: dict[str, int] = {}
+    keys: dict[int, str] = {}
+    alive = []  # the stand-ins stay alive while their ids are in use
 
     def persistent_load(saved_id):
         _, storage_type, key, _location, numel = saved_id
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         nbytes = numel * torch._utils._element_size(dtype)
         needs[key] = max(needs.get(key, 0), nbytes)
-        return torch.storage.TypedStorage(
-            wrap_storage=torch.UntypedStorage(nbytes, device="meta"), dtype=dtype, _internal=True)
+        untyped = torch.UntypedStorage(nbytes, device="meta")
+        alive.append(untyped)
+        keys[untyped._cdata] = key
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
     try:
         up = _weights_only_unpickler.Unpickler(io.BytesIO(pkl), encoding="utf-8")
         up.persistent_load = persistent_load
-        up.load()
+        obj = up.load()
     except Exception as e:
+        if refuse and isinstance(e, pickle.UnpicklingError) and re.search(r"[Uu]nsupported|not an allowed", str(e)):
+            m = re.search(r"(?:unsupported|Unsupported) (?:global|GLOBAL|operand) ?:? ?(?:GLOBAL )?([\w.]+)", str(e))
+            first = (f"it would call {m.group(1)}" if m and "." in m.group(1) else
+                     next((ln for ln in str(e).splitlines() if ln.strip()), "not allowed by weights_only"))
+            raise Refused(f"{path}: refused to load: it holds objects other than tensors ({first[:160]}); only "
+                          "plain tensor checkpoints are accepted") from None
         raise DamagedZip(path, f"data.pkl does not unpickle: {first_line(e)}") from None
-    return needs
+    return obj, needs, keys

@@ -26,6 +26,7 @@ from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader, quants
 from ..encodings.gguf import TORCH_TYPES
 from ..errors import ConvertError
 from ..io.lazy import Lazy
+from ..io.reads import SourceFile
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, TokenizerRef, check_tensors
 from .gguf import ARCH, FILE_TYPE_NAMES, NAME_TABLE, SPLIT_RE
@@ -34,11 +35,16 @@ T = GGMLQuantizationType
 
 
 class GgufTensor(Lazy):
-    """Rows of a tensor of a mapped GGUF file (one expert's slice of a stacked one), copied out as
-    stored, or dequantized to float32 a block of rows at a time."""
+    """Rows of a tensor of a GGUF file (one expert's slice of a stacked one), read by positioned
+    reads (`io.reads`: a truncated or failing file is one line, not a SIGBUS) and copied out as
+    stored, or dequantized to float32 a block of rows at a time. `offset` is its first byte in
+    `file`; `raw` the numpy dtype and trailing shape of one row as the file stores it (bytes of
+    quantized blocks for a quantized type)."""
 
-    def __init__(self, data: np.ndarray, ggml_type, shape: tuple[int, ...], name: str, dequantize: bool):
-        self.data, self.ggml_type, self.shape, self.name = data, ggml_type, tuple(shape), name
+    def __init__(self, file: SourceFile, offset: int, raw: tuple[np.dtype, tuple[int, ...]], ggml_type,
+                 shape: tuple[int, ...], name: str, dequantize: bool):
+        self.file, self.offset, self.raw = file, offset, raw
+        self.ggml_type, self.shape, self.name = ggml_type, tuple(shape), name
         self.stored = ggml_type in TORCH_TYPES
         self.dtype = TORCH_TYPES[ggml_type] if self.stored else torch.float32
         if not self.stored and not dequantize:
@@ -48,9 +54,11 @@ class GgufTensor(Lazy):
     def read(self, r0, r1, c0=None, c1=None):
         if not self.shape:
             r0, r1 = 0, 1
-        block = np.ascontiguousarray(self.data[r0:r1] if self.shape else self.data.reshape(1))
+        np_dtype, row = self.raw
+        block = np.empty((r1 - r0,) + row, dtype=np_dtype)
+        self.file.read_into(self.offset + r0 * block[:1].nbytes, block.view(np.uint8).reshape(-1))
         if self.stored:
-            t = torch.from_numpy(block.view(np.uint8).copy()).view(self.dtype).reshape((r1 - r0,) + self.shape[1:])
+            t = torch.from_numpy(block.view(np.uint8)).view(self.dtype).reshape((r1 - r0,) + self.shape[1:])
         else:
             t = torch.from_numpy(quants.dequantize(block, self.ggml_type).astype(np.float32))
         return t if c0 is None else t[:, c0:c1]
@@ -136,6 +144,7 @@ def tensors_of(paths: list[Path], dequantize: bool = False):
     canonical: dict[str, Lazy] = {}
     stored = {}
     for p, r in zip(paths, readers, strict=True):
+        src = SourceFile(p)  # tensor data is read from here, not from the reader's mapping
         for t in r.tensors:
             hit = next(((m, c) for rx, c in pats if (m := rx.match(t.name))), None)
             if hit is None:
@@ -145,12 +154,16 @@ def tensors_of(paths: list[Path], dequantize: bool = False):
             stored[t.name] = (t, shape)
             L = m.groupdict().get("L")
             if "{e}" in canon:
+                step = t.data[0].nbytes  # one expert's bytes
                 for e in range(shape[0]):
                     name = canon.format(L=L, e=e)
-                    canonical[name] = GgufTensor(t.data[e], t.tensor_type, shape[1:], name, dequantize)
+                    canonical[name] = GgufTensor(src, int(t.data_offset) + e * step, (t.data.dtype, t.data.shape[2:]),
+                                                 t.tensor_type, shape[1:], name, dequantize)
             else:
                 name = canon.format(L=L)
-                canonical[name] = GgufTensor(t.data, t.tensor_type, shape, name, dequantize)
+                row = t.data.shape[1:] if t.data.ndim else ()
+                canonical[name] = GgufTensor(src, int(t.data_offset), (t.data.dtype, row), t.tensor_type, shape,
+                                             name, dequantize)
     return cfg, canonical, stored, readers
 
 

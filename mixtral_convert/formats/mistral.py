@@ -8,8 +8,8 @@ read in place (nothing extracted).
   `consolidated.00.pth` (or `consolidated.NN.pt`) is ambiguous and refused, as mistral-inference
   refuses it.
 - `open_archive` reads a `.tar` (top-level files or one folder): the safetensors header is
-  parsed from the member's bytes and every tensor is a read-only view of the archive's mapping
-  at the member's offset; params.json is read from it, and the tokenizer is copied into memory
+  parsed from the member's bytes and every tensor is read from the archive at the member's
+  offset by positioned reads; params.json is read from it, and the tokenizer is copied into memory
   (a memfd, gone with the process) so that writers can copy it like a file.
 - The tokenizer: the first present of `TOKENIZERS`; the output always carries it as
   `tokenizer.model`. `tekken.json` alone (not SentencePiece) leaves none, with the message saying
@@ -72,9 +72,7 @@ def open_dir(path: Path, names: set[str]) -> Checkpoint:
         raise ConvertError(f"{path / PARAMS}: not found; mistral-inference releases ship params.json beside "
                            f"{SAFETENSORS}")
     cfg = ModelConfig.from_json_file(path / PARAMS)
-    entries, start = stheader.parse_file(f)  # OSError becomes a one-line ConvertError there
-    mapping = tarball.Mapping(f)
-    tensors = {e.name: mapping.tensor(start + e.begin, e.dtype, e.shape) for e in entries}
+    tensors = stheader.read_tensors(f)  # OSError becomes a one-line ConvertError there
     tok_name = pick_tokenizer(names)
     tok = TokenizerRef(path / tok_name) if tok_name else TokenizerRef(missing=_no_tokenizer(str(path), names, cfg))
     return _checkpoint(path, cfg, [f], tensors, str(f), tok, LABEL)
@@ -138,7 +136,7 @@ def open_archive(path: Path) -> Checkpoint:
     st = ar.member(inside[SAFETENSORS])
     where = f"{path}:{st.name}"
     entries, start = stheader.parse(lambda off, n: ar.read(st, off, n), st.size, where)
-    tensors = {e.name: ar.tensor(st, start + e.begin, e.dtype, e.shape) for e in entries}
+    tensors = {e.name: ar.tensor(st, start + e.begin, e.dtype, e.shape, e.name) for e in entries}
     return _checkpoint(path, cfg, [path], tensors, where, _archive_tokenizer(path, ar, inside, names, cfg),
                        f"{LABEL}, read in place from an uncompressed tar")
 

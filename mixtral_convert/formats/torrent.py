@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..encodings.torchzip import checkpoint_size, load_lazy, write_checkpoint
+from ..encodings.torchzip import checkpoint_size, read_tensors, write_checkpoint
 from ..errors import ConvertError
 from ..io.atomic import fsync_all, json_bytes, write_small
-from ..io.lazy import Stored, TensorSpec
+from ..io.lazy import Lazy, OnDisk, Stored, TensorSpec
 from ..io.prefetch import file_producer
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, Reader, Target, TokenizerRef, check_tensors, find_tokenizer
@@ -38,7 +38,7 @@ def open_consolidated(path: Path, names: list[str]) -> Checkpoint:
     files = [path / n for n in names]
     tensors: dict = {}
     for f in files:
-        for k, v in load_lazy(f).items():
+        for k, v in read_tensors(f).items():
             if k in tensors:
                 raise ConvertError(f"{f}: tensor '{k}' is also in another consolidated file; "
                                    "remove the stale copy")
@@ -50,13 +50,14 @@ def open_consolidated(path: Path, names: list[str]) -> Checkpoint:
     return Checkpoint(path, kind, cfg, files, TokenizerRef(find_tokenizer(path)), canonical, label=label)
 
 
-def canonical_of(cfg: ModelConfig, tensors: dict, where: str) -> dict[str, Stored]:
+def canonical_of(cfg: ModelConfig, tensors: dict, where: str) -> dict[str, Lazy]:
     """Torrent-named tensors (fused block_sparse_moe ones unfused into views) as the canonical lazy
     tensors, checked against the config: what every params.json format's reader ends with."""
     if is_fused(tensors):
         tensors = unfuse(cfg, tensors, where)
     check_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, where)
-    return {k: Stored(tensors[k], k) for k in cfg.canonical_shapes()}
+    return {k: tensors[k].named(k) if isinstance(tensors[k], OnDisk) else Stored(tensors[k], k)
+            for k in cfg.canonical_shapes()}
 
 
 def _consolidated_names(names: set[str]) -> list[str]:

@@ -14,7 +14,7 @@ Two ways in:
 - otherwise `launch` starts N worker processes (`python -m mixtral_convert.forward.distributed SPEC`)
   with the same environment torchrun would give them (MASTER_ADDR 127.0.0.1, a free port),
   waits, stops the others if one fails, and reads rank 0's result back.
-A rank opens only its own shard file (mmap): the directory's meta.json and config.json give the
+A rank opens only its own shard file (positioned reads): the directory's meta.json and config.json give the
 layout and model, the file names give N, and the plan gives what that file must hold.
 """
 

@@ -174,7 +174,7 @@ def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dty
         raise ValueError(f"tokens must be [B, S], got shape {tuple(tokens.shape)}")
     cos, sin = rope_angles(tokens.shape[1], cfg.head_dim, cfg.rope_theta, device=device)
 
-    # Embedding: gather only the rows needed (the table may be an mmap view).
+    # Embedding: gather only the rows needed.
     h = get("tok_embeddings.weight")[tokens.cpu()].to(device=device, dtype=dtype)
 
     for L in range(cfg.n_layers):

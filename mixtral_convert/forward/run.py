@@ -2,7 +2,7 @@
 
 PATH is a source checkpoint (the reference forward of reference.py over its canonical tensors) or a
 converted Accessory directory (the sharded forward of sharded.py: every rank's share from its
-own shard file, mmap'd, combined as tensor parallelism would). With `distributed`, the ranks
+own shard file, read by positioned reads, combined as tensor parallelism would). With `distributed`, the ranks
 run as separate processes over torch.distributed (distributed.py). Everything runs layer by
 layer: one layer's weights (one expert at a time) are on the device at once.
 

@@ -4,7 +4,8 @@ Before anything is written: the output must be absent, empty, or (with --force) 
 that looks like a checkpoint but was not written by this tool; the disk must have room for it.
 The temporary sibling `.<out>.mixtral-convert-partial` carries a marker file, locked while its
 run lives, so a later run recognises one left by a killed run as its own and removes it, and
-refuses to touch one a live run is writing. On success it is renamed into place; on any error
+refuses to touch one a live run is writing. On success, once the source files are checked to be
+what they were when they were opened (io.reads: size, mtime_ns, inode), it is renamed into place; on any error
 or interrupt it is removed, and an OSError while writing (ENOSPC above all) becomes one line
 naming the output, with the bytes needed against the bytes free.
 
@@ -23,10 +24,11 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from ..errors import ConvertError
 from . import manifest as mf
+from . import reads
 from .manifest import MANIFEST, OUTPUT_SUFFIXES
 from .progress import human_bytes
 
@@ -248,9 +250,13 @@ def preflight(out: Path, force: bool = False, need_bytes: int = 0, dry: bool = F
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0,
+                      sources: Iterable[reads.SourceFile] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it becomes `out`, on any failure or
-    interrupt it is removed. Everything is checked before anything is created."""
+    interrupt it is removed. Everything is checked before anything is created; right before the
+    rename, every file of `sources` must still be the file it was when it was opened (else
+    `reads.SourceChanged`, and nothing is published)."""
+    sources = list(sources)
     pf = preflight(out, force, need_bytes)
     out, base, free0, ours, prev = pf.out, pf.base, pf.free, pf.ours, pf.prev
     tmp, old = _temp_for(out), _old_for(out)
@@ -274,6 +280,7 @@ def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0) -> It
     try:
         yield tmp
         with _signals_blocked():
+            reads.check_unchanged(sources)
             _commit(tmp, out, old, ours, prev)
     except BaseException as e:
         free_now = _free(base)
@@ -389,12 +396,15 @@ def write_manifest(tmp: Path, files: dict[str, dict], _name: str = MANIFEST, **i
 
 
 @contextmanager
-def atomic_file(path: Path, tmp: Optional[Path] = None) -> Iterator[Path]:
+def atomic_file(path: Path, tmp: Optional[Path] = None, sources: Iterable[reads.SourceFile] = ()) -> Iterator[Path]:
     """Yield a temporary sibling path (`tmp`, or a hidden name with this process's id); it
-    replaces `path` on success and is removed on failure or interrupt."""
+    replaces `path` on success (once every file of `sources` is checked unchanged, as for
+    `atomic_output_dir`) and is removed on failure or interrupt."""
     tmp = tmp if tmp is not None else path.parent / f".{path.name}.{os.getpid()}{MARKER}"
+    sources = list(sources)
     try:
         yield tmp
+        reads.check_unchanged(sources)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

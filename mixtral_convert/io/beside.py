@@ -16,10 +16,10 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..errors import ConvertError
-from . import atomic
+from . import atomic, reads
 from . import manifest as mf
 from .atomic import Preflight
 
@@ -73,9 +73,12 @@ def preflight(out: Path, names: list[str], force: bool = False, need_bytes: int 
 
 
 @contextmanager
-def atomic_output_files(out: Path, names: list[str], force: bool = False, need_bytes: int = 0) -> Iterator[Path]:
+def atomic_output_files(out: Path, names: list[str], force: bool = False, need_bytes: int = 0,
+                        sources: Iterable[reads.SourceFile] = ()) -> Iterator[Path]:
     """Yield a temporary directory to write `names` (and the manifest, `manifest_name(out)`) into;
-    on success they are renamed beside `out`, on any failure or interrupt it is removed."""
+    on success they are renamed beside `out` (once every file of `sources` is checked unchanged,
+    as for atomic.atomic_output_dir), on any failure or interrupt it is removed."""
+    sources = list(sources)
     pf = preflight(out, names, force, need_bytes)
     out = pf.out
     tmp = atomic._temp_for(out)
@@ -96,6 +99,7 @@ def atomic_output_files(out: Path, names: list[str], force: bool = False, need_b
     try:
         yield tmp
         with atomic._signals_blocked():
+            reads.check_unchanged(sources)
             _commit(tmp, out, list(names), pf.ours)
     except BaseException as e:
         free_now = atomic._free(pf.base)

@@ -1,17 +1,20 @@
 """Tensors that are read a block at a time.
 
 A `Lazy` tensor has a shape and a dtype and gives any block of rows (and optionally a column
-range) on demand. `Stored` wraps a tensor mapped from a file (reading touches only those
-pages). `Assembled` is a tensor defined as placements of regions of other lazy tensors,
-optionally transposed: a shard tensor is assembled from canonical tensors (split), a
-canonical tensor from shard tensors (merge), and the two compose (reshard). The writer and
-the verifier only ever ask for bounded blocks, so nothing holds a whole checkpoint.
+range) on demand. `OnDisk` is a tensor as it lies in a source file: the file, the byte offset
+of its first element, its shape, dtype and element strides; reading a region asks the read
+layer (`io.reads`, the one place where bytes come off the disk) for exactly those bytes.
+`Stored` wraps a tensor already in memory. `Assembled` is a tensor defined as placements of
+regions of other lazy tensors, optionally transposed: a shard tensor is assembled from
+canonical tensors (split), a canonical tensor from shard tensors (merge), and the two compose
+(reshard). The writer and the verifier only ever ask for bounded blocks, so nothing holds a
+whole checkpoint.
 
 `TensorSpec` is what a writer needs to know of a tensor before its bytes arrive (name, shape,
 dtype), and `tensor_bytes` turns a block into the buffer a writer takes.
 
 These types are pure data: they read only when asked for a block, start no threads and make
-no kernel calls; read-ahead and background production live in `io.prefetch`.
+no kernel calls of their own; read-ahead and background production live in `io.prefetch`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import ConvertError
+from . import reads
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
+BAND_BLOCKS = 4  # blocks of a transposed placement read in one band (Assembled._transposed_blocks)
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,58 @@ class Lazy:
             yield self.read(r0, r1)
 
 
+class OnDisk(Lazy):
+    """A tensor as it lies in a source file: `file` (an `io.reads.SourceFile`), the byte
+    `offset` of its first element, `shape`, `dtype` and element `strides` (row-major when not
+    given). Row slices and the transpose are descriptions too (the fused format's experts are
+    row views and transposed row views of one tensor); nothing is read until a block is asked for."""
+
+    def __init__(self, file, offset: int, shape, dtype: torch.dtype, strides=None, name: str = "?"):
+        self.file, self.offset, self.shape, self.dtype, self.name = file, offset, tuple(shape), dtype, name
+        self.strides = tuple(strides) if strides is not None else reads.contiguous_strides(self.shape)
+
+    def named(self, name: str) -> "OnDisk":
+        return OnDisk(self.file, self.offset, self.shape, self.dtype, self.strides, name)
+
+    def __getitem__(self, rows: slice) -> "OnDisk":
+        """Rows [start, stop) (a view, as torch's t[a:b])."""
+        a, b, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("only contiguous row slices")
+        b = max(a, b)
+        return OnDisk(self.file, self.offset + a * self.strides[0] * self.dtype.itemsize,
+                      (b - a,) + self.shape[1:], self.dtype, self.strides, self.name)
+
+    def t(self) -> "OnDisk":
+        """The transpose of a 2-D tensor (a view)."""
+        return OnDisk(self.file, self.offset, self.shape[::-1], self.dtype, self.strides[::-1], self.name)
+
+    def _region(self, r0, r1, c0=None, c1=None) -> tuple[int, tuple[int, ...]]:
+        """(byte offset, shape) of rows [r0, r1) and columns [c0, c1) (all when None)."""
+        if not self.shape:
+            return self.offset, ()
+        item, shape = self.dtype.itemsize, list(self.shape)
+        off = self.offset + r0 * self.strides[0] * item
+        shape[0] = r1 - r0
+        if c0 is not None:
+            off += c0 * self.strides[1] * item
+            shape[1] = c1 - c0
+        return off, tuple(shape)
+
+    def span(self, region: Optional[Region] = None) -> tuple[int, int]:
+        """(byte offset, bytes) of the file range that a region (default: all) lies in."""
+        off, shape = self._region(*region) if region is not None and self.shape else (self.offset, self.shape)
+        return off, (reads.span(shape, self.strides) if shape else 1) * self.dtype.itemsize
+
+    def read(self, r0, r1, c0=None, c1=None):
+        off, shape = self._region(r0, r1, c0, c1)
+        if not shape:
+            return reads.read_view(self.file, off, (1,), (1,), self.dtype)
+        return reads.read_view(self.file, off, shape, self.strides, self.dtype)
+
+
 class Stored(Lazy):
-    """A tensor that exists as such in a file (typically an mmap view from torch.load)."""
+    """A tensor already in memory."""
 
     def __init__(self, tensor: torch.Tensor, name: str = "?"):
         self.t, self.name = tensor, name
@@ -174,12 +229,33 @@ class Assembled(Lazy):
         row_bytes = max(1, self.nbytes // max(self.shape[0], 1))
         step = max(1, block_bytes // row_bytes)
         for p in sorted(self.placements, key=lambda p: p.dst[0]):
+            if p.transpose:
+                yield from self._transposed_blocks(p, step, row_bytes, block_bytes)
+                continue
             for a in range(p.dst[0], p.dst[1], step):
                 yield self.read(a, min(a + step, p.dst[1]))
 
+    def _transposed_blocks(self, p: Placement, step: int, row_bytes: int, block_bytes: int):
+        """A transposed placement's blocks of `step` rows, from bands of up to BAND_BLOCKS blocks
+        read at once: each row of the band is one positioned read for several blocks (a narrow
+        block of a w2 column band would cost one read of a few hundred bytes per source row)."""
+        dr0, dr1, _, _ = p.dst
+        sr0, _, sc0, _ = p.src_region
+        width = self.shape[1]
+        group = step * max(1, min(BAND_BLOCKS, BLOCK_BYTES // max(1, step * row_bytes)))
+        for g in range(dr0, dr1, group):
+            ge = min(g + group, dr1)
+            band = p.src.read(sr0, sr0 + width, sc0 + g - dr0, sc0 + ge - dr0)  # source rows x these columns
+            for a in range(g, ge, step):
+                b = min(a + step, ge)
+                out = torch.empty((b - a, width), dtype=self.dtype)
+                _transpose_into(out, band[:, a - g:b - g])
+                yield out
+            del band
+
 
 def materialize(lz: Lazy) -> torch.Tensor:
-    """A lazy tensor as a tensor: the mmap view itself when stored, else read whole (only ever
+    """A lazy tensor as a tensor: the tensor itself when in memory, else read whole (only ever
     one tensor of one layer at a time, as the forward asks for them)."""
     if isinstance(lz, Stored):
         return lz.t
@@ -189,7 +265,7 @@ def materialize(lz: Lazy) -> torch.Tensor:
 class TensorGetter:
     """`name -> tensor` over lazy tensors, keeping the last few it read: the sharded forward asks
     for a stacked expert tensor once per expert, and reading it again each time would multiply
-    the I/O of a file that is not mapped."""
+    the I/O."""
 
     def __init__(self, lazies: dict[str, Lazy], keep: int = 3):
         self.lazies, self.keep = lazies, keep

@@ -2,8 +2,9 @@
 
 `mixtral-convert-manifest.json` records the tool and version, the command, what the output
 is (layout, world size), the source's identity (its path, format, and each source file's size
-and mtime, plus a sha256 where one was already computed), and every output file's size and
-sha256. `verify SHARDS` without `--source` re-hashes the files against it, so corruption after
+and mtime, plus a sha256 where one was already computed; for the files it read, the mtime_ns and
+inode that were checked unchanged before the output was published), and every output file's size
+and sha256. `verify SHARDS` without `--source` re-hashes the files against it, so corruption after
 conversion (bit rot, a truncated or partial copy, an edited or replaced file) is caught without
 the 93 GB source. It guards against accidents, not against someone who also rewrites it.
 
@@ -22,6 +23,7 @@ from typing import Callable, Optional
 
 from .. import __version__
 from ..errors import ConvertError
+from . import reads
 
 MANIFEST = "mixtral-convert-manifest.json"
 TOOL = "mixtral-convert"
@@ -43,25 +45,39 @@ def sha256_file(path: Path, advance: Optional[Callable[[int], None]] = None) -> 
     return h.hexdigest()
 
 
+CHECKED = ("size, mtime_ns and inode of every source file read, recorded when it was opened and found unchanged "
+           "right before this output was renamed into place")
+
+
 def source_identity(source: dict) -> dict:
     """Normalise a source description: `files` maps each source file name to {size, mtime}
-    (from the file as it is now) and keeps a sha256 when the caller already computed one.
+    and keeps a sha256 when the caller already computed one. A file this process read (io.reads)
+    gets the identity recorded when it was opened (size, mtime, mtime_ns, inode), which the
+    output's rename was conditional on (`checked` says so); any other, the file as it is now.
     Cheap: nothing is read."""
     source = dict(source)
     root = Path(source.get("path", "."))
-    files = {}
+    files, checked = {}, False
     for name, entry in (source.get("files") or {}).items():
         entry = dict(entry) if isinstance(entry, dict) else {"size": entry}
+        path = root if root.name == name and root.is_file() else root / name  # an archive is its own file
+        seen = reads.identity_of(path)
         try:
-            st = (root / name).stat()
-            entry.setdefault("size", st.st_size)
-            entry["mtime"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(st.st_mtime)) + \
-                f".{st.st_mtime_ns % 1_000_000_000:09d}Z"
+            size, mtime_ns = (seen.size, seen.mtime_ns) if seen is not None else \
+                ((st := path.stat()).st_size, st.st_mtime_ns)
+            entry.setdefault("size", size)
+            entry["mtime"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(mtime_ns // 1_000_000_000)) + \
+                f".{mtime_ns % 1_000_000_000:09d}Z"
         except OSError:
             pass
+        if seen is not None:
+            entry.update(mtime_ns=seen.mtime_ns, inode=seen.inode)
+            checked = True
         files[name] = entry
     if files:
         source["files"] = files
+    if checked:
+        source["checked"] = CHECKED
     return source
 
 

@@ -1,9 +1,8 @@
-"""Getting bytes off the disk ahead of the writer: kernel read-ahead of mapped ranges, and
+"""Getting bytes off the disk ahead of the writer: kernel read-ahead of source ranges, and
 blocks produced on a second thread.
 
-- `readahead` / `warm`: ask the kernel (madvise WILLNEED) to start reading the file pages behind
-  an mmap'd view, or behind every source region of a lazy tensor, so that the disk reads while
-  the writer writes.
+- `warm`: ask the kernel (posix_fadvise WILLNEED) to start reading the file range behind every
+  source region of a lazy tensor, so that the disk reads while the writer writes.
 - `prefetched`: the same iterator, produced up to `depth` items ahead by a worker thread that is
   always joined, whatever way the consumer leaves.
 - `file_producer` / `stream`: the block sources the writers consume (one worker per output
@@ -20,12 +19,9 @@ import threading
 from contextlib import closing, contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
-import torch
-
-from .lazy import BLOCK_BYTES, Assembled, Lazy, Region, Stored, TensorSpec, tensor_bytes
+from .lazy import BLOCK_BYTES, Assembled, Cast, Lazy, OnDisk, Region, TensorSpec, tensor_bytes
 from .progress import Progress
 
-_MADV_WILLNEED, _PAGE = 3, 4096
 _libc = None
 
 
@@ -33,9 +29,7 @@ def _lib():
     global _libc
     if _libc is None:
         try:
-            lib = ctypes.CDLL("libc.so.6", use_errno=True)
-            lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _libc = lib
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except (OSError, AttributeError):
             _libc = False
     return _libc or None
@@ -43,9 +37,12 @@ def _lib():
 
 def reuse_freed_blocks() -> None:
     """Let glibc keep freed block-sized buffers for reuse instead of returning them to the OS:
-    a fresh mmap'd buffer costs a page fault per 4 KiB on first touch, which slows every copy
-    (docs/performance.md), in one heap for all threads. Resident memory stays bounded by the
-    few blocks alive at once. Called once by the CLI's entry point, before any thread starts."""
+    a fresh buffer costs a page fault (and the kernel's zeroing) per 4 KiB on first touch, which
+    slows every read and copy (docs/performance.md), in one heap for all threads; the heap is
+    not trimmed below 64 MiB of free space (freed heap counts as the process's anonymous memory:
+    512 MiB let it grow past the bound). Resident memory stays bounded by the few blocks alive at
+    once; writers working together also call `release_freed_blocks` once per tensor. Called once
+    by the CLI's entry point, before any thread starts."""
     if not sys.platform.startswith("linux") or _lib() is None:
         return
     try:
@@ -59,27 +56,27 @@ def reuse_freed_blocks() -> None:
         pass
 
 
-def readahead(t: torch.Tensor) -> None:
-    """Ask the kernel to start reading the file pages behind an mmap view now (asynchronously).
-    Harmless for ordinary memory."""
-    lib = _lib()
-    if lib is None or t.numel() == 0:
-        return
-    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
-    start = t.data_ptr()
-    end = start + span * t.element_size()
-    a = start - start % _PAGE
-    lib.madvise(a, end - a, _MADV_WILLNEED)
+def release_freed_blocks() -> None:
+    """Give the heap's free pages back to the OS now (malloc_trim): N writers' freed blocks, kept
+    for reuse, would otherwise add up to more than the blocks alive at once."""
+    if _lib() is not None and sys.platform.startswith("linux"):
+        try:
+            _lib().malloc_trim(0)
+        except AttributeError:
+            pass
 
 
 def warm(lazy: Lazy, region: Optional[Region] = None) -> None:
-    """Start reading, in the background, the file pages that `region` (default: all) of `lazy`
-    will need. A hint: nothing happens where nothing mapped is behind it."""
-    if isinstance(lazy, Stored):
-        readahead(lazy.t if region is None or not lazy.shape else lazy.read(*region))
+    """Ask the kernel to start reading, in the background, the file range that `region`
+    (default: all) of `lazy` lies in (posix_fadvise WILLNEED), so that the disk reads while the
+    writer writes. A hint: nothing happens where no file is behind it."""
+    if isinstance(lazy, OnDisk):
+        lazy.file.advise(*lazy.span(region))
     elif isinstance(lazy, Assembled):  # a region of the result maps to the same sources: warm them all
         for p in lazy.placements:
             warm(p.src, p.src_region)
+    elif hasattr(lazy, "base"):  # a cast (the same region) or a row permutation (warmed whole)
+        warm(lazy.base, region if isinstance(lazy, Cast) else None)
 
 
 _DONE = object()
@@ -87,9 +84,9 @@ _DONE = object()
 
 def prefetched(blocks: Iterator, depth: int = 1) -> Iterator:
     """The same items, produced by a second thread up to `depth` ahead of the consumer, so that
-    computing blocks (copies, transposes: torch releases the GIL) overlaps writing them. Views of
-    mapped files are read ahead as they are queued. Close it (`contextlib.closing`) to stop and
-    join the worker at once when the consumer leaves early."""
+    computing blocks (reads, copies, transposes: they release the GIL) overlaps writing them.
+    Close it (`contextlib.closing`) to stop and join the worker at once when the consumer leaves
+    early."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -107,9 +104,6 @@ def prefetched(blocks: Iterator, depth: int = 1) -> Iterator:
     def produce():
         try:
             for b in blocks:
-                for t in (b if isinstance(b, tuple) else (b,)):
-                    if isinstance(t, torch.Tensor):
-                        readahead(t)
                 if not put(b):
                     return
             put(_DONE)
@@ -149,7 +143,6 @@ def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], La
         for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
             warm(ahead)  # the disk reads the next tensor's source while this one is written
         for block in lazies[i].blocks(block_bytes):
-            readahead(block)  # a view of a mapped file: the kernel starts reading it now
             yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
 
 

@@ -343,13 +343,13 @@ def test_streamed_a_block_at_a_time_with_the_same_bytes(src7, ggufs, tmp_path, m
     monkeypatch.setattr(target, "QUANT_BLOCK_BYTES", 1024)
     monkeypatch.setattr(lazy.Lazy.blocks, "__defaults__", (2048,))
     biggest = {"n": 0}
-    real = lazy.Stored.read
+    real = lazy.OnDisk.read  # every source tensor's bytes come off the disk here
 
     def read(self, r0, r1, c0=None, c1=None):
         out = real(self, r0, r1, c0, c1)
         biggest["n"] = max(biggest["n"], out.numel() * out.element_size())
         return out
-    monkeypatch.setattr(lazy.Stored, "read", read)
+    monkeypatch.setattr(lazy.OnDisk, "read", read)
     for dtype in ("q8_0", "bfloat16"):
         out = merge_gguf(src7, tmp_path / f"{dtype}.gguf", dtype)
         assert out.read_bytes()[-1000:] == ggufs[dtype].read_bytes()[-1000:]
