@@ -17,7 +17,6 @@ and 32 int8), the same bytes for the same rows however the tensor is cut into ro
 from __future__ import annotations
 
 import math
-import os
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
@@ -28,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERS
 from gguf import GGUFValueType as V
 
 from ..errors import ConvertError
-from ..io.pipeline import write_all
+from ..io.pipeline import write_file
 
 T = GGMLQuantizationType
 TORCH_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}  # stored as-is
@@ -128,27 +127,4 @@ def write_gguf(path, metadata: dict[str, Value], tensors: Sequence[TensorInfo],
                produce: Callable[[TensorInfo], Iterator], fsync: bool = True, hasher=None) -> int:
     """Write a GGUF file; `produce(info)` yields the tensor's bytes in order (exactly `nbytes`).
     `hasher` (hashlib-like) sees every byte in order. Returns the file size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    pos = 0
-
-    def write(data) -> None:
-        nonlocal pos
-        view = memoryview(data).cast("B")
-        if hasher is not None:
-            hasher.update(view)
-        pos += write_all(fd, view)
-
-    try:
-        write(header_bytes(metadata, tensors))
-        for t in tensors:
-            start = pos
-            for chunk in produce(t):
-                write(chunk)
-            if pos - start != t.nbytes:
-                raise AssertionError(f"tensor {t.name}: produced {pos - start} bytes, expected {t.nbytes}")
-            write(b"\0" * _pad(t.nbytes))
-        if fsync:
-            os.fsync(fd)
-        return pos
-    finally:
-        os.close(fd)
+    return write_file(path, header_bytes(metadata, tensors), tensors, produce, fsync, hasher, pad=_pad)

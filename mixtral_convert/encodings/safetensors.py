@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from safetensors import safe_open
 
 from ..errors import ConvertError
 from ..io.lazy import Lazy, OnDisk, TensorSpec
-from ..io.pipeline import write_all
+from ..io.pipeline import write_file
 from ..io.reads import SourceFile
 
 DTYPES: dict[str, torch.dtype] = {
@@ -191,26 +190,4 @@ def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[Te
                       fsync: bool = True, hasher=None, metadata: Optional[dict[str, str]] = None) -> int:
     """Write a safetensors file of `specs`; `produce(spec)` yields the tensor's bytes in order.
     `hasher` (hashlib-like) sees every byte of the file in order. Returns the file size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    pos = 0
-
-    def write(data) -> None:
-        nonlocal pos
-        view = memoryview(data).cast("B")
-        if hasher is not None:
-            hasher.update(view)
-        pos += write_all(fd, view)
-
-    try:
-        write(header_bytes(specs, metadata))
-        for spec in specs:
-            start = pos
-            for chunk in produce(spec):
-                write(chunk)
-            if pos - start != spec.nbytes:
-                raise AssertionError(f"tensor {spec.name}: produced {pos - start} bytes, expected {spec.nbytes}")
-        if fsync:
-            os.fsync(fd)
-        return pos
-    finally:
-        os.close(fd)
+    return write_file(path, header_bytes(specs, metadata), specs, produce, fsync, hasher)

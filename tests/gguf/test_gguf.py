@@ -226,8 +226,8 @@ def test_float16_overflow_interrupt_and_full_disk_leave_nothing(src7, tmp_path, 
                        CONTEXT, capsys=capsys)
     assert code == 2 and "layers.1.feed_forward.experts.5.w3.weight" in err and "65504" in err, err
     assert not (tmp_path / "o").exists()
-    import mixtral_convert.encodings.gguf as enc
-    real = enc.os.write
+    import mixtral_convert.io.pipeline as pipe  # the GGUF writer's bytes go through its write_all
+    real = pipe.os.write
     calls = {"n": 0}
 
     def failing(fd, data, exc):
@@ -237,12 +237,12 @@ def test_float16_overflow_interrupt_and_full_disk_leave_nothing(src7, tmp_path, 
         return real(fd, data)
     for exc, code_want in ((OSError(errno.ENOSPC, "No space left on device"), 2), (KeyboardInterrupt(), 130)):
         calls["n"] = 0
-        monkeypatch.setattr(enc.os, "write", lambda fd, data, exc=exc: failing(fd, data, exc))
+        monkeypatch.setattr(pipe.os, "write", lambda fd, data, exc=exc: failing(fd, data, exc))
         code, _, err = cli("merge", src7, "--to", "gguf", "-o", out, "--max-position-embeddings", CONTEXT, "-q",
                            capsys=capsys)
         assert code == code_want, err
         assert not (tmp_path / "o").exists(), list((tmp_path / "o").iterdir())
-    monkeypatch.setattr(enc.os, "write", real)
+    monkeypatch.setattr(pipe.os, "write", real)
 
 
 def test_force_replaces_only_its_own_output(src7, tmp_path, capsys):
