@@ -24,7 +24,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from ..errors import ConvertError
 from . import manifest as mf
@@ -256,10 +256,22 @@ def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0,
     interrupt it is removed. Everything is checked before anything is created; right before the
     rename, every file of `sources` must still be the file it was when it was opened (else
     `reads.SourceChanged`, and nothing is published)."""
-    sources = list(sources)
     pf = preflight(out, force, need_bytes)
-    out, base, free0, ours, prev = pf.out, pf.base, pf.free, pf.ours, pf.prev
-    tmp, old = _temp_for(out), _old_for(out)
+    old = _old_for(pf.out)
+    with staged(pf, need_bytes, sources, lambda tmp: _commit(tmp, pf.out, old, pf.ours, pf.prev)) as tmp:
+        yield tmp
+
+
+@contextmanager
+def staged(pf: Preflight, need_bytes: int, sources: Iterable[reads.SourceFile],
+           commit: Callable[[Path], None]) -> Iterator[Path]:
+    """The marked temporary directory beside `pf.out` (and the missing parents) created and
+    yielded; then every file of `sources` checked unchanged and `commit(tmp)` publishes it, signals
+    blocked. On any failure or interrupt the directory and the parents it created are removed, and
+    an OSError about the output becomes one line (`write_error`)."""
+    sources = list(sources)
+    out = pf.out
+    tmp = _temp_for(out)
     created = []
     p = out.parent
     while not p.exists():
@@ -274,19 +286,19 @@ def atomic_output_dir(out: Path, force: bool = False, need_bytes: int = 0,
         with _signals_blocked():
             _cleanup(tmp, created)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConvertError(f"{out}: no space left on device{_space(need_bytes, free0)}; free some space or "
+            raise ConvertError(f"{out}: no space left on device{_space(need_bytes, pf.free)}; free some space or "
                                "choose another -o") from None
         raise ConvertError(f"{out}: cannot create the output there ({e.strerror or e}); choose another -o") from None
     try:
         yield tmp
         with _signals_blocked():
             reads.check_unchanged(sources)
-            _commit(tmp, out, old, ours, prev)
+            commit(tmp)
     except BaseException as e:
-        free_now = _free(base)
+        free_now = _free(pf.base)
         with _signals_blocked():
             _cleanup(tmp, created)
-        mapped = write_error(e, out, tmp, need_bytes, free0, free_now)
+        mapped = write_error(e, out, tmp, need_bytes, pf.free, free_now)
         if mapped is not None:
             raise mapped from None
         raise

@@ -65,10 +65,7 @@ def preflight(out: Path, names: list[str], force: bool = False, need_bytes: int 
     base = atomic.nearest_existing(out.parent)
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise ConvertError(f"{out}: cannot create the output there (not a writable directory); choose another -o")
-    free0 = atomic._free(base)
-    if need_bytes and free0 is not None and free0 < need_bytes:
-        raise ConvertError(f"{out}: not enough free space on {base}: {need_bytes} bytes needed, {free0} free; free "
-                           "some space or choose another -o")
+    free0 = atomic.check_space(out, base, need_bytes)
     return Preflight(out, base, free0, set(prev), {"files": prev})
 
 
@@ -78,40 +75,9 @@ def atomic_output_files(out: Path, names: list[str], force: bool = False, need_b
     """Yield a temporary directory to write `names` (and the manifest, `manifest_name(out)`) into;
     on success they are renamed beside `out` (once every file of `sources` is checked unchanged,
     as for atomic.atomic_output_dir), on any failure or interrupt it is removed."""
-    sources = list(sources)
     pf = preflight(out, names, force, need_bytes)
-    out = pf.out
-    tmp = atomic._temp_for(out)
-    created = []
-    p = out.parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    lock = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        lock = atomic._mark(tmp)
-    except OSError as e:
-        with atomic._signals_blocked():
-            atomic._cleanup(tmp, created)
-        raise ConvertError(f"{out}: cannot create the output there ({e.strerror or e}); choose another -o") from None
-    try:
+    with atomic.staged(pf, need_bytes, sources, lambda tmp: _commit(tmp, pf.out, list(names), pf.ours)) as tmp:
         yield tmp
-        with atomic._signals_blocked():
-            reads.check_unchanged(sources)
-            _commit(tmp, out, list(names), pf.ours)
-    except BaseException as e:
-        free_now = atomic._free(pf.base)
-        with atomic._signals_blocked():
-            atomic._cleanup(tmp, created)
-        mapped = atomic.write_error(e, out, tmp, need_bytes, pf.free, free_now)
-        if mapped is not None:
-            raise mapped from None
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
 
 
 def _commit(tmp: Path, out: Path, names: list[str], old: set[str]) -> None:
