@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConvertError
 from ..formats.gguf import FILE_TYPE_NAMES
 from ..formats.gguf_source import field, open_gguf, read
 from ..io.lazy import materialize
-from .inputs import check_device, default_tokens, load_tokens, torch_dtype
-from .parity import TOLERANCES, ParityReport, Tolerance, compare
+from .inputs import torch_dtype
+from .parity import TOLERANCES, ParityReport, Tolerance, compare, reference_run
 from .reference import forward
-from .run import open_model
 
 # Tiny random models are harsh judges of rounding: a router near a tie picks another expert
 # once a weight moves, so these bounds sit over the tiny fixtures' figures (q8_0: rms 0.11, top-1
@@ -32,15 +30,8 @@ QUANTIZED = {"q8_0": Tolerance(None, 0.2, 0.75), "q6_k": Tolerance(None, 0.3, 0.
 def gguf_parity(path: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
                 device: str = "cpu", base=None) -> ParityReport:
     t0 = time.perf_counter()
-    if source is None:
-        raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the GGUF must match")
-    dt, device = torch_dtype(dtype), check_device(device)
-    rep = ParityReport(dtype, device)
-    ref_model = open_model(source, dt, device, base=base, unmerged=True)
-    cfg = ref_model.cfg
-    tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
-    rep.tokens_shape, rep.reference = list(tokens.shape), ref_model.how
-    ref = ref_model.run(tokens)
+    rep, ref_model, tokens, ref = reference_run(source, "GGUF", tokens_file, dtype, device, base)
+    cfg, dt, device = ref_model.cfg, torch_dtype(dtype), rep.device
     path = Path(path)
     ck = open_gguf(path, dequantize=True)
     stored = FILE_TYPE_NAMES.get(int(field(read(ck.files[0]), "general.file_type", path)), "q4_k_m")

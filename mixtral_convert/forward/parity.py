@@ -145,6 +145,21 @@ def compare(ref: torch.Tensor, out: torch.Tensor, rep: ParityReport, tol: Tolera
         bad(f"forward: top-1 agreement {rep.top1_agreement:.3f} is below {tol.top1} in {within}")
 
 
+def reference_run(source: Path, what: str, tokens_file: Optional[Path], dtype: str, device: str, base=None):
+    """What every `verify --forward` starts with: (the report, the source's model computed unmerged,
+    the tokens, its logits over them). `what` names the output in the message for a missing source."""
+    if source is None:
+        raise ConvertError(f"--forward needs --source SRC: the checkpoint whose reference forward the {what} must "
+                           "match")
+    dt, device = torch_dtype(dtype), check_device(device)
+    rep = ParityReport(dtype, device)
+    ref_model = open_model(source, dt, device, base=base, unmerged=True)
+    cfg = ref_model.cfg
+    tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
+    rep.tokens_shape, rep.reference = list(tokens.shape), ref_model.how
+    return rep, ref_model, tokens, ref_model.run(tokens)
+
+
 def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
            device: str = "cpu", base=None) -> ParityReport:
     """Reference forward on `source` vs sharded forward on `shards`, over the same tokens.
@@ -154,16 +169,8 @@ def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dt
     slices) is a failed check, reported like a numerical mismatch.
     """
     t0 = time.perf_counter()
-    if source is None:
-        raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
-    dt, device = torch_dtype(dtype), check_device(device)
-    rep = ParityReport(dtype, device)
-    ref_model = open_model(source, dt, device, base=base, unmerged=True)
-    cfg = ref_model.cfg
-    tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
-    rep.tokens_shape = list(tokens.shape)
-    rep.reference = ref_model.how
-    ref = ref_model.run(tokens)
+    rep, ref_model, tokens, ref = reference_run(source, "shards", tokens_file, dtype, device, base)
+    cfg, dt, device = ref_model.cfg, torch_dtype(dtype), rep.device
     try:
         model = open_model(shards, dt, device)
         if not model.sharded:
