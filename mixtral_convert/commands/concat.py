@@ -32,8 +32,8 @@ from ..encodings.torchzip import DamagedZip, check_checkpoint
 from ..errors import ConvertError
 from ..formats.mistral import TOKENIZERS
 from ..io.atomic import atomic_file, check_space, fsync_dir
+from ..io.direct import OutputFile
 from ..io.pipeline import Worker
-from ..io.pipeline import write_all as _write_all
 from ..io.progress import progress_bar
 
 PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
@@ -254,12 +254,12 @@ class _Slots:
                     raise w.error
 
 
-def _copy(pieces: list[Path], sizes: list[int], fd: int, progress, kinds=HASHES) -> dict[str, str]:
-    """Copy the pieces to fd in order; return the hex digest of everything written for each hash
+def _copy(pieces: list[Path], sizes: list[int], out: OutputFile, progress, kinds=HASHES) -> dict[str, str]:
+    """Copy the pieces to `out` in order; return the hex digest of everything written for each hash
     in `kinds` (only those are computed: md5 runs on one core at well under the disk's speed)."""
     hashers = {k: getattr(hashlib, k)() for k in kinds}
     slots = _Slots(NBUF, max(1, min(CHUNK, sum(sizes))), progress)
-    slots.workers = [Worker(lambda v: _write_all(fd, v), "concat-write", slots.done.put)]
+    slots.workers = [Worker(out.write, "concat-write", slots.done.put)]
     slots.workers += [Worker(h.update, f"concat-{k}", slots.done.put) for k, h in hashers.items()]
     try:
         for piece, size in zip(pieces, sizes, strict=True):
@@ -346,18 +346,14 @@ def _hash_kinds(expected: Expected, hashes) -> list[str]:
 def _join(pieces: list[Path], sizes: list[int], tmp: Path, output: Path, kinds, quiet: bool) -> dict[str, str]:
     """The pieces copied into `tmp`, fsynced, its size checked; the digests of what was written."""
     total = sum(sizes)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with progress_bar(f"concat {output.name}", total, quiet) as progress:
-            try:
-                got = _copy(pieces, sizes, fd, progress, kinds)
-            except OSError as e:  # a failed write (disk full, I/O error): name the file
-                e.filename = e.filename or str(output)
-                raise
+    with OutputFile(tmp) as out, progress_bar(f"concat {output.name}", total, quiet) as progress:
+        try:
+            got = _copy(pieces, sizes, out, progress, kinds)
             progress.describe(f"fsync {output.name}")
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+            out.finish(fsync=True)
+        except OSError as e:  # a failed write (disk full, I/O error): name the file
+            e.filename = e.filename or str(output)
+            raise
     written = tmp.stat().st_size
     if written != total:
         raise ConvertError(f"{tmp}: wrote {written} bytes, expected {total}")

@@ -36,6 +36,7 @@ from ..io.atomic import (
     write_manifest,
     write_small,
 )
+from ..io.direct import STAGE_BYTES
 from ..io.lazy import BLOCK_BYTES, TensorSpec
 from ..io.prefetch import file_producer, release_freed_blocks
 from ..io.progress import Progress, progress_bar
@@ -64,7 +65,7 @@ def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, 
     h = hashlib.sha256()
     with file_producer(specs, lambda s: plan.shard_tensor(r, s.name, ck.canonical), prog, gate,
                        block_bytes) as produce:
-        size = shard_writer(fmt)(path, specs, produce, hasher=h)
+        size = shard_writer(fmt)(path, specs, produce, hasher=h, stage_bytes=min(STAGE_BYTES, block_bytes))
     return {"size": size, "sha256": h.hexdigest(), "rank": r}
 
 

@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERS
 from gguf import GGUFValueType as V
 
 from ..errors import ConvertError
-from ..io.pipeline import write_file
+from ..io.direct import write_file
 
 T = GGMLQuantizationType
 TORCH_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}  # stored as-is

@@ -36,8 +36,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ConvertError
+from ..io.direct import write_file
 from ..io.lazy import Lazy, OnDisk, TensorSpec
-from ..io.pipeline import write_file
 from ..io.reads import SourceFile
 
 DTYPES: dict[str, torch.dtype] = {
@@ -187,7 +187,8 @@ def header_bytes(specs: list[TensorSpec], metadata: Optional[dict[str, str]] = N
 
 
 def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], Iterator],
-                      fsync: bool = True, hasher=None, metadata: Optional[dict[str, str]] = None) -> int:
+                      fsync: bool = True, hasher=None, metadata: Optional[dict[str, str]] = None,
+                      stage_bytes: Optional[int] = None) -> int:
     """Write a safetensors file of `specs`; `produce(spec)` yields the tensor's bytes in order.
     `hasher` (hashlib-like) sees every byte of the file in order. Returns the file size."""
-    return write_file(path, header_bytes(specs, metadata), specs, produce, fsync, hasher)
+    return write_file(path, header_bytes(specs, metadata), specs, produce, fsync, hasher, stage_bytes=stage_bytes)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import os
 import pickle
 import struct
 import zlib
@@ -37,8 +36,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..errors import ConvertError
+from ..io.direct import OutputFile
 from ..io.lazy import OnDisk, TensorSpec, materialize
-from ..io.pipeline import Worker, write_all
+from ..io.pipeline import Worker
 from ..io.reads import SourceFile, span
 from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, meta_tensors, zip_layout, zip_records  # noqa: F401
 
@@ -195,8 +195,8 @@ class _Checksums:
 class _ZipWriter:
     """Sequential writer of a stored (uncompressed) zip with aligned data and zip64 support."""
 
-    def __init__(self, fd: int, prefix: str, hasher=None):
-        self.fd, self.prefix, self.pos = fd, prefix, 0
+    def __init__(self, out: OutputFile, prefix: str, hasher=None):
+        self.out, self.prefix, self.pos = out, prefix, 0
         self.sums = _Checksums(hasher)
         self.central: list[bytes] = []
         self.crcs: list[int] = []
@@ -204,7 +204,7 @@ class _ZipWriter:
     def _write(self, data, is_data: bool = False) -> None:
         view = memoryview(data).cast("B")
         self.sums.feed(view, is_data)
-        self.pos += write_all(self.fd, view)
+        self.pos += self.out.write(view)
 
     def record(self, name: str, size: int, chunks: Iterable) -> None:
         """One stored record. The CRC-32 follows the data in a data descriptor (flag bit 3),
@@ -267,22 +267,21 @@ class _ZipWriter:
             self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_offset, 0))
 
 
-def write_checkpoint(path: Path, specs: list[TensorSpec],
-                     produce: Callable[[TensorSpec], Iterator], fsync: bool = False, hasher=None) -> int:
+def write_checkpoint(path: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], Iterator],
+                     fsync: bool = False, hasher=None, stage_bytes=None) -> int:
     """Write a torch zip checkpoint of `specs`; `produce(spec)` yields the tensor's bytes in order.
     `hasher` (hashlib-like) sees every byte of the file in order. Returns the file size.
-    Not fsynced unless asked: callers flush all their files once, at the end (`fsync_all`)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    zw = _ZipWriter(fd, "archive/", hasher)
-    try:
-        _records(zw, specs, produce)
-        zw.sums.finish()  # every byte hashed
-        if fsync:
-            os.fsync(fd)
-        return zw.pos
-    finally:
-        zw.sums.close()
-        os.close(fd)
+    Not fsynced unless asked: callers flush all their files once, at the end (`fsync_all`).
+    `stage_bytes`: the size of the file's stage buffers (`io.direct`)."""
+    with OutputFile(path, stage_bytes) as out:
+        zw = _ZipWriter(out, "archive/", hasher)
+        try:
+            _records(zw, specs, produce)
+            zw.sums.finish()  # every byte hashed
+            out.finish(fsync)
+            return zw.pos
+        finally:
+            zw.sums.close()
 
 
 def _records(zw: _ZipWriter, specs: list[TensorSpec], produce: Callable[[TensorSpec], Iterator]) -> None:
@@ -311,7 +310,7 @@ class _Sizer(_ZipWriter):
     """The writer's layout without a file, data or checksums: only the positions."""
 
     def __init__(self, prefix: str):  # not super().__init__: that starts the checksum threads
-        self.fd, self.prefix, self.pos, self.sums = -1, prefix, 0, _NoSums()
+        self.out, self.prefix, self.pos, self.sums = None, prefix, 0, _NoSums()
         self.central, self.crcs = [], []
 
     def _write(self, data, is_data: bool = False) -> None:

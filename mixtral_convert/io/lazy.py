@@ -136,6 +136,12 @@ class OnDisk(Lazy):
         off, shape = self._region(*region) if region is not None and self.shape else (self.offset, self.shape)
         return off, (reads.span(shape, self.strides) if shape else 1) * self.dtype.itemsize
 
+    def read_once(self, region: Optional[Region] = None) -> bool:
+        """Whether a region (default: all) is read by direct I/O, past the page cache (so that
+        asking the kernel to read it ahead would read it twice)."""
+        _, shape = self._region(*region) if region is not None and self.shape else (self.offset, self.shape)
+        return bool(shape) and reads.reads_direct(shape, self.strides, self.dtype.itemsize) and self.file.direct
+
     def read(self, r0, r1, c0=None, c1=None):
         off, shape = self._region(r0, r1, c0, c1)
         if not shape:
@@ -198,7 +204,7 @@ class Assembled(Lazy):
             sr0, _, sc0, _ = p.src_region
             whole = (a, b) == (r0, r1) and (not two_d or (c, d) == (c0, c1))
             if out is None and not (whole and not p.transpose):
-                out = torch.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), dtype=self.dtype)
+                out = reads.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), self.dtype)
             if p.transpose:  # dst rows are src columns
                 src = p.src.read(sr0 + c - dc0, sr0 + d - dc0, sc0 + a - dr0, sc0 + b - dr0)
                 _transpose_into(out[a - r0:b - r0, c - c0:d - c0], src)
@@ -248,7 +254,7 @@ class Assembled(Lazy):
             band = p.src.read(sr0, sr0 + width, sc0 + g - dr0, sc0 + ge - dr0)  # source rows x these columns
             for a in range(g, ge, step):
                 b = min(a + step, ge)
-                out = torch.empty((b - a, width), dtype=self.dtype)
+                out = reads.empty((b - a, width), self.dtype)
                 _transpose_into(out, band[:, a - g:b - g])
                 yield out
             del band

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 
 def write_all(fd: int, data) -> int:
@@ -68,35 +68,3 @@ class Worker(threading.Thread):
     def close(self, timeout: Optional[float] = None) -> None:
         self.q.put(None)
         self.join(timeout)
-
-
-def write_file(path, header: bytes, items: Sequence, produce: Callable[[Any], Iterable], fsync: bool = True,
-               hasher=None, pad: Callable[[int], int] = lambda n: 0) -> int:
-    """A file of `header`, then each item's bytes as `produce(item)` yields them (exactly `item.nbytes`,
-    then `pad(item.nbytes)` zero bytes): the streaming writer of the safetensors and GGUF encodings.
-    `hasher` (hashlib-like) sees every byte in order. Returns the file size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    pos = 0
-
-    def write(data) -> None:
-        nonlocal pos
-        view = memoryview(data).cast("B")
-        if hasher is not None:
-            hasher.update(view)
-        pos += write_all(fd, view)
-
-    try:
-        write(header)
-        for item in items:
-            start = pos
-            for chunk in produce(item):
-                write(chunk)
-            if pos - start != item.nbytes:
-                raise AssertionError(f"tensor {item.name}: produced {pos - start} bytes, expected {item.nbytes}")
-            if pad(item.nbytes):
-                write(b"\0" * pad(item.nbytes))
-        if fsync:
-            os.fsync(fd)
-        return pos
-    finally:
-        os.close(fd)

@@ -71,7 +71,8 @@ def warm(lazy: Lazy, region: Optional[Region] = None) -> None:
     (default: all) of `lazy` lies in (posix_fadvise WILLNEED), so that the disk reads while the
     writer writes. A hint: nothing happens where no file is behind it."""
     if isinstance(lazy, OnDisk):
-        lazy.file.advise(*lazy.span(region))
+        if not lazy.read_once(region):  # a direct read does not go through the page cache
+            lazy.file.advise(*lazy.span(region))
     elif isinstance(lazy, Assembled):  # a region of the result maps to the same sources: warm them all
         for p in lazy.placements:
             warm(p.src, p.src_region)

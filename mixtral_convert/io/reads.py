@@ -15,12 +15,17 @@ never published. `identity_of(path)` gives the manifest what was checked.
 
 Files are kept only as long as something refers to them (weak references): the descriptor is
 closed when the last lazy tensor reading it is gone.
+
+Blocks of a megabyte and more are read into reused buffers (`empty`): page-aligned anonymous
+memory, handed back to a small pool when the last tensor viewing it is gone, so that a read
+does not fault in (and the kernel zero) fresh pages for every block (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import os
 import threading
 import weakref
@@ -33,6 +38,15 @@ import torch
 from ..errors import ConvertError
 
 _preadv = os.preadv  # the read itself; tests replace it to inject a short read or an EIO
+ALIGN = 4096  # offsets and lengths of direct reads: a page, and every common block size
+ADVISE_BYTES = 2 << 20  # read-ahead requests, each within the kernel's window
+DIRECT_MIN = 1 << 20  # contiguous ranges of at least this many bytes are read by direct I/O
+
+
+def direct_io_wanted() -> bool:
+    """Direct I/O (reads of ranges read once, and writes: io.direct) unless
+    MIXTRAL_CONVERT_DIRECT_IO=0 asks for the page cache throughout."""
+    return os.environ.get("MIXTRAL_CONVERT_DIRECT_IO", "1") != "0"
 _WHAT_TO_DO = "the file is damaged or was changed while it was read: check the disk (dmesg), then re-download it"
 
 
@@ -71,7 +85,67 @@ class SourceFile:
         self._closer = weakref.finalize(self, os.close, self.fd)
         self.identity = Identity.of(os.fstat(self.fd))
         self.size = self.identity.size
+        self._direct: Optional[int] = None if direct_io_wanted() else -1  # the O_DIRECT descriptor, opened on demand
         _register(self)
+
+    def _direct_fd(self) -> int:
+        """A second descriptor of the same file with O_DIRECT (-1 where the filesystem refuses
+        it): reopened through /proc/self/fd, so that it is the file opened, whatever the path
+        names now."""
+        if self._direct is None:
+            self._direct = -1
+            flag = getattr(os, "O_DIRECT", 0)
+            if flag:
+                try:
+                    fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    return -1
+                st = os.fstat(fd)
+                if (st.st_ino, st.st_dev) != (self.identity.inode, self.identity.device):
+                    os.close(fd)
+                    return -1
+                weakref.finalize(self, os.close, fd)
+                self._direct = fd
+        return self._direct
+
+    @property
+    def direct(self) -> bool:
+        """Whether ranges read once are read by direct I/O from this file."""
+        return self._direct_fd() >= 0
+
+    def read_direct(self, offset: int, n: int) -> Optional[torch.Tensor]:
+        """The `n` bytes at `offset` (a uint8 tensor in a reused buffer), read by direct I/O:
+        from the disk into the buffer, without a copy through the page cache. For ranges read
+        once (a rank's rows, a whole expert); None where direct I/O is not available, and the
+        caller reads through the page cache instead."""
+        fd = self._direct_fd()
+        if fd < 0:
+            return None
+        a0 = offset - offset % ALIGN
+        a1 = min(-(-(offset + n) // ALIGN) * ALIGN, -(-self.size // ALIGN) * ALIGN)
+        buf = _from_pool(a1 - a0)  # page-aligned, as direct I/O needs, whatever its size
+        view = memoryview(buf.numpy())
+        need, done = offset + n - a0, 0
+        while done < need:
+            try:
+                got = _preadv(fd, [view[done:]], a0 + done)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EINVAL and done == 0:  # the filesystem takes the flag but not the read
+                    self._direct = -1
+                    return None
+                raise ConvertError(f"{self.path}: cannot read {n} bytes at offset {offset} "
+                                   f"({e.strerror or errno.errorcode.get(e.errno, e)}); {_WHAT_TO_DO}") from None
+            if got == 0 or (got % ALIGN and done + got < need):
+                break  # the end of the file, or a short direct read: read_into says which, or continues
+            done += got
+        head = offset - a0
+        out = buf[head:head + n]
+        if done < need:
+            have = max(0, done - head)
+            self.read_into(offset + have, out.numpy()[have:])
+        return out
 
     def read_into(self, offset: int, buf) -> None:
         """Fill `buf` (any writable buffer) with the bytes at `offset`, all of them, or raise the
@@ -119,9 +193,14 @@ class SourceFile:
 
     def advise(self, offset: int, n: int) -> None:
         """Ask the kernel to start reading [offset, offset + n) into the page cache now
-        (asynchronously), so that the disk reads while the writer writes. Only a hint."""
+        (asynchronously), so that the disk reads while the writer writes. Only a hint. Asked in
+        pieces: the kernel reads ahead at most its read-ahead window per request, and a range
+        left to faults would be read a page at a time (a rank's band of columns takes a few
+        bytes of every row)."""
+        end = min(offset + n, self.size)
         try:
-            os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_WILLNEED)
+            for at in range(offset, end, ADVISE_BYTES):
+                os.posix_fadvise(self.fd, at, min(ADVISE_BYTES, end - at), os.POSIX_FADV_WILLNEED)
         except (OSError, AttributeError):
             pass
 
@@ -194,6 +273,59 @@ def identity_of(path: Path) -> Optional[Identity]:
     return found[-1].identity if found else None
 
 
+# ----------------------------------------------------------------------------- reused buffers
+POOLED = 1 << 20  # blocks of at least this many bytes come from the pool, in whole multiples of it
+KEEP_BYTES = 128 << 20  # free buffers kept for reuse, at most (they count as the process's memory)
+_pool_lock = threading.Lock()
+_pool: list[tuple[int, mmap.mmap]] = []  # free buffers, oldest first
+_kept = 0
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous tensor, as torch.empty; one of a megabyte or more lies in a
+    reused page-aligned buffer, which goes back to the pool when the last view of it is gone."""
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * dtype.itemsize
+    if nbytes < POOLED:
+        return torch.empty(shape, dtype=dtype)
+    return _from_pool(nbytes).view(dtype).view(shape)
+
+
+def _from_pool(nbytes: int) -> torch.Tensor:
+    """`nbytes` (a uint8 tensor) at the start of a page-aligned reused buffer."""
+    size = -(-nbytes // POOLED) * POOLED
+    global _kept
+    buf = None
+    with _pool_lock:
+        for i, (n, b) in enumerate(_pool):
+            if n == size:
+                buf = b
+                del _pool[i]
+                _kept -= size
+                break
+    if buf is None:
+        buf = mmap.mmap(-1, size)
+    view = memoryview(buf)
+    t = torch.frombuffer(view, dtype=torch.uint8, count=nbytes)  # keeps `view` alive as long as it lives
+    weakref.finalize(view, _give_back, buf, size)
+    del view
+    return t
+
+
+def _give_back(buf: mmap.mmap, size: int) -> None:
+    """Keep a free buffer for reuse; past KEEP_BYTES the oldest free ones are dropped (and
+    unmapped when their last reference goes)."""
+    global _kept
+    with _pool_lock:
+        _pool.append((size, buf))
+        _kept += size
+        while _kept > KEEP_BYTES:
+            n, _ = _pool.pop(0)
+            _kept -= n
+
+
 # ----------------------------------------------------------------------------- tensors
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     out, acc = [], 1
@@ -210,6 +342,16 @@ def span(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
 
 
+def reads_direct(shape: tuple[int, ...], strides: tuple[int, ...], item: int) -> bool:
+    """Whether `read_view` reads this region by direct I/O (where the file allows it): a contiguous
+    range of DIRECT_MIN bytes or more, which no other part of a conversion reads again. Bands of
+    columns (read row by row, or shared by the ranks) go through the page cache."""
+    count = 1
+    for n in shape:
+        count *= n
+    return count * item >= DIRECT_MIN and tuple(strides) == contiguous_strides(tuple(shape))
+
+
 NARROW = 4  # a region whose span is over NARROW times its bytes is read row by row
 
 
@@ -218,7 +360,8 @@ def read_view(f: SourceFile, offset: int, shape: tuple[int, ...], strides: tuple
     `f`, read into fresh memory (torch.empty: not zeroed; glibc reuses freed blocks, see
     prefetch.reuse_freed_blocks). Usually one positioned read of the bytes it spans, viewed
     with its strides; a narrow band of long rows (a rank's columns) is read row by row straight
-    into a contiguous result instead, so that the columns other ranks hold are not copied."""
+    into a contiguous result instead, so that the columns other ranks hold are not copied.
+    The memory comes from `empty` (reused buffers)."""
     item = dtype.itemsize
     n = span(shape, strides)
     if n == 0:
@@ -228,9 +371,13 @@ def read_view(f: SourceFile, offset: int, shape: tuple[int, ...], strides: tuple
         count *= s
     if len(shape) >= 2 and shape[0] > 1 and n > NARROW * count and \
             tuple(strides[1:]) == contiguous_strides(tuple(shape[1:])):
-        out = torch.empty(shape, dtype=dtype)
+        out = empty(shape, dtype)
         f.read_rows(offset, strides[0] * item, out.view(shape[0], -1).view(torch.uint8).numpy())
         return out
-    buf = torch.empty(n * item, dtype=torch.uint8)
+    if reads_direct(shape, strides, item):
+        got = f.read_direct(offset, n * item)
+        if got is not None:
+            return got.view(dtype).view(shape)
+    buf = empty((n * item,), torch.uint8)
     f.read_into(offset, buf.numpy())
     return buf.view(dtype).as_strided(shape, strides)

@@ -19,6 +19,7 @@ from helpers import cut_bytes
 
 from mixtral_convert import entry as cli
 from mixtral_convert.commands import concat as op
+from mixtral_convert.io import direct
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "consolidated.00.pth"
@@ -432,9 +433,9 @@ def test_disk_full_while_writing(ckpt, capsys, monkeypatch):
     data, d = ckpt
     import errno
 
-    def full(fd, view):
+    def full(fd, view, at):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(op, "_write_all", full)
+    monkeypatch.setattr(direct, "_pwrite", full)
     refused(["concat", d, "--remove-pieces"], capsys, str(d / BASE), "No space left",
             directory=d, output=d / BASE)
     assert len([p for p in d.iterdir() if "-split" in p.name]) == 10
@@ -466,11 +467,14 @@ SLOW = textwrap.dedent("""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import mixtral_convert.commands.concat as c
     c.CHUNK = 64 << 10
-    write = c._write_all
-    def slow(fd, view):
+    from mixtral_convert.io import direct
+    direct.STAGE_BYTES = 64 << 10
+    OutputFile = direct.OutputFile
+    write = OutputFile.write
+    def slow(self, view):
         time.sleep(0.05)
-        write(fd, view)
-    c._write_all = slow
+        return write(self, view)
+    OutputFile.write = slow
     from mixtral_convert.entry import main
     main(sys.argv[1:])
 """)

@@ -226,23 +226,25 @@ def test_float16_overflow_interrupt_and_full_disk_leave_nothing(src7, tmp_path, 
                        CONTEXT, capsys=capsys)
     assert code == 2 and "layers.1.feed_forward.experts.5.w3.weight" in err and "65504" in err, err
     assert not (tmp_path / "o").exists()
-    import mixtral_convert.io.pipeline as pipe  # the GGUF writer's bytes go through its write_all
-    real = pipe.os.write
+    import mixtral_convert.io.direct as direct  # every output file's bytes go through its _pwrite
+    monkeypatch.setattr(direct, "STAGE_BYTES", 4096)  # a write per page: the failure comes mid-file
+    real = direct._pwrite
     calls = {"n": 0}
 
-    def failing(fd, data, exc):
+    def failing(fd, data, at, exc):
         calls["n"] += 1
         if calls["n"] > 20:
             raise exc
-        return real(fd, data)
+        return real(fd, data, at)
     for exc, code_want in ((OSError(errno.ENOSPC, "No space left on device"), 2), (KeyboardInterrupt(), 130)):
         calls["n"] = 0
-        monkeypatch.setattr(pipe.os, "write", lambda fd, data, exc=exc: failing(fd, data, exc))
+        monkeypatch.setattr(direct, "_pwrite", lambda fd, data, at, exc=exc: failing(fd, data, at, exc))
         code, _, err = cli("merge", src7, "--to", "gguf", "-o", out, "--max-position-embeddings", CONTEXT, "-q",
                            capsys=capsys)
         assert code == code_want, err
+        assert calls["n"] > 20, "the failing write was never reached"
         assert not (tmp_path / "o").exists(), list((tmp_path / "o").iterdir())
-    monkeypatch.setattr(pipe.os, "write", real)
+    monkeypatch.setattr(direct, "_pwrite", real)
 
 
 def test_force_replaces_only_its_own_output(src7, tmp_path, capsys):
