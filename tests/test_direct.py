@@ -204,3 +204,27 @@ def test_eio_on_a_direct_read_is_one_line(wide_src, tmp_path, capsys, monkeypatc
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: {src / PTH}: cannot read ") and "(Input/output error)" in lines[0]
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_what_the_ranks_read_through_the_page_cache(wide_src, monkeypatch, small_direct):
+    """--write-ranks auto decides by the bytes read through the page cache: with direct reads,
+    only the tensors read in bands of columns (wo and the embedding; the sparse layout's w2 too),
+    without them every tensor rank 0 reads."""
+    from mixtral_convert.commands.split import cached_bytes
+    from mixtral_convert.formats.registry import open_checkpoint
+    from mixtral_convert.model.layouts import Plan
+
+    monkeypatch.setattr(reads, "DIRECT_MIN", 1)  # every contiguous range, however small
+    ck = open_checkpoint(wide_src)
+    if not next(iter(ck.canonical.values())).file.direct:
+        pytest.skip(f"{wide_src}: the filesystem refuses O_DIRECT")
+    size = {k: v.nbytes for k, v in ck.canonical.items()}
+    bands = sum(n for k, n in size.items() if k.endswith("attention.wo.weight") or k == "tok_embeddings.weight")
+    w2 = sum(n for k, n in size.items() if k.endswith(".w2.weight"))
+    assert cached_bytes(Plan("base", ck.cfg, 2, ck.dtypes), ck) == bands
+    assert cached_bytes(Plan("sparse", ck.cfg, 2, ck.dtypes), ck) == bands + w2
+    monkeypatch.setenv("MIXTRAL_CONVERT_DIRECT_IO", "0")
+    ck = open_checkpoint(wide_src)
+    experts_of_rank_0 = sum(n for k, n in size.items() if ".experts." in k and int(k.split(".")[4]) < 4)
+    rest = sum(n for k, n in size.items() if ".experts." not in k)
+    assert cached_bytes(Plan("base", ck.cfg, 2, ck.dtypes), ck) == experts_of_rank_0 + rest

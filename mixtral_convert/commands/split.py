@@ -37,7 +37,7 @@ from ..io.atomic import (
     write_small,
 )
 from ..io.direct import STAGE_BYTES
-from ..io.lazy import BLOCK_BYTES, TensorSpec
+from ..io.lazy import BLOCK_BYTES, Assembled, Cast, OnDisk, TensorSpec
 from ..io.prefetch import file_producer, release_freed_blocks
 from ..io.progress import Progress, progress_bar
 from ..model.layouts import Plan
@@ -72,12 +72,33 @@ def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, 
 WRITE_RANKS = ("auto", "together", "in-turn")
 
 
-def _together(mode: str, plan: Plan, source_bytes: int) -> bool:
-    """Whether to write the ranks' files together: asked for, or (auto) when the source would not
-    stay in the page cache while the ranks are written one after another."""
+def _together(mode: str, plan: Plan, ck: Checkpoint) -> bool:
+    """Whether to write the ranks' files together: asked for, or (auto) when what the ranks read
+    through the page cache would not stay there while they are written one after another."""
     if plan.N == 1 or len({len(shard) for shard in plan.ranks}) != 1 or mode == "in-turn":
         return False
-    return mode == "together" or source_bytes > _available_memory() // 2
+    return mode == "together" or cached_bytes(plan, ck) > _available_memory() // 2
+
+
+def cached_bytes(plan: Plan, ck: Checkpoint) -> int:
+    """The bytes of the source tensors that the ranks read through the page cache: those read in
+    bands of columns (a rank's wo, embedding, sparse w2), which every rank reads a part of. The
+    ranges read once (whole experts, a rank's rows) are read by direct I/O, past the page cache,
+    where the file allows it (io.reads)."""
+    through: dict[int, int] = {}
+
+    def visit(lz, region) -> None:
+        if isinstance(lz, Assembled):
+            for p in lz.placements:
+                visit(p.src, p.src_region)
+        elif isinstance(lz, Cast):
+            visit(lz.base, region)
+        elif not (isinstance(lz, OnDisk) and lz.read_once(region)):
+            through[id(lz)] = lz.nbytes
+
+    for name in plan.ranks[0]:  # every rank reads the same tensors' bands
+        visit(plan.shard_tensor(0, name, ck.canonical), None)
+    return sum(through.values())
 
 
 def _available_memory() -> int:
@@ -180,7 +201,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         files = {}
         with progress_bar(f"{layout} N={N}", total, quiet) as prog:
-            if _together(write_ranks, plan, ck.nbytes):
+            if _together(write_ranks, plan, ck):
                 files.update(_write_ranks_together(plan, ck, tmp, prog, fmt))
             else:
                 for r in range(N):
