@@ -228,3 +228,28 @@ def test_what_the_ranks_read_through_the_page_cache(wide_src, monkeypatch, small
     experts_of_rank_0 = sum(n for k, n in size.items() if ".experts." in k and int(k.split(".")[4]) < 4)
     rest = sum(n for k, n in size.items() if ".experts." not in k)
     assert cached_bytes(Plan("base", ck.cfg, 2, ck.dtypes), ck) == experts_of_rank_0 + rest
+
+
+def test_files_in_memory_take_the_page_cache_path(tmp_path):
+    """On tmpfs the page cache is the file: direct I/O would only add a copy, so it is not used."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        if reads._fs_type(fd) not in reads._IN_MEMORY:
+            pytest.skip("/dev/shm is not tmpfs")
+    finally:
+        os.close(fd)
+    d = Path(shm / f"mixtral-convert-test-{os.getpid()}")
+    d.mkdir()
+    try:
+        with direct.OutputFile(d / "f") as out:
+            out.write(b"x" * 10_000)
+            out.finish()
+            assert not out.direct and not _is_direct(out.fd)
+        assert not reads.SourceFile(d / "f").direct
+        with direct.OutputFile(tmp_path / "f") as out:  # beside it, on the disk, the direct path
+            assert out.direct == reads.direct_io_wanted(out.fd)
+    finally:
+        shutil.rmtree(d)

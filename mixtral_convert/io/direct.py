@@ -12,7 +12,9 @@ may end anywhere).
 
 Where the filesystem refuses direct I/O (the flag cannot be set, or a direct write fails with
 EINVAL: some network and FUSE filesystems), the file is written by plain writes from then on,
-the same bytes; `MIXTRAL_CONVERT_DIRECT_IO=0` asks for plain writes throughout. A failed
+the same bytes; a file in memory (tmpfs, ramfs) is written by plain writes (there direct I/O
+would only add the stage copy), and `MIXTRAL_CONVERT_DIRECT_IO=0` asks for plain writes
+throughout. A failed
 write (ENOSPC above all) is raised to the caller as the OSError it was, at its next write or at
 `finish`, and the caller's atomic output cleans up as for any other failure.
 """
@@ -57,7 +59,7 @@ class OutputFile:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         self.pos = 0
-        want = direct_io_wanted() if direct is None else direct
+        want = direct_io_wanted(self.fd) if direct is None else direct
         self.staged = want and _set_direct(self.fd, True)  # bytes go through the stage buffers
         self.direct = self.staged  # the writes are direct (until a direct write is refused)
         self._writers: list[Worker] = []

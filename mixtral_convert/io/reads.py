@@ -43,10 +43,32 @@ ADVISE_BYTES = 2 << 20  # read-ahead requests, each within the kernel's window
 DIRECT_MIN = 1 << 20  # contiguous ranges of at least this many bytes are read by direct I/O
 
 
-def direct_io_wanted() -> bool:
+_IN_MEMORY = {0x01021994, 0x858458F6}  # statfs f_type of tmpfs and ramfs
+
+
+def direct_io_wanted(fd: Optional[int] = None) -> bool:
     """Direct I/O (reads of ranges read once, and writes: io.direct) unless
-    MIXTRAL_CONVERT_DIRECT_IO=0 asks for the page cache throughout."""
-    return os.environ.get("MIXTRAL_CONVERT_DIRECT_IO", "1") != "0"
+    MIXTRAL_CONVERT_DIRECT_IO=0 asks for the page cache throughout, or the file `fd` lies in
+    memory (tmpfs, ramfs): there the page cache is the file, and direct I/O is one more copy."""
+    if os.environ.get("MIXTRAL_CONVERT_DIRECT_IO", "1") == "0":
+        return False
+    return fd is None or _fs_type(fd) not in _IN_MEMORY
+
+
+def _fs_type(fd: int) -> Optional[int]:
+    """The filesystem's magic number (statfs f_type, the struct's first field), None when unknown."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(256)  # larger than struct statfs on every Linux ABI
+        if libc.fstatfs(fd, buf) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 _WHAT_TO_DO = "the file is damaged or was changed while it was read: check the disk (dmesg), then re-download it"
 
 
@@ -85,7 +107,7 @@ class SourceFile:
         self._closer = weakref.finalize(self, os.close, self.fd)
         self.identity = Identity.of(os.fstat(self.fd))
         self.size = self.identity.size
-        self._direct: Optional[int] = None if direct_io_wanted() else -1  # the O_DIRECT descriptor, opened on demand
+        self._direct: Optional[int] = None if direct_io_wanted(self.fd) else -1  # O_DIRECT descriptor, on demand
         _register(self)
 
     def _direct_fd(self) -> int:
