@@ -32,7 +32,7 @@ from ..formats.registry import TARGETS, open_checkpoint
 from ..formats.torrent import TORRENT_FILE
 from ..io import manifest, reads
 from ..io.manifest import MANIFEST
-from ..io.prefetch import prefetched
+from ..io.prefetch import prefetched, warm
 from ..io.progress import progress_bar
 from ..model.config import ACCESSORY_KEYS, ModelConfig, read_json
 from ..model.layouts import Plan
@@ -154,10 +154,17 @@ def _verify(shards: Path, src: Checkpoint, rep: Report, quiet: bool) -> None:
     order = [(r, keys[r][i]) for i in range(max(map(len, keys))) for r in range(N) if i < len(keys[r])]
 
     def pairs():  # (rank, shard tensor, first row, actual block, expected block)
-        for r, key in order:
-            st = plan.ranks[r][key]
-            expected = plan.shard_tensor(r, key, src.canonical)
-            actual = opened[r][key]
+        def expected_of(i: int):
+            return plan.shard_tensor(order[i][0], order[i][1], src.canonical)
+        nxt = expected_of(0) if order else None
+        if nxt is not None:
+            warm(nxt)
+        for i, (r, key) in enumerate(order):
+            expected = nxt
+            if i + 1 < len(order):
+                nxt = expected_of(i + 1)
+                warm(nxt)  # the disk reads the next tensor's source while this one is compared
+            st, actual = plan.ranks[r][key], opened[r][key]
             for r0, r1 in expected.row_blocks():
                 yield r, st, r0, actual.read(r0, r1), expected.read(r0, r1).contiguous()
 
