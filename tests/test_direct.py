@@ -253,3 +253,22 @@ def test_files_in_memory_take_the_page_cache_path(tmp_path):
             assert out.direct == reads.direct_io_wanted(out.fd)
     finally:
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("block_bytes", [64, 200, 1000, 10**6])
+def test_blocks_of_a_tensor_made_of_transposed_bands(block_bytes):
+    """A canonical w2 assembled from N ranks' pieces (each a transposed band of columns) is
+    produced in groups of blocks handed out as views: the blocks, in order, are the tensor,
+    whatever the block size (a group may end on a short block)."""
+    from mixtral_convert.io.lazy import Assembled, Placement, Stored
+
+    dim, hidden, N = 12, 20, 4
+    want = torch.randn(dim, hidden).to(torch.bfloat16)
+    hs = hidden // N
+    pieces = [Stored(want[:, r * hs:(r + 1) * hs].t().contiguous()) for r in range(N)]  # each rank's (hs, dim)
+    a = Assembled((dim, hidden), torch.bfloat16,
+                  [Placement((0, dim, r * hs, (r + 1) * hs), pieces[r], (0, hs, 0, dim), transpose=True)
+                   for r in range(N)])
+    blocks = list(a.blocks(block_bytes))
+    assert all(b.shape[1] == hidden for b in blocks) and len(blocks) >= min(dim, dim * hidden * 2 // block_bytes)
+    assert torch.equal(torch.cat(blocks).view(torch.int16), want.view(torch.int16))

@@ -128,9 +128,11 @@ class OutputFile:
             except InterruptedError:
                 continue
             except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
+                if e.errno != errno.EINVAL:
                     raise
-                self._plain()  # the filesystem took the flag but not the write: plain writes from here
+                # The filesystem took the flag but not the write (or the other writer's refusal
+                # cleared it meanwhile): plain writes from here; one that fails too is raised.
+                self._plain()
                 write_at(self.fd, view[done:], at + done)
                 return
 

@@ -30,6 +30,7 @@ from ..errors import ConvertError
 from . import reads
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
+GROUP_BLOCKS = 2  # blocks of an all-transposed tensor assembled at once (Assembled._grouped_blocks)
 BAND_BLOCKS = 4  # blocks of a transposed placement read in one band (Assembled._transposed_blocks)
 
 
@@ -230,7 +231,10 @@ class Assembled(Lazy):
         two_d = len(self.shape) == 2
         full = [p for p in self.placements if not two_d or (p.dst[2], p.dst[3]) == (0, self.shape[1])]
         if len(full) != len(self.placements):
-            yield from super().blocks(block_bytes)
+            if two_d and all(p.transpose for p in self.placements):
+                yield from self._grouped_blocks(block_bytes)  # merge of a sparse w2: column bands of the ranks
+            else:
+                yield from super().blocks(block_bytes)
             return
         row_bytes = max(1, self.nbytes // max(self.shape[0], 1))
         step = max(1, block_bytes // row_bytes)
@@ -240,6 +244,18 @@ class Assembled(Lazy):
                 continue
             for a in range(p.dst[0], p.dst[1], step):
                 yield self.read(a, min(a + step, p.dst[1]))
+
+    def _grouped_blocks(self, block_bytes: int):
+        """Blocks of rows assembled GROUP_BLOCKS at a time, then handed out as views: a tensor
+        whose every placement is a transposed band (a canonical w2 from the sparse ranks' pieces)
+        then costs one positioned read per source row for several blocks, not one each."""
+        for r0, r1 in self.row_blocks(block_bytes * GROUP_BLOCKS):
+            group = self.read(r0, r1)
+            for a, b in self.row_blocks(block_bytes):
+                if a >= r1 - r0:
+                    break
+                yield group[a:min(b, r1 - r0)]
+            del group
 
     def _transposed_blocks(self, p: Placement, step: int, row_bytes: int, block_bytes: int):
         """A transposed placement's blocks of `step` rows, from bands of up to BAND_BLOCKS blocks
