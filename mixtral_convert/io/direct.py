@@ -26,6 +26,7 @@ import fcntl
 import mmap
 import os
 import queue
+import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .pipeline import Worker
@@ -62,6 +63,7 @@ class OutputFile:
         want = direct_io_wanted(self.fd) if direct is None else direct
         self.staged = want and _set_direct(self.fd, True)  # bytes go through the stage buffers
         self.direct = self.staged  # the writes are direct (until a direct write is refused)
+        self._lock = threading.Lock()
         self._writers: list[Worker] = []
         if self.staged:
             size = max(ALIGN, (stage_bytes or STAGE_BYTES) // ALIGN * ALIGN)
@@ -137,8 +139,12 @@ class OutputFile:
                 return
 
     def _plain(self) -> None:
-        self.direct = False
-        _set_direct(self.fd, False)
+        """Plain writes from here on. The flag is cleared before `direct` says so: a writer that
+        reads `direct` false may write plainly at once."""
+        with self._lock:
+            if self.direct:
+                _set_direct(self.fd, False)
+                self.direct = False
 
     # ------------------------------------------------------------------ the end
     def finish(self, fsync: bool = False) -> int:
