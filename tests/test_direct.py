@@ -16,7 +16,7 @@ import torch
 from helpers import cli
 
 from mixtral_convert.errors import ConvertError
-from mixtral_convert.io import direct, reads
+from mixtral_convert.io import buffers, direct, reads
 from mixtral_convert.io.lazy import OnDisk
 from mixtral_convert.io.manifest import MANIFEST
 
@@ -109,21 +109,21 @@ def test_direct_reads_give_the_bytes_of_any_range(tmp_path, monkeypatch):
 
 
 def test_reused_buffers_come_back_and_the_pool_is_bounded(monkeypatch):
-    monkeypatch.setattr(reads, "_pool", [])
-    monkeypatch.setattr(reads, "_kept", 0)
-    a = reads.empty((1 << 20,), torch.uint8)
+    monkeypatch.setattr(buffers, "_pool", [])
+    monkeypatch.setattr(buffers, "_kept", 0)
+    a = buffers.empty((1 << 20,), torch.uint8)
     where = a.data_ptr()
     view = a[10:20].view(torch.int16)
     del a
-    assert reads._kept == 0  # a view still holds it
+    assert buffers._kept == 0  # a view still holds it
     del view
-    assert reads._kept == 1 << 20
-    b = reads.empty((512, 1024), torch.bfloat16)  # the same size class: the same buffer
-    assert b.data_ptr() == where and reads._kept == 0
+    assert buffers._kept == 1 << 20
+    b = buffers.empty((512, 1024), torch.bfloat16)  # the same size class: the same buffer
+    assert b.data_ptr() == where and buffers._kept == 0
     del b
-    many = [reads.empty((1 << 20,), torch.uint8) for _ in range(reads.KEEP_BYTES // (1 << 20) + 8)]
+    many = [buffers.empty((1 << 20,), torch.uint8) for _ in range(buffers.KEEP_BYTES // (1 << 20) + 8)]
     del many
-    assert reads._kept <= reads.KEEP_BYTES
+    assert buffers._kept <= buffers.KEEP_BYTES
 
 
 def test_a_truncated_source_read_directly_is_one_line(tmp_path, monkeypatch):
@@ -148,7 +148,7 @@ def test_a_truncated_source_read_directly_is_one_line(tmp_path, monkeypatch):
 def small_direct(monkeypatch):
     """Direct I/O from 4 KiB up, stage buffers of 8 KiB; counts the direct reads taken."""
     monkeypatch.setattr(reads, "DIRECT_MIN", 4096)
-    monkeypatch.setattr(reads, "POOLED", 4096)
+    monkeypatch.setattr(buffers, "POOLED", 4096)
     monkeypatch.setattr(direct, "STAGE_BYTES", 8192)
     taken = []
     real = reads.SourceFile.read_direct

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import ConvertError
-from . import reads
+from . import buffers, reads
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
 GROUP_BLOCKS = 2  # blocks of an all-transposed tensor assembled at once (Assembled._grouped_blocks)
@@ -205,7 +205,7 @@ class Assembled(Lazy):
             sr0, _, sc0, _ = p.src_region
             whole = (a, b) == (r0, r1) and (not two_d or (c, d) == (c0, c1))
             if out is None and not (whole and not p.transpose):
-                out = reads.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), self.dtype)
+                out = buffers.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), self.dtype)
             if p.transpose:  # dst rows are src columns
                 src = p.src.read(sr0 + c - dc0, sr0 + d - dc0, sc0 + a - dr0, sc0 + b - dr0)
                 _transpose_into(out[a - r0:b - r0, c - c0:d - c0], src)
@@ -270,7 +270,7 @@ class Assembled(Lazy):
             band = p.src.read(sr0, sr0 + width, sc0 + g - dr0, sc0 + ge - dr0)  # source rows x these columns
             for a in range(g, ge, step):
                 b = min(a + step, ge)
-                out = reads.empty((b - a, width), self.dtype)
+                out = buffers.empty((b - a, width), self.dtype)
                 _transpose_into(out, band[:, a - g:b - g])
                 yield out
             del band

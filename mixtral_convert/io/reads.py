@@ -16,16 +16,14 @@ never published. `identity_of(path)` gives the manifest what was checked.
 Files are kept only as long as something refers to them (weak references): the descriptor is
 closed when the last lazy tensor reading it is gone.
 
-Blocks of a megabyte and more are read into reused buffers (`empty`): page-aligned anonymous
-memory, handed back to a small pool when the last tensor viewing it is gone, so that a read
-does not fault in (and the kernel zero) fresh pages for every block (docs/performance.md).
+Blocks of a megabyte and more are read into reused buffers (`io.buffers`), and contiguous
+ranges read once by direct I/O (`read_direct`), past the page cache.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
-import mmap
 import os
 import threading
 import weakref
@@ -36,6 +34,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..errors import ConvertError
+from .buffers import empty, from_pool
 
 _preadv = os.preadv  # the read itself; tests replace it to inject a short read or an EIO
 ALIGN = 4096  # offsets and lengths of direct reads: a page, and every common block size
@@ -145,7 +144,7 @@ class SourceFile:
             return None
         a0 = offset - offset % ALIGN
         a1 = min(-(-(offset + n) // ALIGN) * ALIGN, -(-self.size // ALIGN) * ALIGN)
-        buf = _from_pool(a1 - a0)  # page-aligned, as direct I/O needs, whatever its size
+        buf = from_pool(a1 - a0)  # page-aligned, as direct I/O needs, whatever its size
         view = memoryview(buf.numpy())
         need, done = offset + n - a0, 0
         while done < need:
@@ -293,59 +292,6 @@ def identity_of(path: Path) -> Optional[Identity]:
     with _lock:
         found = [f for _, f in sorted(_opened.items()) if os.path.realpath(f.path) == key]
     return found[-1].identity if found else None
-
-
-# ----------------------------------------------------------------------------- reused buffers
-POOLED = 1 << 20  # blocks of at least this many bytes come from the pool, in whole multiples of it
-KEEP_BYTES = 128 << 20  # free buffers kept for reuse, at most (they count as the process's memory)
-_pool_lock = threading.Lock()
-_pool: list[tuple[int, mmap.mmap]] = []  # free buffers, oldest first
-_kept = 0
-
-
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous tensor, as torch.empty; one of a megabyte or more lies in a
-    reused page-aligned buffer, which goes back to the pool when the last view of it is gone."""
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = count * dtype.itemsize
-    if nbytes < POOLED:
-        return torch.empty(shape, dtype=dtype)
-    return _from_pool(nbytes).view(dtype).view(shape)
-
-
-def _from_pool(nbytes: int) -> torch.Tensor:
-    """`nbytes` (a uint8 tensor) at the start of a page-aligned reused buffer."""
-    size = -(-nbytes // POOLED) * POOLED
-    global _kept
-    buf = None
-    with _pool_lock:
-        for i, (n, b) in enumerate(_pool):
-            if n == size:
-                buf = b
-                del _pool[i]
-                _kept -= size
-                break
-    if buf is None:
-        buf = mmap.mmap(-1, size)
-    view = memoryview(buf)
-    t = torch.frombuffer(view, dtype=torch.uint8, count=nbytes)  # keeps `view` alive as long as it lives
-    weakref.finalize(view, _give_back, buf, size)
-    del view
-    return t
-
-
-def _give_back(buf: mmap.mmap, size: int) -> None:
-    """Keep a free buffer for reuse; past KEEP_BYTES the oldest free ones are dropped (and
-    unmapped when their last reference goes)."""
-    global _kept
-    with _pool_lock:
-        _pool.append((size, buf))
-        _kept += size
-        while _kept > KEEP_BYTES:
-            n, _ = _pool.pop(0)
-            _kept -= n
 
 
 # ----------------------------------------------------------------------------- tensors
