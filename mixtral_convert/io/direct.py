@@ -6,7 +6,7 @@ in pieces of any size, copies them into a few page-aligned stage buffers, and a 
 writes each full buffer with `O_DIRECT` at its (aligned) offset: the disk reads the bytes from the
 buffer, and the kernel neither copies them into the page cache nor writes dirty pages back later.
 On the machine measured, a buffered write() spent more system time copying into fresh page-cache
-pages than everything else the tool does (docs/performance.md, "Direct writes"); a direct write
+pages than everything else the tool does (docs/performance.md, "Direct I/O"); a direct write
 spends almost none. The last, partial block is written after the flag is cleared (a plain write
 may end anywhere).
 
@@ -14,8 +14,7 @@ Where the filesystem refuses direct I/O (the flag cannot be set, or a direct wri
 EINVAL: some network and FUSE filesystems), the file is written by plain writes from then on,
 the same bytes; a file in memory (tmpfs, ramfs) is written by plain writes (there direct I/O
 would only add the stage copy), and `MIXTRAL_CONVERT_DIRECT_IO=0` asks for plain writes
-throughout. A failed
-write (ENOSPC above all) is raised to the caller as the OSError it was, at its next write or at
+throughout. A failed write (ENOSPC above all) is raised to the caller as the OSError it was, at its next write or at
 `finish`, and the caller's atomic output cleans up as for any other failure.
 """
 
@@ -117,26 +116,20 @@ class OutputFile:
             if head:
                 self._pwrite(view[:head], at)
             if head < n:
-                if self.direct:
-                    self._plain()
+                self._plain()
                 write_at(self.fd, view[head:], at + head)
             view.release()
 
     def _pwrite(self, view, at: int) -> None:
-        done = 0
-        while done < view.nbytes:
-            try:
-                done += _pwrite(self.fd, view[done:], at + done)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # The filesystem took the flag but not the write (or the other writer's refusal
-                # cleared it meanwhile): plain writes from here; one that fails too is raised.
-                self._plain()
-                write_at(self.fd, view[done:], at + done)
-                return
+        try:
+            write_at(self.fd, view, at)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The filesystem took the flag but not the write (or the other writer's refusal cleared
+            # it meanwhile): plain writes from here, of the whole range again; one that fails is raised.
+            self._plain()
+            write_at(self.fd, view, at)
 
     def _plain(self) -> None:
         """Plain writes from here on. The flag is cleared before `direct` says so: a writer that

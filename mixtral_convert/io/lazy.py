@@ -246,15 +246,16 @@ class Assembled(Lazy):
                 yield self.read(a, min(a + step, p.dst[1]))
 
     def _grouped_blocks(self, block_bytes: int):
-        """Blocks of rows assembled GROUP_BLOCKS at a time, then handed out as views: a tensor
-        whose every placement is a transposed band (a canonical w2 from the sparse ranks' pieces)
-        then costs one positioned read per source row for several blocks, not one each."""
-        for r0, r1 in self.row_blocks(block_bytes * GROUP_BLOCKS):
-            group = self.read(r0, r1)
-            for a, b in self.row_blocks(block_bytes):
-                if a >= r1 - r0:
-                    break
-                yield group[a:min(b, r1 - r0)]
+        """The usual blocks of rows, assembled GROUP_BLOCKS at a time and handed out as views: a
+        tensor whose every placement is a transposed band (a canonical w2 from the sparse ranks'
+        pieces) then costs one positioned read per source row for several blocks, not one each."""
+        spans = list(self.row_blocks(block_bytes))
+        for i in range(0, len(spans), GROUP_BLOCKS):
+            part = spans[i:i + GROUP_BLOCKS]
+            g0 = part[0][0]
+            group = self.read(g0, part[-1][1])
+            for a, b in part:
+                yield group[a - g0:b - g0]
             del group
 
     def _transposed_blocks(self, p: Placement, step: int, row_bytes: int, block_bytes: int):

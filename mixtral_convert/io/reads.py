@@ -156,8 +156,7 @@ class SourceFile:
                 if e.errno == errno.EINVAL and done == 0:  # the filesystem takes the flag but not the read
                     self._direct = -1
                     return None
-                raise ConvertError(f"{self.path}: cannot read {n} bytes at offset {offset} "
-                                   f"({e.strerror or errno.errorcode.get(e.errno, e)}); {_WHAT_TO_DO}") from None
+                raise self._failed(n, offset, e) from None
             if got == 0 or (got % ALIGN and done + got < need):
                 break  # the end of the file, or a short direct read: read_into says which, or continues
             done += got
@@ -167,6 +166,10 @@ class SourceFile:
             have = max(0, done - head)
             self.read_into(offset + have, out.numpy()[have:])
         return out
+
+    def _failed(self, n: int, offset: int, e: OSError) -> ConvertError:
+        return ConvertError(f"{self.path}: cannot read {n} bytes at offset {offset} "
+                            f"({e.strerror or errno.errorcode.get(e.errno, e)}); {_WHAT_TO_DO}")
 
     def read_into(self, offset: int, buf) -> None:
         """Fill `buf` (any writable buffer) with the bytes at `offset`, all of them, or raise the
@@ -179,8 +182,7 @@ class SourceFile:
             except InterruptedError:
                 continue
             except OSError as e:
-                raise ConvertError(f"{self.path}: cannot read {want} bytes at offset {offset} "
-                                   f"({e.strerror or errno.errorcode.get(e.errno, e)}); {_WHAT_TO_DO}") from None
+                raise self._failed(want, offset, e) from None
             if n == 0:
                 now = _size_now(self.fd)
                 raise ConvertError(f"{self.path}: only {done} of {want} bytes could be read at offset {offset} "
