@@ -31,6 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "fixtures" / "trained"))
+sys.path.insert(0, str(ROOT / "tests"))
+from llama_judge import logits as judge_logits  # noqa: E402
 from measure import drift, held_out_tokens, nll  # noqa: E402
 
 SRC = ROOT / "fixtures" / "trained"
@@ -65,20 +67,9 @@ ROWS = [
 
 
 def llama_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's logits (llama-cpp-python, float32 KV cache) for each row of `tokens`, each from a fresh context."""
-    import llama_cpp
-    import numpy as np
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=tokens.shape[1] + 8, n_batch=512, n_threads=2,
-                          type_k=0, type_v=0, verbose=False)
-    out = []
-    try:
-        for row in tokens.tolist():
-            llm.reset()
-            llm.eval(row)
-            out.append(torch.from_numpy(np.array(llm.scores[:len(row)], dtype=np.float32)))
-    finally:
-        llm.close()
-    return torch.stack(out)
+    """llama.cpp's logits for each row of `tokens`, each from a fresh context (tests/llama_judge.py: a child
+    process, float32 KV cache, no extra buffer types)."""
+    return torch.from_numpy(judge_logits(path, tokens.tolist(), path.name))
 
 
 def _gguf(dtype: str, note: str) -> Row:

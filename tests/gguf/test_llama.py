@@ -2,8 +2,9 @@
 token sequence must be the tool's reference forward's (float32 to 1e-4 relative; float16 and
 bfloat16 to their parity tolerance; Q8_0 and the k-quants within bounds over their measured
 figures: rms, top-1 agreement, perplexity ratio on a fixed text); its tokenizer must give
-SentencePiece's ids; it must load gguf-split pieces from the first. The KV cache is float32
-(type_k = type_v = 0): llama.cpp's default f16 cache alone moves logits by ~6e-4 relative.
+SentencePiece's ids; it must load gguf-split pieces from the first. llama.cpp runs in a child process
+(tests/llama_judge.py: float32 KV cache, no extra buffer types for llama.cpp issue 20824), so that a
+crash in it fails the one test that asked.
 
 Skipped when llama_cpp is not importable (`make test` on a fresh machine), unless
 MIXTRAL_CONVERT_LLAMA=required (`make test-llama`, which builds it first), where a missing
@@ -13,6 +14,9 @@ llama_cpp fails. MIXTRAL_CONVERT_FIGURES=FILE appends each figure as a JSON line
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -20,13 +24,16 @@ import sentencepiece as spm
 import torch
 from gguf_cases import make_source, merge_gguf, probe_strings
 from helpers import cli
+from llama_judge import logits as judge_logits
+from llama_judge import system_info
+from llama_judge import tokenize as judge_tokenize
 
 from mixtral_convert.formats.registry import open_checkpoint
 from mixtral_convert.forward.reference import forward
 from mixtral_convert.io.lazy import materialize
 
 try:
-    import llama_cpp
+    import llama_cpp  # the judge runs it in a child; imported here to skip without it
 except ImportError:
     if os.environ.get("MIXTRAL_CONVERT_LLAMA") == "required":
         raise
@@ -41,14 +48,8 @@ BOUNDS = {  # (rms rel, top-1 agreement, |perplexity ratio - 1|), over what was 
     "q8_0": (0.06, 0.85, 0.05), "q6_k": (0.1, 0.8, 0.1), "q5_k_m": (0.18, 0.7, 0.2), "q4_k_m": (0.3, 0.6, 0.4)}
 
 
-def llama_logits(path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=len(tokens) + 8, n_batch=512, n_threads=2,
-                          type_k=0, type_v=0, verbose=False)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
+def llama_logits(path, tokens: list[int], what: str) -> np.ndarray:
+    return judge_logits(path, [tokens], what)[0]
 
 
 def reference_logits(src, tokens: list[int]) -> np.ndarray:
@@ -94,7 +95,7 @@ def test_llama_cpp_logits_equal_the_reference_forward(case, request, tmp_path):
     out = merge_gguf(src, tmp_path / "m.gguf", dtype)
     tokens = text_tokens(ref_src)
     ref = reference_logits(ref_src, tokens)
-    fig = figures(case, llama_logits(out, tokens), ref, tokens)
+    fig = figures(case, llama_logits(out, tokens, case), ref, tokens)
     if dtype == "float32":
         assert fig["max_abs"] <= 1e-4 * max(1.0, fig["max_abs_logit"]) and fig["rms_rel"] <= 1e-4, fig
     else:  # the parity tolerances of those storage dtypes (docs/parity.md)
@@ -107,7 +108,7 @@ def test_llama_cpp_logits_equal_the_reference_forward(case, request, tmp_path):
 def test_quantized_figures_within_their_bounds(dtype, src_k, tmp_path, capsys):
     out = merge_gguf(src_k, tmp_path / "m.gguf", dtype)
     tokens = text_tokens(src_k)
-    fig = figures(f"src_k-{dtype}", llama_logits(out, tokens), reference_logits(src_k, tokens), tokens)
+    fig = figures(f"src_k-{dtype}", llama_logits(out, tokens, dtype), reference_logits(src_k, tokens), tokens)
     rms, top1, ppl = BOUNDS[dtype]
     assert fig["rms_rel"] <= rms and fig["top1"] >= top1 and abs(fig["ppl_ratio"] - 1) <= ppl, fig
     code, out, err = cli("verify", out, "--source", src_k, "--forward", "--json", capsys=capsys)  # then logits
@@ -120,7 +121,7 @@ def test_llama_cpp_loads_gguf_split_pieces_from_the_first(src22, tmp_path):
     pieces = sorted(tmp_path.glob("cut-*-of-*.gguf"))
     assert len(pieces) > 2
     tokens = text_tokens(src22)
-    np.testing.assert_array_equal(llama_logits(pieces[0], tokens), llama_logits(one, tokens))
+    np.testing.assert_array_equal(llama_logits(pieces[0], tokens, "q8_0 pieces"), llama_logits(one, tokens, "q8_0"))
 
 
 @pytest.mark.parametrize("fixture", ["src7", "src22"])
@@ -128,13 +129,10 @@ def test_llama_cpp_tokenizer_gives_sentencepiece_ids(fixture, request, tmp_path)
     src = request.getfixturevalue(fixture)
     out = merge_gguf(src, tmp_path / "m.gguf", "q8_0")
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
-    try:
-        bad = [s for s in probe_strings(400, seed=11)
-               if llm.tokenize(s.encode("utf-8"), add_bos=True, special=False) != [sp.bos_id()] + sp.encode(s)]
-        assert (llm.token_bos(), llm.token_eos()) == (sp.bos_id(), sp.eos_id())
-    finally:
-        llm.close()
+    texts = probe_strings(400, seed=11)
+    got = judge_tokenize(out, texts, "q8_0 vocabulary")
+    assert (got["bos"], got["eos"]) == (sp.bos_id(), sp.eos_id())
+    bad = [s for s, ids in zip(texts, got["ids"], strict=True) if ids != [sp.bos_id()] + sp.encode(s)]
     assert not bad, [(s, sp.encode(s)) for s in bad[:3]]
 
 
@@ -159,5 +157,50 @@ def test_a_peft_save_runs_in_llama_cpp_as_its_unmerged_model(src7, tmp_path, cap
     tokens = text_tokens(src7)
     model = open_model(save, torch.float32, "cpu", unmerged=True)
     ref = model.run(torch.tensor([tokens]))[0].numpy()
-    fig = figures("peft-lora-norm-float32", llama_logits(out, tokens), ref, tokens)
+    fig = figures("peft-lora-norm-float32", llama_logits(out, tokens, "peft float32"), ref, tokens)
     assert fig["max_abs"] <= 1e-4 * max(1.0, fig["max_abs_logit"]) and fig["rms_rel"] <= 1e-4, fig
+
+
+CRASHING = """
+import sys
+sys.path.insert(0, {tests!r})
+from llama_judge import logits
+
+def test_crashes(monkeypatch):
+    monkeypatch.setenv("MIXTRAL_CONVERT_JUDGE_CRASH", "1")
+    logits({model!r}, [[1, 2, 3]], "q8_0")
+
+def test_after_the_crash():
+    assert logits({model!r}, [[1, 2, 3]], "q8_0").shape[:2] == (1, 3)
+"""
+
+
+def test_a_segfault_in_llama_cpp_is_one_failed_test_not_a_dead_run(src7, tmp_path):
+    """A real SIGSEGV in llama_judge's child (MIXTRAL_CONVERT_JUDGE_CRASH=1, after the model is loaded) fails
+    the test that asked, naming the file and the type; the next test of the same pytest run runs and passes."""
+    model = merge_gguf(src7, tmp_path / "crash.gguf", "q8_0")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inner = tmp_path / "test_inner.py"
+    inner.write_text(textwrap.dedent(CRASHING).format(tests=tests, model=str(model)))
+    env = {k: v for k, v in os.environ.items() if k != "MIXTRAL_CONVERT_JUDGE_CRASH"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(inner)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "1 failed, 1 passed" in out, out
+    assert "LlamaCrashed: llama.cpp died (signal SIGSEGV) judging crash.gguf (q8_0)" in out, out
+
+
+def test_the_judge_loads_without_extra_buffer_types(src7, tmp_path):
+    """llama.cpp issue 20824: the AMX buffer type crashes on small Q8_0 weights, so the judge's models are
+    loaded with use_extra_bufts off. The build's system info goes to the log (-s shows it)."""
+    import llama_judge
+    model = merge_gguf(src7, tmp_path / "m.gguf", "q8_0")
+    llm = llama_judge._load(llama_cpp, str(model), n_ctx=16)
+    try:
+        assert llm.model_params.use_extra_bufts is False
+    finally:
+        llm.close()
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # patched for the load only
+    info = system_info()
+    print("llama.cpp system info:", info)
+    assert "AVX" in info or "NEON" in info, info
