@@ -65,8 +65,9 @@ def _against_manifest(path: Path, rep: Report, quiet: bool) -> None:
     try:
         m = json.loads(mp.read_text())
         files = m["files"]
-        assert isinstance(files, dict) and files
-    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict) or not files:
         return rep.problems.append(f"{mp}: not a mixtral-convert manifest (unreadable or no 'files')")
     for name, e in files.items():
         p = path.parent / name

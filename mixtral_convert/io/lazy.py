@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import ConvertError
-from . import buffers, reads
+from . import buffers, reads, tiles
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
 GROUP_BLOCKS = 2  # blocks of an all-transposed tensor assembled at once (Assembled._grouped_blocks)
@@ -184,8 +184,13 @@ class Placement:
 
 
 class Assembled(Lazy):
-    def __init__(self, shape, dtype, placements: list[Placement], name: str = "?"):
+    """A tensor of `shape` whose placements must tile it exactly (`io.tiles`: checked as intervals, so
+    an overlap cannot hide a gap that would be read from a reused buffer); a ConvertError names it if not."""
+
+    def __init__(self, shape, dtype, placements: list[Placement], name: str = "?",
+                 fix: str = "the pieces that assemble it are wrong (a bug in mixtral-convert; please report it)"):
         self.shape, self.dtype, self.placements, self.name = tuple(shape), dtype, placements, name
+        tiles.check_tiling(name, self.shape, (p.dst for p in placements), fix)
 
 
     def read(self, r0, r1, c0=None, c1=None):

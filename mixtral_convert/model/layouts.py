@@ -263,7 +263,6 @@ class Plan:
         """Canonical tensor `name`, assembled from the shard tensors (merge); a replicated
         tensor is read from the rank its rule names. The pieces read must tile the tensor."""
         shape, rule, placements = self.shapes[name], self.rules[name], []
-        covered = 0
         for p in self.by_source[name]:
             if not rule.reads(p):
                 continue
@@ -271,9 +270,6 @@ class Plan:
             data = p.data_shape(shape)
             src_region = (p.row0, p.row0 + data[0]) + ((0, data[1]) if len(data) == 2 else (None, None))
             placements.append(Placement(region, shards[p.rank][p.key], src_region, p.transpose))
-            covered += math.prod(data)
-        if covered != math.prod(shape):
-            raise ConvertError(f"'{name}': the {self.layout} table's pieces cover {covered} of its "
-                               f"{math.prod(shape)} elements at N={self.N}; the partition table is wrong")
         st = self.ranks[self.by_source[name][0].rank][self.by_source[name][0].key]
-        return Assembled(shape, st.dtype, placements, name=name)
+        return Assembled(shape, st.dtype, placements, name=name,
+                         fix=f"the {self.layout} table's pieces at N={self.N} are wrong (a bug: please report it)")
