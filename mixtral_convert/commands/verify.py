@@ -82,9 +82,8 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         finally:
             rep.seconds = time.perf_counter() - t0
         return rep
-    since = reads.mark()
     src = open_checkpoint(source, base=base)  # a bad source is bad input (exit 2), not a mismatch
-    sources = reads.opened_since(since)
+    sources = src.sources
     rep = Report(str(shards), str(src.path))
     if src.kind == "peft":
         differ = peft.summary(src.path)["replicated_copies_differ"]
@@ -95,11 +94,16 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         _verify(shards, src, rep, quiet)
     finally:
         rep.seconds = time.perf_counter() - t0
-    # a source rewritten while it was compared proves nothing either way: refused, like a bad source
+    unchanged_while_compared(sources, rep)
+    return rep
+
+
+def unchanged_while_compared(sources, rep: Report) -> None:
+    """A source rewritten while it was compared proves nothing either way: refused (SourceChanged),
+    like a bad source; else the report says what was checked."""
     reads.check_unchanged(sources, "the comparison")
     if rep.ok:
         rep.checks.append(f"the source's {len(sources)} file(s) kept their size, mtime and inode while they were read")
-    return rep
 
 
 def _verify_manifest(shards: Path, rep: Report, quiet: bool) -> None:

@@ -25,7 +25,7 @@ from ..formats.registry import open_checkpoint
 from ..io import manifest
 from ..io.beside import manifest_name
 from ..io.progress import progress_bar
-from .verify import Report
+from .verify import Report, unchanged_while_compared
 
 FILE_TYPES = {int(ft): name for name, (_, ft) in target.TYPES.items()}
 KQUANT_TYPES = {int(ft): name for name, ft in target.KQUANTS.items()}
@@ -52,6 +52,7 @@ def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, 
             src = open_checkpoint(source, base=base)
             rep.source = str(src.where)
             _against_source(path, src, rep, quiet)
+            unchanged_while_compared(src.sources, rep)
     finally:
         rep.seconds = time.perf_counter() - t0
     return rep

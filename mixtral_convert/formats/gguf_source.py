@@ -51,6 +51,9 @@ class GgufTensor(Lazy):
             raise ConvertError(f"tensor '{name}' is {ggml_type.name}: a quantized GGUF is not a source to convert "
                                "from (its values are rounded); convert from the original checkpoint")
 
+    def files(self):
+        yield self.file
+
     def read(self, r0, r1, c0=None, c1=None):
         if not self.shape:
             r0, r1 = 0, 1
@@ -200,6 +203,9 @@ def k_is_router(name: str) -> bool:
 class _Narrowed(Lazy):
     def __init__(self, base: Lazy, dtype: torch.dtype):
         self.base, self.dtype, self.shape, self.name = base, dtype, base.shape, base.name
+
+    def files(self):
+        return self.base.files()
 
     def read(self, r0, r1, c0=None, c1=None):
         return self.base.read(r0, r1, c0, c1).to(self.dtype)

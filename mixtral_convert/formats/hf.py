@@ -49,6 +49,9 @@ class RowPermuted(Lazy):
         self.base, self.perm, self.name = base, perm, name
         self.shape, self.dtype = base.shape, base.dtype
 
+    def files(self):
+        return self.base.files()
+
     def read(self, r0, r1, c0=None, c1=None):
         idx = self.perm[r0:r1]
         lo, hi = int(idx.min()), int(idx.max()) + 1

@@ -70,6 +70,11 @@ class Lazy:
     def read(self, r0: int, r1: int, c0: Optional[int] = None, c1: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def files(self) -> Iterator["reads.SourceFile"]:
+        """The source files this tensor's bytes are read from (what a command checks unchanged
+        before it publishes anything made of them); every kind of lazy tensor says."""
+        raise NotImplementedError
+
     @property
     def nbytes(self) -> int:
         n = torch.empty((), dtype=self.dtype).element_size()
@@ -103,6 +108,9 @@ class OnDisk(Lazy):
     def __init__(self, file, offset: int, shape, dtype: torch.dtype, strides=None, name: str = "?"):
         self.file, self.offset, self.shape, self.dtype, self.name = file, offset, tuple(shape), dtype, name
         self.strides = tuple(strides) if strides is not None else reads.contiguous_strides(self.shape)
+
+    def files(self):
+        yield self.file
 
     def named(self, name: str) -> "OnDisk":
         return OnDisk(self.file, self.offset, self.shape, self.dtype, self.strides, name)
@@ -157,6 +165,8 @@ class Stored(Lazy):
         self.t, self.name = tensor, name
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
 
+    def files(self):
+        return iter(())
 
     def read(self, r0, r1, c0=None, c1=None):
         if not self.shape:
@@ -191,6 +201,10 @@ class Assembled(Lazy):
                  fix: str = "the pieces that assemble it are wrong (a bug in mixtral-convert; please report it)"):
         self.shape, self.dtype, self.placements, self.name = tuple(shape), dtype, placements, name
         tiles.check_tiling(name, self.shape, (p.dst for p in placements), fix)
+
+    def files(self):
+        for p in self.placements:
+            yield from p.src.files()
 
 
     def read(self, r0, r1, c0=None, c1=None):
@@ -282,6 +296,11 @@ class Assembled(Lazy):
             del band
 
 
+def files_of(tensors) -> tuple["reads.SourceFile", ...]:
+    """The source files a collection of lazy tensors reads, each once, in the order first met."""
+    return tuple(dict.fromkeys(f for t in tensors for f in t.files()))
+
+
 def materialize(lz: Lazy) -> torch.Tensor:
     """A lazy tensor as a tensor: the tensor itself when in memory, else read whole (only ever
     one tensor of one layer at a time, as the forward asks for them)."""
@@ -333,6 +352,9 @@ class Cast(Lazy):
 
     def __init__(self, base: Lazy, dtype: torch.dtype, where: str = "source"):
         self.base, self.dtype, self.shape, self.name, self.where = base, dtype, base.shape, base.name, where
+
+    def files(self):
+        return self.base.files()
 
     def read(self, r0, r1, c0=None, c1=None):
         block = self.base.read(r0, r1, c0, c1)
