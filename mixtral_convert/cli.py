@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import ConvertError, WorldSizeError
-from .formats.registry import TARGETS, all_target_options
+from .formats.registry import TARGETS, all_target_options, is_kind
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -336,7 +336,7 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
 
     from .commands.verify import verify
     from .forward.parity import parity
-    if shards.name.endswith(".gguf"):  # a GGUF output: a file, with its own checks and forward
+    if is_kind(shards, "gguf"):  # a GGUF output: a file, with its own checks and forward
         from .commands.verify_gguf import verify_gguf as verify
         from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed

@@ -19,7 +19,7 @@ from ..errors import ConvertError
 from ..formats import gguf_source, mistral, peft
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
-from ..formats.registry import open_checkpoint
+from ..formats.registry import file_reader, open_checkpoint
 from ..io import hub
 from ..model import tensors as tensors_table
 from ..model.config import ModelConfig, read_json
@@ -37,12 +37,13 @@ def inspect(path: Path) -> dict:
         raise ConvertError(f"{path}: no such file or directory")
     if path.is_dir():
         return _directory(path)
-    if tarball.is_archive(path):
+    reader = file_reader(path)
+    if reader is not None and reader.name == "archive":
         info = _directory(path)
         info["archive"] = {"name": path.name, "bytes": path.stat().st_size}
         info["files"] = tarball.listing(path)  # its members
         return info
-    if path.name.endswith(".gguf"):
+    if reader is not None and reader.name == "gguf":
         return gguf_source.describe(path)
     if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}

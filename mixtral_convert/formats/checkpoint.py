@@ -147,14 +147,21 @@ class Checkpoint:
 class Reader:
     """A source format. `claims(dir, names)` says whether the directory (whose file names are
     `names`) is in this format; `open(dir, names)` reads it (descriptions only, no tensor data).
-    Two formats named in `conflicts` must not both claim one directory (`conflict_why` says why)."""
+    Two formats named in `conflicts` must not both claim one directory (`conflict_why` says why).
+    A `single_file` reader reads one file instead (an archive, a GGUF file): `claims(file, None)`
+    and `open(file, None)`. A reader with `on_base` reads saves that hold only what a finetune
+    changed (an adapter): `on_base(dir, names, base)` opens one on top of the model it was trained
+    from (`--base`), `on_base_what` says what such a save is."""
 
     name: str
     what: str  # for "no checkpoint found": what files make this format
-    claims: Callable[[Path, set[str]], bool]
-    open: Callable[[Path, set[str]], Checkpoint]
+    claims: Callable[[Path, Optional[set[str]]], bool]
+    open: Callable[[Path, Optional[set[str]]], Checkpoint]
     conflicts: tuple[str, ...] = ()
     conflict_why: str = "multiple formats, which Accessory rejects"
+    single_file: bool = False
+    on_base: Optional[Callable[[Path, set[str], Checkpoint], Checkpoint]] = None
+    on_base_what: str = ""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..io.reads import SourceFile
 from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, TokenizerRef, check_tensors
+from .checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
 from .gguf import ARCH, FILE_TYPE_NAMES, NAME_TABLE, SPLIT_RE
 
 T = GGMLQuantizationType
@@ -244,3 +244,8 @@ def describe(path: Path) -> dict:
             "types": dict(collections.Counter(t.tensor_type.name for t in tensors)),
             "shapes": {t.name: [int(x) for x in reversed(t.shape.tolist())] for t in tensors},
             "tokenizer": tok, "file_bytes": sum(p.stat().st_size for p in paths)}
+
+
+READER = Reader("gguf", "a .gguf file (and its gguf-split pieces)", single_file=True,
+                claims=lambda path, _: path.name.endswith(".gguf"),
+                open=lambda path, _: open_gguf(path))

@@ -206,7 +206,9 @@ def _assemble(rule, ps, shape, opened) -> Lazy:
 
 
 READER = Reader("peft", f"{accessory.shard_file_name(0, 1)} shards with {accessory.META} llama_type mixtral_peft",
-                claims=claims, open=open_peft, conflicts=("torrent", "mistral"))
+                claims=claims, open=open_peft, conflicts=("torrent", "mistral"),
+                on_base=lambda path, names, base: open_peft(path, names, base=base),
+                on_base_what="a trainable-only PEFT save (llama_type mixtral_peft)")
 
 
 

@@ -490,3 +490,43 @@ def test_hub_fetches_what_a_mistral_inference_repository_holds(tmp_path, monkeyp
     hub.resolve_checkpoint("hf://mistralai/some-release", registry.HUB_SMALL_FILES, registry.hub_weight_patterns)
     assert {"tokenizer.model.v3", "tokenizer.model.v1", "params.json"} <= set(asked[0])
     assert "consolidated.safetensors" in asked[1] and "consolidated.*.pt" in asked[1]
+
+
+# ----------------------------------------------------------------------------- one dispatch
+def test_a_new_single_file_reader_and_a_new_adapter_kind_are_one_registry_entry_each(wide_src, tmp_path, monkeypatch):
+    """Every source goes through READERS: a reader of single files (as the .tar and .gguf readers
+    are) and a reader of adapters read on top of a base (`--base`, as the PEFT reader is) are each
+    one entry, with no special case in open_checkpoint."""
+    from dataclasses import replace
+
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.formats import registry
+    from mixtral_convert.formats.checkpoint import Reader
+
+    def adapter_on(path, names, base):  # an adapter that scales the output layer by 2
+        from mixtral_convert.io.lazy import Stored, materialize
+        canonical = dict(base.canonical, **{"output.weight": Stored(materialize(base.canonical["output.weight"]) * 2)})
+        return replace(base, path=path, kind="toy-adapter", canonical=canonical)
+
+    single = Reader("toy-file", "a .toy file", claims=lambda p, _: p.name.endswith(".toy"),
+                    open=lambda p, _: replace(registry.open_checkpoint(p.read_text()), kind="toy-file"),
+                    single_file=True)
+    adapter = Reader("toy-adapter", "adapter.toy.json", claims=lambda p, names: "adapter.toy.json" in names,
+                     open=lambda p, names: (_ for _ in ()).throw(ConvertError(f"{p}: pass --base")),
+                     on_base=adapter_on, on_base_what="a toy adapter")
+    monkeypatch.setattr(registry, "READERS", (single, adapter) + registry.READERS)
+
+    (tmp_path / "m.toy").write_text(str(wide_src))
+    ck = registry.open_checkpoint(tmp_path / "m.toy")
+    assert ck.kind == "toy-file" and ck.cfg == registry.open_checkpoint(wide_src).cfg
+
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter.toy.json").write_text("{}")
+    on = registry.open_checkpoint(ad, base=wide_src)
+    src = load(wide_src / "consolidated.00.pth")
+    assert on.kind == "toy-adapter" and on.path == ad
+    assert same_bytes(on.canonical["output.weight"].read(0, 4), src["output.weight"][:4] * 2)
+    with pytest.raises(ConvertError, match=rf"--base {wide_src}: is for a toy adapter or a trainable-only PEFT save "
+                                           rf"\(llama_type mixtral_peft\); {wide_src} is not one: leave --base out"):
+        registry.open_checkpoint(wide_src, base=wide_src)
