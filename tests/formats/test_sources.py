@@ -435,8 +435,9 @@ def test_transformers_loads_merge_to_hf_with_forward_parity(tmp_path, capsys):
 def test_hf_qk_permutation_is_read_in_bounded_blocks():
     """A block of canonical wq/wk rows is gathered from a bounded range of HF rows (the block
     plus at most one head), never the whole tensor."""
-    from mixtral_convert.formats.hf import RowPermuted, qk_perm
+    from mixtral_convert.formats.hf import RowPermuted
     from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.model.names import qk_gather
 
     class Recorder(Stored):
         def __init__(self, t):
@@ -450,13 +451,13 @@ def test_hf_qk_permutation_is_read_in_bounded_blocks():
     n, hd, D = 6, 16, 8
     W = torch.randn(n * hd, D)
     base = Recorder(to_hf_rows(W, n))
-    canon = RowPermuted(base, qk_perm(n * hd, n, to_hf=False))
+    canon = RowPermuted(base, qk_gather(n * hd, n, to_hf=False))
     for rows in (1, 5, hd, 3 * hd):
         base.calls.clear()
         assert torch.equal(torch.cat(list(canon.blocks(block_bytes=rows * D * 4))), W)
         assert all(r1 - r0 <= rows + hd for r0, r1 in base.calls)
     assert torch.equal(canon.read(17, 40, 2, 5), W[17:40, 2:5])
-    back = RowPermuted(Stored(W), qk_perm(n * hd, n, to_hf=True))
+    back = RowPermuted(Stored(W), qk_gather(n * hd, n, to_hf=True))
     assert torch.equal(back.read(0, n * hd), to_hf_rows(W, n))
 
 
@@ -530,3 +531,34 @@ def test_a_new_single_file_reader_and_a_new_adapter_kind_are_one_registry_entry_
     with pytest.raises(ConvertError, match=rf"--base {wide_src}: is for a toy adapter or a trainable-only PEFT save "
                                            rf"\(llama_type mixtral_peft\); {wide_src} is not one: leave --base out"):
         registry.open_checkpoint(wide_src, base=wide_src)
+
+
+def test_hf_qk_with_an_odd_head_dim_is_refused_not_read_unpermuted(tmp_path, capsys):
+    """HF's q/k permutation pairs each head's rows in two halves: with an odd head_dim it cannot be
+    undone, and such a checkpoint is refused naming the tensor (it was read in HF's order, silently)."""
+    cfg = tiny_config(dim=24, n_heads=4, n_kv_heads=2, head_dim=3, hidden_dim=32, num_experts=2, vocab_size=64,
+                      n_layers=1)
+    write_torrent(tmp_path / "t", cfg, seed=3)
+    sd = load(tmp_path / "t" / "consolidated.00.pth")
+    d = tmp_path / "hf"
+    d.mkdir()
+    save_file({hfnames.canonical_to_hf(k): v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf_config(max_position_embeddings=4096)))
+    code, _, err = cli("inspect", d, capsys=capsys)
+    assert code == 2 and err.strip() == (
+        "error: tensor 'layers.0.attention.wq.weight': 12 rows are not 4 heads of an even head_dim, so HF's q/k "
+        "permutation (rotate-half rotary) cannot be applied or undone; check the config's head count and head_dim")
+
+
+def test_the_qk_gather_from_hf_is_the_inverse_of_the_gather_to_hf():
+    from mixtral_convert.model.names import qk_gather
+    for rows, n in [(8, 1), (32, 4), (48, 6), (12, 3)]:
+        to, back = qk_gather(rows, n, True), qk_gather(rows, n, False)
+        assert torch.equal(to[back], torch.arange(rows)) and torch.equal(back[to], torch.arange(rows))
+        assert not torch.equal(to, torch.arange(rows))  # a real permutation
+        W = torch.arange(rows * 2.0).reshape(rows, 2)
+        # HF's rotate-half order: each head's even rows, then its odd rows
+        hd = rows // n
+        want = torch.cat([torch.cat([W[h * hd:(h + 1) * hd:2], W[h * hd + 1:(h + 1) * hd:2]]) for h in range(n)])
+        assert torch.equal(hfnames.permute_qk_to_hf(W, n), want)
+        assert torch.equal(hfnames.permute_qk_from_hf(want, n), W)
