@@ -143,6 +143,12 @@ class LoraRow:
         out, inp = self.weight.shape(cfg)
         return (rank, inp), (out, rank)
 
+    def rows(self, rank: int) -> tuple[Row, Row]:
+        """A and B as rows of the table at LoRA rank `rank`: what the partition Plan expands
+        (`layouts.Plan.row_pieces`), as it does the model's own rows."""
+        return (Row(self.a, lambda c: self.shapes(c, rank)[0], self.a_parallel, self.weight.short),
+                Row(self.b, lambda c: self.shapes(c, rank)[1], self.b_parallel, self.weight.short))
+
 
 def _lora_row(w: Row) -> LoraRow:
     stem = w.pattern[: -len(".weight")]
@@ -180,6 +186,27 @@ def match(name: str) -> Optional[tuple[Row, dict[str, str]]]:
         if m:
             return row, m.groupdict()
     return None
+
+
+def lora_match(name: str) -> Optional[tuple[LoraRow, str, dict[str, str]]]:
+    """(the LoRA row, "a" or "b", its placeholder values) of a canonical LoRA tensor name; None if none."""
+    for lr in LORA:
+        for which, pattern in (("a", lr.a), ("b", lr.b)):
+            m = compile_pattern(pattern).match(name)
+            if m:
+                return lr, which, m.groupdict()
+    return None
+
+
+def parallel_of(name: str) -> Optional[str]:
+    """How a canonical tensor (a LoRA A or B included) is parallelised (PARALLEL); None for no tensor of the table."""
+    hit = match(name)
+    if hit is not None:
+        return hit[0].parallel
+    lora = lora_match(name)
+    if lora is None:
+        return None
+    return lora[0].a_parallel if lora[1] == "a" else lora[0].b_parallel
 
 
 def row(short: str) -> Row:
