@@ -61,7 +61,8 @@ class Checkpoint:
     with --dtype, the hub name) is a new one, made with `dataclasses.replace`."""
 
     path: Path  # the directory (or the archive)
-    kind: str  # the reader's name: "torrent", "fused", "mistral", "hf", "base", "sparse"
+    kind: str  # the reader's name (formats.registry.READERS): "torrent", "fused", "mistral", "hf", "base",
+    # "sparse", "peft", "gguf"; Mistral's .tar gives "mistral"
     cfg: ModelConfig
     files: list[Path]
     tok: TokenizerRef

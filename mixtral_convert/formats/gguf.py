@@ -104,9 +104,9 @@ def unstack(row: tensors.Row, L: Optional[str], offset: int, rows: int, step: in
     return [(row.pattern.format(L=L, e=e), offset + e * step) for e in range(rows)]
 
 
-def check_blocks(tensors: list[GTensor]) -> None:
+def check_blocks(gts: list[GTensor]) -> None:
     """ConvertError (naming the tensor) when a tensor's rows are not whole blocks of its type."""
-    for t in tensors:
+    for t in gts:
         t.info.nbytes  # noqa: B018
 
 
@@ -140,7 +140,7 @@ def model_metadata(cfg: ModelConfig, name: str, file_type: int, context_length: 
     }
 
 
-def check_tokenizer(ck: Checkpoint) -> sptok.SpModel:
+def sentencepiece_model(ck: Checkpoint) -> sptok.SpModel:
     """The SentencePiece model a GGUF can carry so that llama.cpp tokenizes as SentencePiece does."""
     tok = ck.tokenizer
     if tok is None:
@@ -201,7 +201,7 @@ def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
 
 # ----------------------------------------------------------------------------- planning
 @dataclass
-class Layout:
+class FilePlan:
     """What a GGUF output is: its files, each with its metadata and tensors."""
 
     files: list[tuple[str, dict[str, Value], list[GTensor]]]
@@ -224,7 +224,7 @@ def source_dtype(ck: Checkpoint) -> str:
 def prepare(ck: Checkpoint, options: dict) -> dict:
     """Checked before anything is written: the tokenizer can be carried, and the context length
     (the option, else the source's; never guessed). Returns the options with it resolved."""
-    check_tokenizer(ck)
+    sentencepiece_model(ck)
     max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
@@ -232,37 +232,37 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     return dict(options, max_position_embeddings=max_pos)
 
 
-def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-           max_position_embeddings: Optional[int], name: Optional[str]) -> Layout:
+def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+           max_position_embeddings: Optional[int], name: Optional[str]) -> FilePlan:
     """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
     dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
     if dtype not in TYPES:
         raise ConvertError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     context = prepare(ck, {"max_position_embeddings": max_position_embeddings})["max_position_embeddings"]
-    m = check_tokenizer(ck)
-    tensors = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
-    check_blocks(tensors)
+    m = sentencepiece_model(ck)
+    gts = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
+    check_blocks(gts)
     meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
     meta.update(tokenizer_metadata(m, ck.tokenizer))
-    groups = [tensors] if not max_shard_size else _groups(tensors, max_shard_size)
+    groups = [gts] if not max_shard_size else _groups(gts, max_shard_size)
     if len(groups) == 1:
-        return Layout([(out_name, meta, tensors)], dtype)
+        return FilePlan([(out_name, meta, gts)], dtype)
     stem, k = out_name[:-len(".gguf")] if out_name.endswith(".gguf") else out_name, len(groups)
     files = []
     for i, g in enumerate(groups):
         split = {Keys.Split.LLM_KV_SPLIT_NO: Value(V.UINT16, i), Keys.Split.LLM_KV_SPLIT_COUNT: Value(V.UINT16, k),
-                 Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: Value(V.INT32, len(tensors))}
+                 Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: Value(V.INT32, len(gts))}
         files.append((f"{stem}-{i + 1:05d}-of-{k:05d}.gguf", dict(meta, **split) if i == 0 else split, g))
-    return Layout(files, dtype)
+    return FilePlan(files, dtype)
 
 
-def _groups(tensors: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
+def _groups(gts: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
     """Greedy: a file takes tensors while it stays within max_bytes (a larger tensor gets its own)."""
     if max_bytes <= 0:
         raise ConvertError(f"--max-shard-size must be positive, got {max_bytes}")
     groups: list[list[GTensor]] = [[]]
     size = 0
-    for t in tensors:
+    for t in gts:
         if groups[-1] and size + t.info.nbytes > max_bytes:
             groups.append([])
             size = 0
@@ -274,10 +274,10 @@ def _groups(tensors: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
 
 
 # ----------------------------------------------------------------------------- writing
-def _blocks(tensors: list[GTensor]):
+def tensor_blocks(gts: list[GTensor]):
     """(tensor name, its bytes in the file's type, source bytes read) for every block of rows of
     every tensor (a stacked one's experts in turn), in file order."""
-    for t in tensors:
+    for t in gts:
         for src in t.sources:
             step = QUANT_BLOCK_BYTES if t.info.ggml_type not in (T.F32, T.F16, T.BF16) else None
             for block in (src.blocks(step) if step else src.blocks()):
@@ -298,13 +298,13 @@ def _producer(blocks, progress):
     return produce
 
 
-def write_files(tmp: Path, lay: Layout, progress) -> dict[str, dict]:
+def write_files(tmp: Path, lay: FilePlan, progress) -> dict[str, dict]:
     """Every file of `lay` into `tmp` (blocks converted a little ahead on a second thread, which is
     joined on any exit); their manifest entries."""
     entries = {}
     for fname, meta, group in lay.files:
         h = hashlib.sha256()
-        with closing(prefetched(_blocks(group))) as blocks:
+        with closing(prefetched(tensor_blocks(group))) as blocks:
             size = write_gguf(tmp / fname, meta, [t.info for t in group], _producer(blocks, progress), hasher=h)
         entries[fname] = {"size": size, "sha256": h.hexdigest()}
     return entries

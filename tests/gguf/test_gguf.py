@@ -447,3 +447,12 @@ def test_merge_to_gguf_of_a_source_that_changes_mid_run_is_refused(src7, tmp_pat
                        CONTEXT, capsys=capsys)
     assert code == 2 and "the source changed while it was read (it was replaced" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_forward_of_a_gguf_of_an_unknown_file_type_is_refused(src7, ggufs, monkeypatch):
+    """A file type with no known rounding bound gets no borrowed tolerance (it got q4_k_m's): refused."""
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.forward import gguf_parity
+    monkeypatch.setattr(gguf_parity, "FILE_TYPE_NAMES", {})  # as a file type this tool does not write
+    with pytest.raises(ConvertError, match=r"general.file_type 0 is not a type this tool writes"):
+        gguf_parity.gguf_parity(ggufs["float32"], src7)
