@@ -15,6 +15,7 @@ conversion wrote (io/manifest.py): corruption after conversion is caught without
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import closing
@@ -62,6 +63,24 @@ class Report:
         return {"ok": self.ok, "shards": self.shards, "source": self.source, "layout": self.layout,
                 "world_size": self.world_size, "checks": self.checks, "problems": self.problems,
                 "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
+
+    def lines(self, fwd=None, as_json: bool = False) -> tuple[list[str], list[str]]:
+        """(what to print on stdout, the problems) for this report and the forward's (`fwd`, a
+        forward.parity.ParityReport, or None): JSON, or one line per check and problem and a verdict."""
+        problems = list(self.problems) + (fwd.problems if fwd else [])
+        if as_json:
+            d = self.as_dict()
+            if fwd is not None:
+                d["forward"] = fwd.as_dict()
+                d["ok"] = self.ok and fwd.ok
+            return [json.dumps(d, indent=2)], problems
+        out = [f"ok    {line}" for line in self.checks] + [f"FAIL  {line}" for line in self.problems]
+        if fwd is not None:
+            out.append(f"{'ok  ' if fwd.ok else 'FAIL'}  {fwd.summary()}")
+            out += [f"FAIL  {line}" for line in fwd.problems]
+        out.append(f"{'verified' if not problems else 'MISMATCH'}: {self.shards} ({self.layout}, N={self.world_size}) "
+                   f"against {self.source} in {self.seconds + (fwd.seconds if fwd else 0):.1f} s")
+        return out, problems
 
 
 def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
