@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import ConvertError, WorldSizeError
-from .formats.registry import TARGETS, all_target_options
+from .formats.registry import TARGETS, all_target_options, is_kind
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,15 +147,10 @@ _drop_biases_option = click.option(
 
 
 def _print_result(verb: str, res, quiet: bool) -> None:
-    from .io.progress import human_bytes
-    for note in getattr(res, "notes", []):
+    for note in res.notes:
         click.echo(f"note: {note}", err=True)
-    if quiet:
-        return
-    rate = res.nbytes / res.seconds if res.seconds > 0 else 0
-    click.echo(f"{verb} {human_bytes(res.nbytes)} in {res.seconds:.1f} s ({human_bytes(rate)}/s) -> {res.out}")
-    for name in res.files:
-        click.echo(f"  {name}")
+    if not quiet:
+        click.echo("\n".join(res.lines(verb)))
 
 
 def _parse_ranks(text):
@@ -180,8 +175,6 @@ _cast_option = click.option(
     "--dtype", "cast", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
     help="Write the tensors in this dtype, cast a block at a time as they stream (default: keep the "
          "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
-
-
 
 
 def _merge_dtype_option(f):
@@ -230,13 +223,8 @@ def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: st
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
-        return _print_dry_run(res)
+        return click.echo("\n".join(res.lines()))
     _print_result(f"wrote the {layout} layout for {world_size} rank{'s' * (world_size > 1)}:", res, quiet)
-
-
-def _print_dry_run(rep) -> None:
-    for line in rep.lines():
-        click.echo(line)
 
 
 def _split_options(f):
@@ -305,7 +293,7 @@ def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, dro
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
                 base=base, drop_biases=drop_biases, **target_options)
     if dry_run:
-        return _print_dry_run(res)
+        return click.echo("\n".join(res.lines()))
     _print_result("merged", res, quiet)
 
 
@@ -332,11 +320,9 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     and sha256 against SHARDS/mixtral-convert-manifest.json (no source needed). Exit 0 when all
     is equal, 1 on the first mismatch (named), 2 on bad usage or unreadable input (or no
     manifest and no --source)."""
-    import json
-
     from .commands.verify import verify
     from .forward.parity import parity
-    if shards.name.endswith(".gguf"):  # a GGUF output: a file, with its own checks and forward
+    if is_kind(shards, "gguf"):  # a GGUF output: a file, with its own checks and forward
         from .commands.verify_gguf import verify_gguf as verify
         from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed
@@ -345,24 +331,9 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     fwd = None
     if run_forward:
         fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base)
-    problems = list(rep.problems) + (fwd.problems if fwd else [])
-    if as_json:
-        d = rep.as_dict()
-        if fwd is not None:
-            d["forward"] = fwd.as_dict()
-            d["ok"] = rep.ok and fwd.ok
-        click.echo(json.dumps(d, indent=2))
-    elif not quiet:
-        for line in rep.checks:
-            click.echo(f"ok    {line}")
-        for line in rep.problems:
-            click.echo(f"FAIL  {line}")
-        if fwd is not None:
-            click.echo(f"{'ok  ' if fwd.ok else 'FAIL'}  {fwd.summary()}")
-            for line in fwd.problems:
-                click.echo(f"FAIL  {line}")
-        click.echo(f"{'verified' if not problems else 'MISMATCH'}: {rep.shards} ({rep.layout}, N={rep.world_size}) "
-                   f"against {rep.source} in {rep.seconds + (fwd.seconds if fwd else 0):.1f} s")
+    lines, problems = rep.lines(fwd, as_json)
+    if as_json or not quiet:
+        click.echo("\n".join(lines))
     if problems:
         if not as_json:
             click.echo(f"error: {problems[0]}", err=True)
@@ -376,25 +347,8 @@ def inspect_cmd(path, as_json):
     """Tell what PATH is: a checkpoint directory (torrent or Accessory base/sparse, its N,
     config, dtypes, tensor count and bytes), a single .pth file, a config or a tokenizer.
     Reads no tensor data and unpickles nothing but tensor descriptions."""
-    import json
-
-    from .commands.inspect import inspect
-    from .io.progress import human_bytes
-    info = inspect(path)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"{info['path']}: {info['what']}")
-    for k, v in info.items():
-        if k in ("path", "what"):
-            continue
-        if k in ("bytes", "file_bytes"):
-            v = f"{v} ({human_bytes(v)})"
-        elif k == "files":
-            v = ", ".join(f"{f['name']} ({human_bytes(f['bytes'])})" for f in v)
-        elif k == "parameters":
-            v = f"{v:,}"
-        click.echo(f"  {k}: {v}")
+    from .commands.inspect import inspect, lines
+    click.echo("\n".join(lines(inspect(path), as_json)))
 
 
 @cli.command("forward")

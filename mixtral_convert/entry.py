@@ -11,7 +11,7 @@ import traceback
 import click
 
 from .cli import cli
-from .errors import ConvertError, Mismatch
+from .errors import ConvertError
 
 
 class Terminated(BaseException):
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
             traceback.print_exc()
         click.echo("error: terminated (SIGTERM); nothing was left half-written", err=True)
         sys.exit(143)
-    except (ConvertError, Mismatch) as e:
+    except ConvertError as e:
         _fail(str(e), e.exit_code, debug)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""

@@ -34,6 +34,13 @@ def load(path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_lazy(path) -> dict[str, torch.Tensor]:
+    """A .pth file's tensors through the package's own reader (torchzip.read_tensors), each read whole."""
+    from mixtral_convert.encodings.torchzip import read_tensors
+    from mixtral_convert.io.lazy import materialize
+    return {k: materialize(v) for k, v in read_tensors(path).items()}
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False

@@ -240,3 +240,57 @@ def test_manifest_records_the_identity_that_was_checked(src, tmp_path, capsys):
     files = json.loads((tmp_path / "m" / MANIFEST).read_text())["source"]["files"]
     for name, e in files.items():
         assert e["inode"] == (tmp_path / "sh" / name).stat().st_ino
+
+
+# ----------------------------------------------------------------------------- sources on the Checkpoint
+# --to gguf: tests/gguf/test_gguf.py
+@pytest.mark.parametrize("to,extra", [("hf", ("--max-position-embeddings", "4096")), ("torrent", ())])
+def test_merge_to_every_target_of_a_source_modified_during_the_run_is_refused(src, tmp_path, capsys, monkeypatch,
+                                                                              to, extra):
+    assert cli("split", src, "-n", 2, "-o", tmp_path / "sh", "-q", capsys=capsys)[0] == 0
+    f = tmp_path / "sh" / "consolidated.00-of-02.model.pth"
+    _changed_during_the_run(monkeypatch, _rewrite_in_place(f), after=3)
+    out = tmp_path / ("m.gguf" if to == "gguf" else "m")
+    code, _, err = cli("merge", tmp_path / "sh", "--to", to, "-o", out, *extra, capsys=capsys)
+    assert code == 2 and one_line_error(err).startswith(f"error: {f}: the source changed while it was read (it was "
+                                                        "modified")
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["sh", "src"]
+
+
+def test_concat_of_a_piece_replaced_during_the_run_is_refused(tmp_path, capsys, monkeypatch):
+    from mixtral_convert.commands import concat
+    whole = tmp_path / PTH
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, whole)
+    data = whole.read_bytes()
+    whole.unlink()
+    for i in range(3):
+        (tmp_path / f"{PTH}-split{i}").write_bytes(data[i * len(data) // 3:(i + 1) * len(data) // 3])
+    piece = tmp_path / f"{PTH}-split1"
+    real = concat._join
+
+    def join_then_replace(*a, **k):
+        got = real(*a, **k)
+        _replace(piece)()  # the same bytes, another file: what was joined is no longer what lies there
+        return got
+
+    monkeypatch.setattr(concat, "_join", join_then_replace)
+    code, _, err = cli("concat", tmp_path, capsys=capsys)
+    assert code == 2 and one_line_error(err) == (
+        f"error: {piece}: the source changed while it was read (it was replaced by another file (its inode "
+        "changed)); the output would mix old and new bytes, so nothing was written: wait until the file is "
+        "complete, then run again")
+    assert not whole.exists()
+
+
+def test_a_checkpoint_records_the_files_its_reader_opened(src, st_src, tmp_path, capsys):
+    """No module-level registry: each Checkpoint carries the files it was opened from, each with
+    its identity at opening; two checkpoints opened in one process keep their own."""
+    from mixtral_convert.formats.registry import open_checkpoint
+    assert cli("split-sparse", src, "-n", 2, "-o", tmp_path / "sh", "-q", capsys=capsys)[0] == 0
+    a, b, c = open_checkpoint(src), open_checkpoint(st_src), open_checkpoint(tmp_path / "sh")
+    assert [f.path for f in a.sources] == [src / PTH]
+    assert [f.path for f in b.sources] == [st_src / "consolidated.safetensors"]
+    assert sorted(f.path.name for f in c.sources) == ["consolidated.00-of-02.model.pth",
+                                                       "consolidated.01-of-02.model.pth"]
+    st = (src / PTH).stat()
+    assert (a.sources[0].identity.size, a.sources[0].identity.inode) == (st.st_size, st.st_ino)

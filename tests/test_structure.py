@@ -128,3 +128,24 @@ def test_comments_cite_the_projects_own_docs():
         assert "FORMATS.md" not in text or path.name == "test_structure.py", path
         for name in set(re.findall(r"docs/([\w.-]+\.md)", text)):
             assert (docs / name).is_file(), f"{path.name} cites docs/{name}, which does not exist"
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """`mod._name` of a package module imported as `mod`, or `from mod import _name`: a private name is
+    its module's own (a name another module needs is public)."""
+    known = modules()
+    found = []
+    for name, path in known.items():
+        tree = ast.parse(path.read_text())
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("mixtral_convert")):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{name}: from {node.module} import {a.name}")
+                    mods.add(a.asname or a.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in mods \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert found == []

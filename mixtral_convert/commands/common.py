@@ -28,6 +28,13 @@ class Result:
     seconds: float
     notes: list[str] = field(default_factory=list)  # what the summary must say (biases dropped, the layout chosen)
 
+    def lines(self, verb: str) -> list[str]:
+        """The summary a command prints: what it wrote, how fast, where, and every file."""
+        from ..io.progress import human_bytes
+        rate = self.nbytes / self.seconds if self.seconds > 0 else 0
+        return [f"{verb} {human_bytes(self.nbytes)} in {self.seconds:.1f} s ({human_bytes(rate)}/s) -> {self.out}"] + \
+            [f"  {name}" for name in self.files]
+
 
 def output_base(ck: Checkpoint) -> Path:
     """Where default outputs go: beside the source (for an archive, a directory named after it

@@ -35,6 +35,7 @@ from ..io.atomic import atomic_file, check_space, fsync_dir
 from ..io.direct import OutputFile
 from ..io.pipeline import Worker
 from ..io.progress import progress_bar
+from ..io.reads import SourceFile
 
 PIECE_RE = re.compile(r"^(?P<base>.+)-split(?P<index>\d+)$")
 # Mixtral-8x22B's one consolidated.safetensors, cut by community mirrors into .0 ... .N
@@ -385,14 +386,15 @@ def concat(inputs: Iterable[Path], output: Path | None = None, md5: str | None =
     output = _output_for(pieces, output, force)
     expected = read_checksums(output.name, md5, sha256, checksums)
     kinds = _hash_kinds(expected, hashes)
-    sizes = [p.stat().st_size for p in pieces]
+    opened = [SourceFile(p) for p in pieces]  # each piece's identity, checked unchanged before the output is published
+    sizes = [f.size for f in opened]
     total = sum(sizes)
     tmp = partial_path(output)
     check_space(output, output.parent, total, freed=tmp.stat().st_size if tmp.exists() else 0)
     base = _piece_match(pieces[0])["base"]
     start = time.perf_counter()
     try:
-        with atomic_file(output, tmp=tmp) as tmp:
+        with atomic_file(output, tmp=tmp, sources=opened) as tmp:
             got = _join(pieces, sizes, tmp, output, kinds, quiet)
             compared = _compare(expected, got, kinds, output)
             tensors, records = check_joined(tmp, base)

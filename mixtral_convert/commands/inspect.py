@@ -11,6 +11,7 @@ are read (weights_only).
 from __future__ import annotations
 
 import collections
+import json
 import math
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from ..errors import ConvertError
 from ..formats import gguf_source, mistral, peft
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
-from ..formats.registry import open_checkpoint
+from ..formats.registry import file_reader, open_checkpoint
 from ..io import hub
+from ..io.progress import human_bytes
 from ..model import tensors as tensors_table
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import PREFIX
@@ -37,12 +39,13 @@ def inspect(path: Path) -> dict:
         raise ConvertError(f"{path}: no such file or directory")
     if path.is_dir():
         return _directory(path)
-    if tarball.is_archive(path):
+    reader = file_reader(path)
+    if reader is not None and reader.name == "archive":
         info = _directory(path)
         info["archive"] = {"name": path.name, "bytes": path.stat().st_size}
         info["files"] = tarball.listing(path)  # its members
         return info
-    if path.name.endswith(".gguf"):
+    if reader is not None and reader.name == "gguf":
         return gguf_source.describe(path)
     if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
@@ -58,6 +61,24 @@ def inspect(path: Path) -> dict:
         cfg = ModelConfig.from_params(raw, str(path))
         return {"path": str(path), "what": "model config", "config": cfg.to_params()}
     return _file(path)
+
+
+def lines(info: dict, as_json: bool = False) -> list[str]:
+    """What inspect prints of `info`: JSON, or a headline and one line per field."""
+    if as_json:
+        return [json.dumps(info, indent=2)]
+    out = [f"{info['path']}: {info['what']}"]
+    for k, v in info.items():
+        if k in ("path", "what"):
+            continue
+        if k in ("bytes", "file_bytes"):
+            v = f"{v} ({human_bytes(v)})"
+        elif k == "files":
+            v = ", ".join(f"{f['name']} ({human_bytes(f['bytes'])})" for f in v)
+        elif k == "parameters":
+            v = f"{v:,}"
+        out.append(f"  {k}: {v}")
+    return out
 
 
 def _directory(path: Path) -> dict:

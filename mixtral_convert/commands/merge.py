@@ -20,7 +20,7 @@ from ..errors import ConvertError
 from ..formats.checkpoint import dtype_name
 from ..formats.registry import TARGETS, open_checkpoint, target
 from ..formats.registry import target_options as target_options_of
-from ..io import beside, reads
+from ..io import beside
 from ..io.atomic import atomic_output_dir, write_manifest
 from ..io.progress import progress_bar
 from ..tokenizer.files import carried, carry
@@ -36,9 +36,8 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
-    since = reads.mark()
     ck = open_checkpoint(shards, base=base)
-    sources = reads.opened_since(since)  # checked unchanged before the output is renamed into place
+    sources = ck.sources  # checked unchanged before the output is renamed into place
     ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "

@@ -25,7 +25,6 @@ from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
-from ..io import reads
 from ..io.atomic import (
     MANIFEST,
     atomic_file,
@@ -179,9 +178,8 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     shard_writer(fmt)  # an unknown format fails before anything is read
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
-    since = reads.mark()
     ck = open_checkpoint(src, base=base)
-    sources = reads.opened_since(since)  # checked unchanged before any output is renamed into place
+    sources = ck.sources  # checked unchanged before any output is renamed into place
     ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
     ck, keeps, dropped = biases.settle(ck, layout == "base" and not drop_biases, drop_biases,

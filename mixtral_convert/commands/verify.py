@@ -15,6 +15,7 @@ conversion wrote (io/manifest.py): corruption after conversion is caught without
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import closing
@@ -63,6 +64,24 @@ class Report:
                 "world_size": self.world_size, "checks": self.checks, "problems": self.problems,
                 "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
 
+    def lines(self, fwd=None, as_json: bool = False) -> tuple[list[str], list[str]]:
+        """(what to print on stdout, the problems) for this report and the forward's (`fwd`, a
+        forward.parity.ParityReport, or None): JSON, or one line per check and problem and a verdict."""
+        problems = list(self.problems) + (fwd.problems if fwd else [])
+        if as_json:
+            d = self.as_dict()
+            if fwd is not None:
+                d["forward"] = fwd.as_dict()
+                d["ok"] = self.ok and fwd.ok
+            return [json.dumps(d, indent=2)], problems
+        out = [f"ok    {line}" for line in self.checks] + [f"FAIL  {line}" for line in self.problems]
+        if fwd is not None:
+            out.append(f"{'ok  ' if fwd.ok else 'FAIL'}  {fwd.summary()}")
+            out += [f"FAIL  {line}" for line in fwd.problems]
+        out.append(f"{'verified' if not problems else 'MISMATCH'}: {self.shards} ({self.layout}, N={self.world_size}) "
+                   f"against {self.source} in {self.seconds + (fwd.seconds if fwd else 0):.1f} s")
+        return out, problems
+
 
 def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
     """With `source`: structure, then every byte against the source (a PEFT save: its merged weights,
@@ -82,9 +101,8 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         finally:
             rep.seconds = time.perf_counter() - t0
         return rep
-    since = reads.mark()
     src = open_checkpoint(source, base=base)  # a bad source is bad input (exit 2), not a mismatch
-    sources = reads.opened_since(since)
+    sources = src.sources
     rep = Report(str(shards), str(src.path))
     if src.kind == "peft":
         differ = peft.summary(src.path)["replicated_copies_differ"]
@@ -95,11 +113,16 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         _verify(shards, src, rep, quiet)
     finally:
         rep.seconds = time.perf_counter() - t0
-    # a source rewritten while it was compared proves nothing either way: refused, like a bad source
+    unchanged_while_compared(sources, rep)
+    return rep
+
+
+def unchanged_while_compared(sources, rep: Report) -> None:
+    """A source rewritten while it was compared proves nothing either way: refused (SourceChanged),
+    like a bad source; else the report says what was checked."""
     reads.check_unchanged(sources, "the comparison")
     if rep.ok:
         rep.checks.append(f"the source's {len(sources)} file(s) kept their size, mtime and inode while they were read")
-    return rep
 
 
 def _verify_manifest(shards: Path, rep: Report, quiet: bool) -> None:

@@ -19,21 +19,21 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConvertError
-from ..formats import gguf as target
+from ..formats import gguf as gguf_format
 from ..formats import gguf_source
 from ..formats.registry import open_checkpoint
 from ..io import manifest
 from ..io.beside import manifest_name
 from ..io.progress import progress_bar
-from .verify import Report
+from .verify import Report, unchanged_while_compared
 
-FILE_TYPES = {int(ft): name for name, (_, ft) in target.TYPES.items()}
-KQUANT_TYPES = {int(ft): name for name, ft in target.KQUANTS.items()}
+FILE_TYPES = {int(ft): name for name, (_, ft) in gguf_format.TYPES.items()}
+KQUANT_TYPES = {int(ft): name for name, ft in gguf_format.KQUANTS.items()}
 
 
 def manifest_path(path: Path) -> Path:
     """Where the manifest of a .gguf file (or of the model whose first piece it is) is."""
-    m = target.SPLIT_RE.search(path.name)
+    m = gguf_format.SPLIT_RE.search(path.name)
     name = path.name[:m.start()] + ".gguf" if m else path.name
     return path.with_name(manifest_name(Path(name)))
 
@@ -52,6 +52,7 @@ def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, 
             src = open_checkpoint(source, base=base)
             rep.source = str(src.where)
             _against_source(path, src, rep, quiet)
+            unchanged_while_compared(src.sources, rep)
     finally:
         rep.seconds = time.perf_counter() - t0
     return rep
@@ -65,8 +66,9 @@ def _against_manifest(path: Path, rep: Report, quiet: bool) -> None:
     try:
         m = json.loads(mp.read_text())
         files = m["files"]
-        assert isinstance(files, dict) and files
-    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict) or not files:
         return rep.problems.append(f"{mp}: not a mixtral-convert manifest (unreadable or no 'files')")
     for name, e in files.items():
         p = path.parent / name
@@ -98,7 +100,7 @@ def _against_source(path: Path, src, rep: Report, quiet: bool) -> None:
     rep.checks.append(f"metadata: every hyper-parameter equals the source's ({len(paths)} file(s))")
     ft = int(gguf_source.field(readers[0], "general.file_type", path))
     if src.tokenizer is not None and not src.tokenizer.is_dir():
-        want = target.tokenizer_metadata(target.check_tokenizer(src), src.tokenizer)
+        want = gguf_format.tokenizer_metadata(gguf_format.sentencepiece_model(src), src.tokenizer)
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
             have = gguf_source.field(readers[0], key, path)
             if not np.array_equal(np.asarray(have, dtype=object if key.endswith("tokens") else np.float64),
@@ -106,7 +108,7 @@ def _against_source(path: Path, src, rep: Report, quiet: bool) -> None:
                 return bad(f"{path}: {key} differs from the source's tokenizer.model")
         rep.checks.append("vocabulary: pieces, scores and types equal the source's tokenizer.model")
     dtype = FILE_TYPES.get(ft)
-    expected = target.gguf_tensors(src.cfg, src.canonical, dtype or "float16", src.where)
+    expected = gguf_format.gguf_tensors(src.cfg, src.canonical, dtype or "float16", src.where)
     if set(stored) != {t.info.name for t in expected}:
         return bad(f"{path}: holds other tensors than the GGUF of this source would")
     for t in expected:
@@ -129,7 +131,7 @@ def _against_source(path: Path, src, rep: Report, quiet: bool) -> None:
                            f"{t.info.ggml_type.name}")
             data = np.ascontiguousarray(have.data).reshape(-1).view(np.uint8)
             pos = 0
-            for _, buf, _ in target._blocks([t]):
+            for _, buf, _ in gguf_format.tensor_blocks([t]):
                 n = buf.nbytes
                 if not np.array_equal(data[pos:pos + n], buf):
                     off = pos + int(np.flatnonzero(data[pos:pos + n] != buf)[0])

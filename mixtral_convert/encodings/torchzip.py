@@ -37,7 +37,7 @@ import torch
 
 from ..errors import ConvertError
 from ..io.direct import OutputFile
-from ..io.lazy import OnDisk, TensorSpec, materialize
+from ..io.lazy import OnDisk, TensorSpec
 from ..io.pipeline import Worker
 from ..io.reads import SourceFile, span
 from .zipcheck import DamagedZip, Record, check_storages, first_line, is_zip, meta_tensors, zip_layout, zip_records  # noqa: F401
@@ -85,12 +85,6 @@ def read_tensors(path: Path) -> dict[str, OnDisk]:
             raise DamagedZip(path, f"tensor {k!r} reaches past the end of its record {rec.name}")
         out[k] = OnDisk(src, rec.data_offset + start, tuple(v.shape), v.dtype, v.stride(), k)
     return out
-
-
-def load_lazy(path: Path) -> dict[str, torch.Tensor]:
-    """`read_tensors`, every tensor read whole into memory (tests and the forward's callers
-    that want plain tensors of a small file)."""
-    return {k: materialize(v) for k, v in read_tensors(path).items()}
 
 
 # ----------------------------------------------------------------------------- checking a whole file

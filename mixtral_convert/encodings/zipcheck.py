@@ -10,7 +10,7 @@ pickle is refused rather than misread. `check_storages` then checks that every s
 data.pkl names has a record holding the bytes its tensors need, so no tensor is read past
 its record (or past the end of a truncated file).
 
-Used by `torchzip.load_lazy` before it hands out views, and by `torchzip.check_checkpoint`
+Used by `torchzip.read_tensors` before it hands out views, and by `torchzip.check_checkpoint`
 (concat's check of a joined file). Every failure is a `DamagedZip` (a ConvertError) whose
 `why` says where the damage is.
 """

@@ -1,8 +1,11 @@
-"""One module per checkpoint format, each with a reader that returns a `checkpoint.Checkpoint`
-and, where it is a target, a writer; `registry` finds the format of a directory.
+"""One module per checkpoint format, each with a `checkpoint.Reader` that returns a
+`checkpoint.Checkpoint` and, where it is a merge target, a `checkpoint.Target`; `registry` holds
+both lists (READERS, TARGETS) and is the one place that finds the reader of a path.
 
 Formats: `torrent` (and Mistral's consolidated.NN.pt, with `fused`), `mistral`
-(mistral-inference folders and Mistral's .tar downloads, read in place), `hf` (HF hub
-repositories), `accessory` (the base and sparse layouts). The byte encodings they are stored in
-(torch zip, safetensors, tar members) are in `encodings`, the tokenizers in `tokenizer`, and
-hf://org/name's transport in `io.hub`."""
+(mistral-inference folders, and Mistral's .tar downloads read in place), `hf` (HF hub
+repositories), `accessory` (the base and sparse layouts), `peft` (Accessory's mixtral_peft saves,
+read alone or on a base), `gguf` (llama.cpp's files: `gguf` writes, `gguf_source` reads,
+`gguf_kquant` and `gguf_target` make the merge target). The byte encodings they are stored in
+(torch zip, safetensors, tar members, GGUF) are in `encodings`, the tokenizers in `tokenizer`,
+and hf://org/name's transport in `io.hub`."""

@@ -9,6 +9,7 @@ a checkpoint in its format (`merge --to NAME`). `formats.registry` holds the lis
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,7 +19,8 @@ import torch
 from ..encodings import safetensors as safetensorsfile
 from ..encodings import torchzip
 from ..errors import ConvertError
-from ..io.lazy import Lazy, dtype_name
+from ..io.lazy import Lazy, dtype_name, files_of
+from ..io.reads import SourceFile
 from ..model.config import ModelConfig
 from ..model.layouts import Plan
 from ..tokenizer import files as tokenizer
@@ -59,7 +61,8 @@ class Checkpoint:
     with --dtype, the hub name) is a new one, made with `dataclasses.replace`."""
 
     path: Path  # the directory (or the archive)
-    kind: str  # the reader's name: "torrent", "fused", "mistral", "hf", "base", "sparse"
+    kind: str  # the reader's name (formats.registry.READERS): "torrent", "fused", "mistral", "hf", "base",
+    # "sparse", "peft", "gguf"; Mistral's .tar gives "mistral"
     cfg: ModelConfig
     files: list[Path]
     tok: TokenizerRef
@@ -68,6 +71,14 @@ class Checkpoint:
     sharded: Optional[Sharded] = None  # Accessory layouts
     remote: Optional[str] = None  # hf://org/name[@rev] when resolved from the hub
     source_dtype: Optional[torch.dtype] = None  # set when --dtype casts the tensors as they are read
+    # the files opened to read it, each with its identity at opening: the reader's own, and every file its
+    # tensors (canonical and shards) read from, added here; a command checks them unchanged before it
+    # publishes anything (io.atomic) or reports a comparison (verify)
+    sources: tuple[SourceFile, ...] = ()
+
+    def __post_init__(self):
+        lazies = list(self.canonical.values()) + [t for shard in self.shards for t in shard.values()]
+        object.__setattr__(self, "sources", tuple(dict.fromkeys(self.sources + files_of(lazies))))
 
     @property
     def tokenizer(self) -> Optional[Path]:
@@ -122,9 +133,12 @@ class Checkpoint:
         return f"{self.label} ({names}" + (f", ... {len(self.files)} files)" if len(self.files) > 3 else ")")
 
     def source_info(self) -> dict:
-        """The source's identity, as the manifest records it."""
+        """The source's identity, as the manifest records it: each file's identity as recorded when it
+        was opened (what the output's publication was conditional on), its size when it was not opened."""
+        seen = {os.path.realpath(f.path): f.identity for f in self.sources}
         info = {"path": self.remote or str(self.path.resolve()), "format": self.kind,
-                "files": {f.name: f.stat().st_size for f in self.files}}
+                "files": {f.name: seen[os.path.realpath(f)] if os.path.realpath(f) in seen else f.stat().st_size
+                          for f in self.files}}
         if self.source_dtype is not None:
             info["dtype"] = dtype_name(self.source_dtype)
         return info
@@ -134,14 +148,21 @@ class Checkpoint:
 class Reader:
     """A source format. `claims(dir, names)` says whether the directory (whose file names are
     `names`) is in this format; `open(dir, names)` reads it (descriptions only, no tensor data).
-    Two formats named in `conflicts` must not both claim one directory (`conflict_why` says why)."""
+    Two formats named in `conflicts` must not both claim one directory (`conflict_why` says why).
+    A `single_file` reader reads one file instead (an archive, a GGUF file): `claims(file, None)`
+    and `open(file, None)`. A reader with `on_base` reads saves that hold only what a finetune
+    changed (an adapter): `on_base(dir, names, base)` opens one on top of the model it was trained
+    from (`--base`), `on_base_what` says what such a save is."""
 
     name: str
     what: str  # for "no checkpoint found": what files make this format
-    claims: Callable[[Path, set[str]], bool]
-    open: Callable[[Path, set[str]], Checkpoint]
+    claims: Callable[[Path, Optional[set[str]]], bool]
+    open: Callable[[Path, Optional[set[str]]], Checkpoint]
     conflicts: tuple[str, ...] = ()
     conflict_why: str = "multiple formats, which Accessory rejects"
+    single_file: bool = False
+    on_base: Optional[Callable[[Path, set[str], Checkpoint], Checkpoint]] = None
+    on_base_what: str = ""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ..encodings.gguf import TensorInfo, Value, quantize_rows, write_gguf
 from ..errors import ConvertError
 from ..io.lazy import Cast, Lazy
 from ..io.prefetch import prefetched
+from ..model import tensors
 from ..model.config import ModelConfig
 from ..tokenizer import files as tokfiles
 from ..tokenizer import hf as sptok
@@ -54,24 +55,9 @@ FILE_TYPE_NAMES = {int(ft): n for n, (_, ft) in TYPES.items()} | {int(ft): n for
 SOURCE_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 QUANT_BLOCK_BYTES = 4 << 20  # source bytes per block quantized at once (numpy's temporaries are several times it)
 
-# (canonical pattern, GGUF pattern): `{L}` the layer; `{e}` the expert, stacked on the GGUF side
-# (expert e is index e of the 3-D tensor). The order is the file's.
-NAME_TABLE: tuple[tuple[str, str], ...] = (
-    ("tok_embeddings.weight", "token_embd.weight"),
-    ("layers.{L}.attention_norm.weight", "blk.{L}.attn_norm.weight"),
-    ("layers.{L}.attention.wq.weight", "blk.{L}.attn_q.weight"),
-    ("layers.{L}.attention.wk.weight", "blk.{L}.attn_k.weight"),
-    ("layers.{L}.attention.wv.weight", "blk.{L}.attn_v.weight"),
-    ("layers.{L}.attention.wo.weight", "blk.{L}.attn_output.weight"),
-    ("layers.{L}.ffn_norm.weight", "blk.{L}.ffn_norm.weight"),
-    ("layers.{L}.feed_forward.gate.weight", "blk.{L}.ffn_gate_inp.weight"),
-    ("layers.{L}.feed_forward.experts.{e}.w1.weight", "blk.{L}.ffn_gate_exps.weight"),
-    ("layers.{L}.feed_forward.experts.{e}.w2.weight", "blk.{L}.ffn_down_exps.weight"),
-    ("layers.{L}.feed_forward.experts.{e}.w3.weight", "blk.{L}.ffn_up_exps.weight"),
-    ("norm.weight", "output_norm.weight"),
-    ("output.weight", "output.weight"),
-)
-KEEP_F32 = ("ffn_gate_inp.weight",)  # besides every 1-D tensor: the router, as llama.cpp's converter
+# (canonical pattern, GGUF pattern) in the file's order, from the tensor table's `gguf` column: `{L}` the layer;
+# `{e}` the expert, stacked on the GGUF side (expert e is index e of the 3-D tensor).
+NAME_TABLE: tuple[tuple[str, str], ...] = tuple((r.pattern, r.gguf) for r in tensors.gguf_rows())
 SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf\Z")
 
 
@@ -87,25 +73,40 @@ def gguf_tensors(cfg: ModelConfig, canonical: dict[str, Lazy], dtype: str, where
     """The file's tensors in order (the embedding, each layer's, output_norm and output), typed
     for `dtype` (a key of TYPES)."""
     wtype = TYPES[dtype][0]
-    layered = [row for row in NAME_TABLE if "{L}" in row[0]]
-    rows = [(None, NAME_TABLE[0])] + [(L, row) for L in range(cfg.n_layers) for row in layered] + \
-        [(None, row) for row in NAME_TABLE[1:] if "{L}" not in row[0]]
+    order = tensors.gguf_rows()
+    first = next(i for i, r in enumerate(order) if r.per_layer)
+    rows = [(None, r) for r in order[:first]] + [(L, r) for L in range(cfg.n_layers) for r in order if r.per_layer] + \
+        [(None, r) for r in order[first:] if not r.per_layer]
     out: list[GTensor] = []
-    for L, (canon, gname) in rows:
-        stacked = "{e}" in canon
-        srcs = [canonical[canon.format(L=L, e=e)] for e in range(cfg.num_experts if stacked else 1)]
-        shape = ((len(srcs),) if stacked else ()) + tuple(srcs[0].shape)
-        name = gname.format(L=L)
-        ttype = T.F32 if len(shape) == 1 or name.endswith(KEEP_F32) else wtype
+    for L, row in rows:
+        srcs = stack_sources(row, L, canonical, cfg)
+        shape = ((len(srcs),) if row.per_expert else ()) + tuple(srcs[0].shape)
+        name = row.gguf.format(L=L)
+        ttype = T.F32 if len(shape) == 1 or row.keep_f32 else wtype
         if ttype == T.F16:  # the float16 overflow rule, as every --dtype float16
             srcs = [s if s.dtype == torch.float16 else Cast(s, torch.float16, where) for s in srcs]
         out.append(GTensor(TensorInfo(name, shape, ttype), srcs))
     return out
 
 
-def check_blocks(tensors: list[GTensor]) -> None:
+def stack_sources(row: tensors.Row, L: Optional[int], canonical: dict[str, Lazy], cfg: ModelConfig) -> list[Lazy]:
+    """The canonical tensors a GGUF tensor of `row` is made of, in order: each expert of a per-expert row (the
+    GGUF tensor stacks them, expert e at index e: `unstack` is the inverse), else the one tensor."""
+    return [canonical[row.pattern.format(L=L, e=e)] for e in range(cfg.num_experts if row.per_expert else 1)]
+
+
+def unstack(row: tensors.Row, L: Optional[str], offset: int, rows: int, step: int) -> list[tuple[str, int]]:
+    """The canonical tensors a stored GGUF tensor of `row` holds, with each one's first byte: expert e of a
+    stacked tensor (`rows` experts of `step` bytes each, from `offset`) is index e, the inverse of
+    `stack_sources`; any other tensor is itself."""
+    if not row.per_expert:
+        return [(row.pattern.format(L=L), offset)]
+    return [(row.pattern.format(L=L, e=e), offset + e * step) for e in range(rows)]
+
+
+def check_blocks(gts: list[GTensor]) -> None:
     """ConvertError (naming the tensor) when a tensor's rows are not whole blocks of its type."""
-    for t in tensors:
+    for t in gts:
         t.info.nbytes  # noqa: B018
 
 
@@ -139,7 +140,7 @@ def model_metadata(cfg: ModelConfig, name: str, file_type: int, context_length: 
     }
 
 
-def check_tokenizer(ck: Checkpoint) -> sptok.SpModel:
+def sentencepiece_model(ck: Checkpoint) -> sptok.SpModel:
     """The SentencePiece model a GGUF can carry so that llama.cpp tokenizes as SentencePiece does."""
     tok = ck.tokenizer
     if tok is None:
@@ -200,7 +201,7 @@ def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
 
 # ----------------------------------------------------------------------------- planning
 @dataclass
-class Layout:
+class FilePlan:
     """What a GGUF output is: its files, each with its metadata and tensors."""
 
     files: list[tuple[str, dict[str, Value], list[GTensor]]]
@@ -223,7 +224,7 @@ def source_dtype(ck: Checkpoint) -> str:
 def prepare(ck: Checkpoint, options: dict) -> dict:
     """Checked before anything is written: the tokenizer can be carried, and the context length
     (the option, else the source's; never guessed). Returns the options with it resolved."""
-    check_tokenizer(ck)
+    sentencepiece_model(ck)
     max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
@@ -231,37 +232,37 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     return dict(options, max_position_embeddings=max_pos)
 
 
-def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-           max_position_embeddings: Optional[int], name: Optional[str]) -> Layout:
+def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
+           max_position_embeddings: Optional[int], name: Optional[str]) -> FilePlan:
     """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
     dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
     if dtype not in TYPES:
         raise ConvertError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     context = prepare(ck, {"max_position_embeddings": max_position_embeddings})["max_position_embeddings"]
-    m = check_tokenizer(ck)
-    tensors = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
-    check_blocks(tensors)
+    m = sentencepiece_model(ck)
+    gts = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
+    check_blocks(gts)
     meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
     meta.update(tokenizer_metadata(m, ck.tokenizer))
-    groups = [tensors] if not max_shard_size else _groups(tensors, max_shard_size)
+    groups = [gts] if not max_shard_size else _groups(gts, max_shard_size)
     if len(groups) == 1:
-        return Layout([(out_name, meta, tensors)], dtype)
+        return FilePlan([(out_name, meta, gts)], dtype)
     stem, k = out_name[:-len(".gguf")] if out_name.endswith(".gguf") else out_name, len(groups)
     files = []
     for i, g in enumerate(groups):
         split = {Keys.Split.LLM_KV_SPLIT_NO: Value(V.UINT16, i), Keys.Split.LLM_KV_SPLIT_COUNT: Value(V.UINT16, k),
-                 Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: Value(V.INT32, len(tensors))}
+                 Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT: Value(V.INT32, len(gts))}
         files.append((f"{stem}-{i + 1:05d}-of-{k:05d}.gguf", dict(meta, **split) if i == 0 else split, g))
-    return Layout(files, dtype)
+    return FilePlan(files, dtype)
 
 
-def _groups(tensors: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
+def _groups(gts: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
     """Greedy: a file takes tensors while it stays within max_bytes (a larger tensor gets its own)."""
     if max_bytes <= 0:
         raise ConvertError(f"--max-shard-size must be positive, got {max_bytes}")
     groups: list[list[GTensor]] = [[]]
     size = 0
-    for t in tensors:
+    for t in gts:
         if groups[-1] and size + t.info.nbytes > max_bytes:
             groups.append([])
             size = 0
@@ -273,10 +274,10 @@ def _groups(tensors: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
 
 
 # ----------------------------------------------------------------------------- writing
-def _blocks(tensors: list[GTensor]):
+def tensor_blocks(gts: list[GTensor]):
     """(tensor name, its bytes in the file's type, source bytes read) for every block of rows of
     every tensor (a stacked one's experts in turn), in file order."""
-    for t in tensors:
+    for t in gts:
         for src in t.sources:
             step = QUANT_BLOCK_BYTES if t.info.ggml_type not in (T.F32, T.F16, T.BF16) else None
             for block in (src.blocks(step) if step else src.blocks()):
@@ -297,13 +298,13 @@ def _producer(blocks, progress):
     return produce
 
 
-def write_files(tmp: Path, lay: Layout, progress) -> dict[str, dict]:
+def write_files(tmp: Path, lay: FilePlan, progress) -> dict[str, dict]:
     """Every file of `lay` into `tmp` (blocks converted a little ahead on a second thread, which is
     joined on any exit); their manifest entries."""
     entries = {}
-    for fname, meta, tensors in lay.files:
+    for fname, meta, group in lay.files:
         h = hashlib.sha256()
-        with closing(prefetched(_blocks(tensors))) as blocks:
-            size = write_gguf(tmp / fname, meta, [t.info for t in tensors], _producer(blocks, progress), hasher=h)
+        with closing(prefetched(tensor_blocks(group))) as blocks:
+            size = write_gguf(tmp / fname, meta, [t.info for t in group], _producer(blocks, progress), hasher=h)
         entries[fname] = {"size": size, "sha256": h.hexdigest()}
     return entries

@@ -55,7 +55,7 @@ def plan_kquant(ck: Checkpoint, out_name: str, dtype: str, max_shard_size: Optio
                 max_position_embeddings: Optional[int], name: Optional[str]) -> list[tuple[str, int, str]]:
     _check(dtype, max_shard_size)
     quantizer()
-    lay = target.layout(ck, out_name, "q8_0", None, max_position_embeddings, name)
+    lay = target.file_plan(ck, out_name, "q8_0", None, max_position_embeddings, name)
     (fname, meta, tensors), = lay.files
     bound = file_size(meta, [t.info for t in tensors])
     return [(fname, bound, f"{len(tensors)} tensors, {dtype} (at most this size: the k-quant mix is llama.cpp's)")]
@@ -67,7 +67,7 @@ def write_kquant(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: str,
     llama_cpp = quantizer()
     half = _half(ck)
     inter = f".{out_name}.{half}.gguf"
-    lay = target.layout(ck, inter, half, None, max_position_embeddings, name)
+    lay = target.file_plan(ck, inter, half, None, max_position_embeddings, name)
     target.write_files(tmp, lay, progress)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(target.KQUANTS[dtype])

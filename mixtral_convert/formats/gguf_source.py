@@ -16,7 +16,6 @@ quantized file is not a source to convert from.
 from __future__ import annotations
 
 import collections
-import re
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,10 @@ from ..encodings.gguf import TORCH_TYPES
 from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..io.reads import SourceFile
+from ..model import tensors
 from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, TokenizerRef, check_tensors
-from .gguf import ARCH, FILE_TYPE_NAMES, NAME_TABLE, SPLIT_RE
+from .checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
+from .gguf import ARCH, FILE_TYPE_NAMES, SPLIT_RE, unstack
 
 T = GGMLQuantizationType
 
@@ -50,6 +50,9 @@ class GgufTensor(Lazy):
         if not self.stored and not dequantize:
             raise ConvertError(f"tensor '{name}' is {ggml_type.name}: a quantized GGUF is not a source to convert "
                                "from (its values are rounded); convert from the original checkpoint")
+
+    def files(self):
+        yield self.file
 
     def read(self, r0, r1, c0=None, c1=None):
         if not self.shape:
@@ -128,42 +131,26 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def _patterns():
-    out = []
-    for canon, gname in NAME_TABLE:
-        rx = re.escape(gname).replace(r"\{L\}", r"(?P<L>\d+)")
-        out.append((re.compile(rx + r"\Z"), canon))
-    return out
-
-
 def tensors_of(paths: list[Path], dequantize: bool = False):
     """(config, canonical name -> lazy, GGUF tensors by name, readers) of a GGUF file and its pieces."""
     readers = [read(p) for p in paths]
     cfg = config_of(readers[0], paths[0])
-    pats = _patterns()
     canonical: dict[str, Lazy] = {}
     stored = {}
     for p, r in zip(paths, readers, strict=True):
         src = SourceFile(p)  # tensor data is read from here, not from the reader's mapping
         for t in r.tensors:
-            hit = next(((m, c) for rx, c in pats if (m := rx.match(t.name))), None)
+            hit = tensors.gguf_match(t.name)
             if hit is None:
                 raise ConvertError(f"{p}: tensor '{t.name}' is not a Mixtral GGUF tensor name")
-            m, canon = hit
+            row, m = hit
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             stored[t.name] = (t, shape)
-            L = m.groupdict().get("L")
-            if "{e}" in canon:
-                step = t.data[0].nbytes  # one expert's bytes
-                for e in range(shape[0]):
-                    name = canon.format(L=L, e=e)
-                    canonical[name] = GgufTensor(src, int(t.data_offset) + e * step, (t.data.dtype, t.data.shape[2:]),
-                                                 t.tensor_type, shape[1:], name, dequantize)
-            else:
-                name = canon.format(L=L)
-                row = t.data.shape[1:] if t.data.ndim else ()
-                canonical[name] = GgufTensor(src, int(t.data_offset), (t.data.dtype, row), t.tensor_type, shape,
-                                             name, dequantize)
+            step = t.data[0].nbytes if row.per_expert else 0  # one expert's bytes
+            each = shape[1:] if row.per_expert else shape
+            raw = t.data.shape[2:] if row.per_expert else t.data.shape[1:] if t.data.ndim else ()
+            for name, offset in unstack(row, m.get("L"), int(t.data_offset), shape[0], step):
+                canonical[name] = GgufTensor(src, offset, (t.data.dtype, raw), t.tensor_type, each, name, dequantize)
     return cfg, canonical, stored, readers
 
 
@@ -176,7 +163,7 @@ def open_gguf(path: Path, dequantize: bool = False) -> Checkpoint:
         raise ConvertError(f"{missing[0]}: a piece of {path.name}'s model is missing ({len(missing)} of {len(paths)})")
     cfg, canonical, _, _ = tensors_of(paths, dequantize)
     found = {k: (v.shape, v.dtype) for k, v in canonical.items()}
-    weights = {v.dtype for v in canonical.values() if len(v.shape) == 2 and not k_is_router(v.name)}
+    weights = {v.dtype for k, v in canonical.items() if len(v.shape) == 2 and not tensors.match(k)[0].keep_f32}
     check_tensors(cfg, {k: (s, next(iter(weights))) for k, (s, _) in found.items()}, str(path))
     if len(weights) != 1:
         raise ConvertError(f"{path}: its weight matrices are in several types; convert from the original checkpoint")
@@ -193,13 +180,12 @@ def open_gguf(path: Path, dequantize: bool = False) -> Checkpoint:
     return Checkpoint(path.parent, "gguf", cfg, paths, tok, canonical, label="GGUF")
 
 
-def k_is_router(name: str) -> bool:
-    return name.endswith("feed_forward.gate.weight")
-
-
 class _Narrowed(Lazy):
     def __init__(self, base: Lazy, dtype: torch.dtype):
         self.base, self.dtype, self.shape, self.name = base, dtype, base.shape, base.name
+
+    def files(self):
+        return self.base.files()
 
     def read(self, r0, r1, c0=None, c1=None):
         return self.base.read(r0, r1, c0, c1).to(self.dtype)
@@ -238,3 +224,8 @@ def describe(path: Path) -> dict:
             "types": dict(collections.Counter(t.tensor_type.name for t in tensors)),
             "shapes": {t.name: [int(x) for x in reversed(t.shape.tolist())] for t in tensors},
             "tokenizer": tok, "file_bytes": sum(p.stat().st_size for p in paths)}
+
+
+READER = Reader("gguf", "a .gguf file (and its gguf-split pieces)", single_file=True,
+                claims=lambda path, _: path.name.endswith(".gguf"),
+                open=lambda path, _: open_gguf(path))

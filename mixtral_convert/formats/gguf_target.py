@@ -19,7 +19,7 @@ def write(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: Optional[st
     """The GGUF file (or its pieces) into `tmp`; the k-quants through llama.cpp's quantizer."""
     if dtype in gguf.KQUANTS:
         return write_kquant(ck, tmp, progress, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    lay = gguf.layout(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
     return gguf.write_files(tmp, lay, progress)
 
 
@@ -28,7 +28,7 @@ def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Op
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
     if dtype in gguf.KQUANTS:
         return plan_kquant(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    lay = gguf.layout(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
     return [(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
             for fname, meta, ts in lay.files]
 

@@ -49,18 +49,14 @@ class RowPermuted(Lazy):
         self.base, self.perm, self.name = base, perm, name
         self.shape, self.dtype = base.shape, base.dtype
 
+    def files(self):
+        return self.base.files()
+
     def read(self, r0, r1, c0=None, c1=None):
         idx = self.perm[r0:r1]
         lo, hi = int(idx.min()), int(idx.max()) + 1
         block = self.base.read(lo, hi, c0, c1)
         return block.index_select(0, idx - lo)
-
-
-def qk_perm(rows: int, n: int, to_hf: bool) -> torch.Tensor:
-    """The row gather that applies the q/k permutation: out[i] = W[perm[i]]."""
-    ids = torch.arange(rows).reshape(rows, 1)
-    f = hfnames.permute_qk_to_hf if to_hf else hfnames.permute_qk_from_hf
-    return f(ids, n).reshape(rows)
 
 
 def weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
@@ -101,13 +97,9 @@ def open_hf(path: Path, names: Optional[set[str]] = None) -> Checkpoint:
             if name in found:
                 raise ConvertError(f"{f}: tensor '{hf_name}' is also in another file; the index is stale")
             found[name] = (tuple(t.shape), t.dtype)
-            lazy: Lazy = t
-            n = hfnames.qk_heads(name, cfg)
-            if n is not None and len(t.shape) == 2 and t.shape[0] % (2 * n) == 0:
-                lazy = RowPermuted(lazy, qk_perm(t.shape[0], n, to_hf=False), name)
-            canonical[name] = lazy
-    check_tensors(cfg, found, str(path))
-    canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
+            canonical[name] = t
+    check_tensors(cfg, found, str(path))  # shapes as the config implies: the q/k ones are then undone, or refused
+    canonical = {k: _from_hf_order(k, canonical[k], cfg) for k in cfg.canonical_shapes()}
     return Checkpoint(path, "hf", cfg, files, TokenizerRef(find_tokenizer(path)), canonical,
                       label="HF hub layout (safetensors, q/k permuted)")
 
@@ -125,8 +117,14 @@ def hf_tensors(cfg: ModelConfig, canonical: dict[str, Lazy]) -> dict[str, Lazy]:
     for name, lazy in canonical.items():
         hf = hfnames.canonical_to_hf(name)
         n = hfnames.qk_heads(name, cfg)
-        out[hf] = RowPermuted(lazy, qk_perm(lazy.shape[0], n, to_hf=True), hf) if n is not None else lazy
+        out[hf] = RowPermuted(lazy, hfnames.qk_gather(lazy.shape[0], n, True, name), hf) if n is not None else lazy
     return out
+
+
+def _from_hf_order(name: str, lazy: Lazy, cfg: ModelConfig) -> Lazy:
+    """A tensor read from HF in canonical row order: q and k un-permuted (the inverse of hf_tensors' gather)."""
+    n = hfnames.qk_heads(name, cfg)
+    return lazy if n is None else RowPermuted(lazy, hfnames.qk_gather(lazy.shape[0], n, False, name), name)
 
 
 def plan_files(tensors: dict[str, Lazy], max_shard_size: int) -> list[tuple[str, list[str]]]:

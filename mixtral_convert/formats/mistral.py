@@ -85,6 +85,10 @@ READER = Reader(
     conflict_why="which of the two is meant is ambiguous; mistral-inference refuses such a folder too")
 
 
+ARCHIVE = Reader("archive", "Mistral's .tar download of such a folder", claims=lambda path, _: tarball.is_archive(path),
+                 open=lambda path, _: open_archive(path), single_file=True)
+
+
 def hint(path: Path, names: set[str]) -> Optional[str]:
     """What to do with a directory that holds only consolidated.safetensors's byte pieces."""
     if SAFETENSORS not in names and any(PIECE_RE.match(n) for n in names):

@@ -17,18 +17,17 @@ the model unmerged from them. `summary` says what a save is without reading it o
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import ConvertError, WorldSizeError
-from ..io.lazy import Assembled, Cast, Lazy, Placement
+from ..io.lazy import Cast, Lazy
 from ..io.lora import LoraMerged, Segment
 from ..model import tensors
 from ..model.config import read_json
-from ..model.layouts import PREFIX, Owned, Plan, parallel_rule
+from ..model.layouts import PREFIX, Owned, Plan
 from . import accessory
 from .checkpoint import Checkpoint, Reader, Sharded, TokenizerRef, find_tokenizer, read_tensors
 
@@ -96,7 +95,7 @@ def open_peft(path: Path, names: Optional[set[str]] = None, base: Optional[Check
         canonical = {name: plan.canonical_tensor(name, rest) for name in plan.shapes}
     else:
         canonical = _on_base(ls, probe, rest, held, base)
-    lora = _lora(path, ls, opened, rank, canonical)
+    lora = _lora(path, ls, opened, rank, probe)
     merged = dict(canonical)
     for name, segments in lora.items():
         merged[name] = LoraMerged(canonical[name], segments, name)
@@ -144,8 +143,9 @@ def _on_base(ls, probe: Plan, rest: list[dict[str, Lazy]], held: set[str], base:
     return canonical
 
 
-def _lora(path: Path, ls, opened: list[dict[str, Lazy]], rank: int, canonical: dict[str, Lazy]) -> dict:
-    """Canonical weight name -> its segments, for every LoRA pair the save holds."""
+def _lora(path: Path, ls, opened: list[dict[str, Lazy]], rank: int, plan: Plan) -> dict:
+    """Canonical weight name -> its segments, for every LoRA pair the save holds (A and B are rows of the
+    table, model.tensors.LoraRow.rows, placed by the `plan` as any tensor)."""
     lora_keys = {k for sd in opened for k in sd if _is_lora(k)}
     if rank == -1:
         if lora_keys:
@@ -155,18 +155,16 @@ def _lora(path: Path, ls, opened: list[dict[str, Lazy]], rank: int, canonical: d
     out = {}
     cfg, N = ls.cfg, ls.N
     for lr in tensors.LORA:
+        lora_rows = dict(zip("ab", lr.rows(rank), strict=True))
         for name, (row, shape) in tensors.expand(cfg).items():
             if row is not lr.weight:
                 continue
             m = tensors.compile_pattern(row.pattern).match(name).groupdict()
-            a_name, b_name = lr.a.format(**m), lr.b.format(**m)
-            if PREFIX + a_name not in lora_keys and PREFIX + b_name not in lora_keys:
+            if not any(PREFIX + r.pattern.format(**m) in lora_keys for r in lora_rows.values()):
                 continue
-            a_shape, b_shape = lr.shapes(cfg, rank)
             pieces = {}
-            for which, nm, shp, par in (("a", a_name, a_shape, lr.a_parallel), ("b", b_name, b_shape, lr.b_parallel)):
-                rule = parallel_rule(par)
-                ps = [p for r in range(N) for p in rule.pieces(nm, shp, m, r, N, cfg)]
+            for which, lrow in lora_rows.items():
+                rule, shp, ps = plan.row_pieces(lrow, lrow.pattern.format(**m), m)
                 for p in ps:
                     t = opened[p.rank].get(p.key)
                     want = p.data_shape(shp)
@@ -179,11 +177,11 @@ def _lora(path: Path, ls, opened: list[dict[str, Lazy]], rank: int, canonical: d
                         raise ConvertError(f"{ls.files[p.rank].name} (rank {p.rank}): tensor '{p.key}' has shape "
                                            f"{list(t.shape)}, expected {list(want)} ({hint})")
                 pieces[which] = (rule, ps, shp)
-            out[name] = _segments(name, shape, pieces, opened)
+            out[name] = _segments(plan, name, shape, pieces, opened)
     return out
 
 
-def _segments(name: str, shape, pieces: dict, opened: list[dict[str, Lazy]]) -> list[Segment]:
+def _segments(plan: Plan, name: str, shape, pieces: dict, opened: list[dict[str, Lazy]]) -> list[Segment]:
     (a_rule, a_ps, a_shape), (b_rule, b_ps, b_shape) = pieces["a"], pieces["b"]
     if isinstance(a_rule, Owned):  # each rank's rows of B with that rank's own A
         segs = []
@@ -191,25 +189,19 @@ def _segments(name: str, shape, pieces: dict, opened: list[dict[str, Lazy]]) -> 
             a = next(q for q in a_ps if q.rank == p.rank)
             segs.append(Segment(p.start, p.stop, opened[p.rank][p.key], opened[a.rank][a.key]))
         return sorted(segs, key=lambda s: s.r0)
-    return [Segment(0, shape[0], _assemble(b_rule, b_ps, b_shape, opened), _assemble(a_rule, a_ps, a_shape, opened))]
+    return [Segment(0, shape[0], _assemble(plan, b_rule, b_ps, b_shape, opened),
+                    _assemble(plan, a_rule, a_ps, a_shape, opened))]
 
 
-def _assemble(rule, ps, shape, opened) -> Lazy:
+def _assemble(plan: Plan, rule, ps, shape, opened) -> Lazy:
     """A canonical LoRA tensor from the pieces its rule reads (a replicated one: rank 0's copy)."""
-    placements, covered = [], 0
-    for p in ps:
-        if not rule.reads(p):
-            continue
-        data = p.data_shape(shape)
-        src = (p.row0, p.row0 + data[0], 0, data[1])
-        placements.append(Placement(p.src_region(shape), opened[p.rank][p.key], src, p.transpose))
-        covered += math.prod(data)
-    assert covered == math.prod(shape), (ps[0].src, covered, shape)
-    return Assembled(shape, opened[ps[0].rank][ps[0].key].dtype, placements, name=ps[0].src)
+    return plan.assemble(ps[0].src, shape, opened[ps[0].rank][ps[0].key].dtype, rule, ps, opened)
 
 
 READER = Reader("peft", f"{accessory.shard_file_name(0, 1)} shards with {accessory.META} llama_type mixtral_peft",
-                claims=claims, open=open_peft, conflicts=("torrent", "mistral"))
+                claims=claims, open=open_peft, conflicts=("torrent", "mistral"),
+                on_base=lambda path, names, base: open_peft(path, names, base=base),
+                on_base_what="a trainable-only PEFT save (llama_type mixtral_peft)")
 
 
 
@@ -232,7 +224,7 @@ def summary(path: Path, names: Optional[set[str]] = None) -> dict:
             bias_names.append(k)
         elif name.endswith("norm.weight"):
             norms.append(name)
-        replicated = name.endswith("norm.weight") or ".attention.wo.bias" in name or ".attention.wo.lora_b." in name
+        replicated = tensors.parallel_of(name) == "replicated"
         if replicated and len(ranks) > 1:
             first = opened[ranks[0]][k]
             t0 = first.read(0, first.shape[0])

@@ -13,14 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
 from . import accessory, gguf_source, gguf_target, hf, mistral, peft, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
-READERS: tuple[Reader, ...] = (peft.READER, accessory.READER, mistral.READER, torrent.TORRENT, hf.READER,
-                               torrent.CONSOLIDATED)
+# single-file readers first (a file they claim is read as itself), then the directory readers in order
+READERS: tuple[Reader, ...] = (mistral.ARCHIVE, gguf_source.READER, peft.READER, accessory.READER, mistral.READER,
+                               torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
 TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf_target.TARGET)}
 # hf://: the small files that say what a repository holds, and who names its weight files, in order
 HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
@@ -65,6 +65,18 @@ def all_target_options() -> list:
     return list(seen.values())
 
 
+def file_reader(path) -> Optional[Reader]:
+    """The single-file reader that claims `path` (an archive, a GGUF file), None when none does."""
+    path = Path(path)
+    return next((r for r in READERS if r.single_file and r.claims(path, None)), None) if path.is_file() else None
+
+
+def is_kind(path, name: str) -> bool:
+    """Whether `path` names a file of the single-file reader `name` (a GGUF output to verify, even one
+    that is missing: its own checks say so)."""
+    return any(r.name == name and r.claims(Path(path), None) for r in READERS if r.single_file)
+
+
 def checkpoint_dir(path: Path) -> Path:
     """The directory a path names: itself, or the directory of one of its checkpoint files."""
     path = Path(path)
@@ -79,12 +91,13 @@ def checkpoint_dir(path: Path) -> Path:
 
 def detect(path: Path, names: set[str]) -> Reader:
     """The reader for a directory whose file names are `names`."""
-    claiming = [r for r in READERS if r.claims(path, names)]
+    claiming = [r for r in READERS if not r.single_file and r.claims(path, names)]
     if not claiming:
         why = torrent.hint(path, names) or mistral.hint(path, names)
         if why:
             raise ConvertError(why)
-        raise ConvertError(f"{path}: no checkpoint found (expected {'; or '.join(r.what for r in READERS)})")
+        what = "; or ".join(r.what for r in READERS if not r.single_file)
+        raise ConvertError(f"{path}: no checkpoint found (expected {what})")
     first = claiming[0]
     for other in claiming[1:]:
         if other.name in first.conflicts:
@@ -93,33 +106,27 @@ def detect(path: Path, names: set[str]) -> Reader:
     return first
 
 
+def reader_of(path) -> tuple[Reader, Path, Optional[set[str]]]:
+    """(the reader, the path it reads, the directory's file names; None for a single-file reader)."""
+    reader = file_reader(path)
+    if reader is not None:
+        return reader, Path(path), None
+    path = checkpoint_dir(path)
+    names = {p.name for p in path.iterdir()}
+    return detect(path, names), path, names
+
+
 def open_checkpoint(path, base=None) -> Checkpoint:
-    """A checkpoint directory (or one of its files), Mistral's .tar download, or
-    hf://org/name[@rev], of any registered format. `base` (any of those): the model a trainable-only
-    PEFT save at `path` was trained from (formats.peft)."""
-    if base is not None:
-        return _open_on_base(path, base)
+    """A checkpoint directory (or one of its files), a single file a reader takes (Mistral's .tar
+    download, a GGUF file), or hf://org/name[@rev], of any registered format. `base` (any of those):
+    the model a save that holds only what a finetune changed was trained from (Reader.on_base)."""
     if hub.is_hub(path):
-        ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns))
+        ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns), base)
         return replace(ck, remote=hub.normalize(path))
-    if tarball.is_archive(path):
-        return mistral.open_archive(path)
-    if str(path).endswith(".gguf") and Path(path).is_file():
-        return gguf_source.open_gguf(Path(path))
-    path = checkpoint_dir(path)
-    names = {p.name for p in path.iterdir()}
-    return detect(path, names).open(path, names)
-
-
-def _open_on_base(path, base) -> Checkpoint:
-    """A trainable-only PEFT save read on top of its base (--base)."""
-    remote = None
-    if hub.is_hub(path):
-        remote, path = hub.normalize(path), hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns)
-    path = checkpoint_dir(path)
-    names = {p.name for p in path.iterdir()}
-    if detect(path, names) is not peft.READER:
-        raise ConvertError(f"--base {base}: is for a trainable-only PEFT save (llama_type mixtral_peft); "
-                           f"{path} is not one: leave --base out")
-    ck = peft.open_peft(path, names, base=open_checkpoint(base))
-    return replace(ck, remote=remote) if remote else ck
+    reader, path, names = reader_of(path)
+    if base is None:
+        return reader.open(path, names)
+    if reader.on_base is None:
+        takes = " or ".join(r.on_base_what for r in READERS if r.on_base is not None)
+        raise ConvertError(f"--base {base}: is for {takes}; {path} is not one: leave --base out")
+    return reader.on_base(path, names, open_checkpoint(base))

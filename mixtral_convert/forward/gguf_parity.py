@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ConvertError
 from ..formats.gguf import FILE_TYPE_NAMES
 from ..formats.gguf_source import field, open_gguf, read
 from ..io.lazy import materialize
@@ -34,7 +35,12 @@ def gguf_parity(path: Path, source: Path, *, tokens_file: Optional[Path] = None,
     cfg, dt, device = ref_model.cfg, torch_dtype(dtype), rep.device
     path = Path(path)
     ck = open_gguf(path, dequantize=True)
-    stored = FILE_TYPE_NAMES.get(int(field(read(ck.files[0]), "general.file_type", path)), "q4_k_m")
+    ft = int(field(read(ck.files[0]), "general.file_type", path))
+    stored = FILE_TYPE_NAMES.get(ft)
+    if stored is None:  # no bound is known for its rounding: a guessed one would prove nothing
+        raise ConvertError(f"{path}: general.file_type {ft} is not a type this tool writes ({', '.join(QUANTIZED)} or "
+                           "float32, float16, bfloat16), so --forward has no tolerance for it; verify a GGUF of one "
+                           "of those types")
     rep.sharded = f"reference forward, GGUF {stored} dequantized to float32 ({path.name})"
     if ck.cfg != cfg:
         rep.problems.append(f"forward: {path}: its config differs from the source's")

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 
-def _temp_for(out: Path) -> Path:
+def temp_for(out: Path) -> Path:
     return out.parent / f".{out.name}{MARKER}"
 
 
@@ -91,7 +91,7 @@ def _live_owner(marker: Path) -> Optional[str]:
         os.close(fd)
 
 
-def _remove_stale(d: Path, what: str, remove: bool = True) -> None:
+def remove_stale(d: Path, what: str, remove: bool = True) -> None:
     """Remove a temporary or swapped-out directory a killed run of this tool left, or refuse
     (with `remove` False: only refuse where removing would be refused)."""
     if d.is_dir() and not d.is_symlink():
@@ -229,10 +229,10 @@ def preflight(out: Path, force: bool = False, need_bytes: int = 0, dry: bool = F
     out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a directory; choose another -o")
-    tmp, old = _temp_for(out), _old_for(out)
+    tmp, old = temp_for(out), _old_for(out)
     for d, what in ((tmp, "temporary output"), (old, "replaced output")):
         if d.exists() or d.is_symlink():
-            _remove_stale(d, what, remove=not dry)
+            remove_stale(d, what, remove=not dry)
     ours, prev = _check_existing(out, force)
     base = nearest_existing(out.parent)
     if not base.is_dir():
@@ -271,7 +271,7 @@ def staged(pf: Preflight, need_bytes: int, sources: Iterable[reads.SourceFile],
     an OSError about the output becomes one line (`write_error`)."""
     sources = list(sources)
     out = pf.out
-    tmp = _temp_for(out)
+    tmp = temp_for(out)
     created = []
     p = out.parent
     while not p.exists():

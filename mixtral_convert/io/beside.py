@@ -47,9 +47,9 @@ def preflight(out: Path, names: list[str], force: bool = False, need_bytes: int 
     out = Path(os.path.abspath(out))
     if out.is_dir():
         raise ConvertError(f"{out}: is a directory; -o names the .gguf file (e.g. {out / 'model.gguf'})")
-    tmp = atomic._temp_for(out)
+    tmp = atomic.temp_for(out)
     if tmp.exists() or tmp.is_symlink():
-        atomic._remove_stale(tmp, "temporary output", remove=not dry)
+        atomic.remove_stale(tmp, "temporary output", remove=not dry)
     prev = _previous(out)
     for name in list(names) + [manifest_name(out)]:
         p = out.parent / name

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import ConvertError
-from . import buffers, reads
+from . import buffers, reads, tiles
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
 GROUP_BLOCKS = 2  # blocks of an all-transposed tensor assembled at once (Assembled._grouped_blocks)
@@ -70,6 +70,11 @@ class Lazy:
     def read(self, r0: int, r1: int, c0: Optional[int] = None, c1: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def files(self) -> Iterator["reads.SourceFile"]:
+        """The source files this tensor's bytes are read from (what a command checks unchanged
+        before it publishes anything made of them); every kind of lazy tensor says."""
+        raise NotImplementedError
+
     @property
     def nbytes(self) -> int:
         n = torch.empty((), dtype=self.dtype).element_size()
@@ -103,6 +108,9 @@ class OnDisk(Lazy):
     def __init__(self, file, offset: int, shape, dtype: torch.dtype, strides=None, name: str = "?"):
         self.file, self.offset, self.shape, self.dtype, self.name = file, offset, tuple(shape), dtype, name
         self.strides = tuple(strides) if strides is not None else reads.contiguous_strides(self.shape)
+
+    def files(self):
+        yield self.file
 
     def named(self, name: str) -> "OnDisk":
         return OnDisk(self.file, self.offset, self.shape, self.dtype, self.strides, name)
@@ -157,6 +165,8 @@ class Stored(Lazy):
         self.t, self.name = tensor, name
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
 
+    def files(self):
+        return iter(())
 
     def read(self, r0, r1, c0=None, c1=None):
         if not self.shape:
@@ -184,8 +194,17 @@ class Placement:
 
 
 class Assembled(Lazy):
-    def __init__(self, shape, dtype, placements: list[Placement], name: str = "?"):
+    """A tensor of `shape` whose placements must tile it exactly (`io.tiles`: checked as intervals, so
+    an overlap cannot hide a gap that would be read from a reused buffer); a ConvertError names it if not."""
+
+    def __init__(self, shape, dtype, placements: list[Placement], name: str = "?",
+                 fix: str = "the pieces that assemble it are wrong (a bug in mixtral-convert; please report it)"):
         self.shape, self.dtype, self.placements, self.name = tuple(shape), dtype, placements, name
+        tiles.check_tiling(name, self.shape, (p.dst for p in placements), fix)
+
+    def files(self):
+        for p in self.placements:
+            yield from p.src.files()
 
 
     def read(self, r0, r1, c0=None, c1=None):
@@ -277,6 +296,11 @@ class Assembled(Lazy):
             del band
 
 
+def files_of(tensors) -> tuple["reads.SourceFile", ...]:
+    """The source files a collection of lazy tensors reads, each once, in the order first met."""
+    return tuple(dict.fromkeys(f for t in tensors for f in t.files()))
+
+
 def materialize(lz: Lazy) -> torch.Tensor:
     """A lazy tensor as a tensor: the tensor itself when in memory, else read whole (only ever
     one tensor of one layer at a time, as the forward asks for them)."""
@@ -328,6 +352,9 @@ class Cast(Lazy):
 
     def __init__(self, base: Lazy, dtype: torch.dtype, where: str = "source"):
         self.base, self.dtype, self.shape, self.name, self.where = base, dtype, base.shape, base.name, where
+
+    def files(self):
+        return self.base.files()
 
     def read(self, r0, r1, c0=None, c1=None):
         block = self.base.read(r0, r1, c0, c1)

@@ -54,6 +54,12 @@ class LoraMerged(Lazy):
         self.weight, self.segments = weight, segments
         self.shape, self.dtype, self.name = weight.shape, weight.dtype, name or weight.name
 
+    def files(self):
+        yield from self.weight.files()
+        for s in self.segments:
+            yield from s.b.files()
+            yield from s.a.files()
+
     def read(self, r0, r1, c0=None, c1=None):
         if c0 is None:
             c0, c1 = 0, self.shape[1]

@@ -51,17 +51,17 @@ CHECKED = ("size, mtime_ns and inode of every source file read, recorded when it
 
 def source_identity(source: dict) -> dict:
     """Normalise a source description: `files` maps each source file name to {size, mtime}
-    and keeps a sha256 when the caller already computed one. A file this process read (io.reads)
-    gets the identity recorded when it was opened (size, mtime, mtime_ns, inode), which the
-    output's rename was conditional on (`checked` says so); any other, the file as it is now.
+    and keeps a sha256 when the caller already computed one. A file given as the `io.reads.Identity`
+    recorded when it was opened (size, mtime, mtime_ns, inode: what the output's rename was
+    conditional on, `checked` says so) is recorded as that; any other, the file as it is now.
     Cheap: nothing is read."""
     source = dict(source)
     root = Path(source.get("path", "."))
     files, checked = {}, False
     for name, entry in (source.get("files") or {}).items():
-        entry = dict(entry) if isinstance(entry, dict) else {"size": entry}
+        seen = entry if isinstance(entry, reads.Identity) else None
+        entry = {} if seen is not None else dict(entry) if isinstance(entry, dict) else {"size": entry}
         path = root if root.name == name and root.is_file() else root / name  # an archive is its own file
-        seen = reads.identity_of(path)
         try:
             size, mtime_ns = (seen.size, seen.mtime_ns) if seen is not None else \
                 ((st := path.stat()).st_size, st.st_mtime_ns)

@@ -8,10 +8,10 @@ truncated, or shrank while it was read) or an I/O error (EIO from a failing disk
 network or FUSE request) is one `ConvertError` naming the file, the offset and what to do,
 instead of a SIGBUS that kills the process with no message.
 
-`mark` / `opened_since(mark)` say which files a command opened, and `check_unchanged` compares
-each one's identity now with the one recorded at opening: the commands call it right before an
-output is renamed into place, so an output made from a source rewritten during the run is
-never published. `identity_of(path)` gives the manifest what was checked.
+A reader records the files it opened on the `Checkpoint` it returns (`Checkpoint.sources`), and
+`check_unchanged` compares each one's identity now with the one recorded at opening: the
+commands call it right before an output is renamed into place, so an output made from a source
+rewritten during the run is never published.
 
 Files are kept only as long as something refers to them (weak references): the descriptor is
 closed when the last lazy tensor reading it is gone.
@@ -23,9 +23,7 @@ ranges read once by direct I/O (`read_direct`), past the page cache.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
-import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +105,6 @@ class SourceFile:
         self.identity = Identity.of(os.fstat(self.fd))
         self.size = self.identity.size
         self._direct: Optional[int] = None if direct_io_wanted(self.fd) else -1  # O_DIRECT descriptor, on demand
-        _register(self)
 
     def _direct_fd(self) -> int:
         """A second descriptor of the same file with O_DIRECT (-1 where the filesystem refuses
@@ -250,30 +247,7 @@ def _size_now(fd: int) -> object:
         return "?"
 
 
-# ----------------------------------------------------------------------------- which files a command read
-_lock = threading.Lock()
-_seq = itertools.count()
-_opened: "weakref.WeakValueDictionary[int, SourceFile]" = weakref.WeakValueDictionary()
-
-
-def _register(f: SourceFile) -> None:
-    with _lock:
-        f.seq = next(_seq)
-        _opened[f.seq] = f
-
-
-def mark() -> int:
-    """A point in time: `opened_since(mark())` lists the files opened after it."""
-    with _lock:
-        return next(_seq)
-
-
-def opened_since(since: int) -> list[SourceFile]:
-    """The source files opened after `since` and still in use, in the order they were opened."""
-    with _lock:
-        return [f for seq, f in sorted(_opened.items()) if seq > since]
-
-
+# ----------------------------------------------------------------------------- whether a source changed
 def check_unchanged(files: Iterable[SourceFile], what: str = "the output") -> None:
     """Refuse (SourceChanged) when any of `files` is not the file it was when it was opened."""
     for f in files:
@@ -282,18 +256,6 @@ def check_unchanged(files: Iterable[SourceFile], what: str = "the output") -> No
             done = "nothing was written" if what == "the output" else "nothing was proved"
             raise SourceChanged(f"{f.path}: the source changed while it was read ({why}); {what} would mix old "
                                 f"and new bytes, so {done}: wait until the file is complete, then run again")
-
-
-def identity_of(path: Path) -> Optional[Identity]:
-    """The identity recorded when `path` was opened by this process (the most recent opening
-    still in use), or None when it was not."""
-    try:
-        key = os.path.realpath(path)
-    except OSError:
-        return None
-    with _lock:
-        found = [f for _, f in sorted(_opened.items()) if os.path.realpath(f.path) == key]
-    return found[-1].identity if found else None
 
 
 # ----------------------------------------------------------------------------- tensors

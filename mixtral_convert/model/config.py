@@ -167,7 +167,9 @@ class ModelConfig:
     def to_accessory(self) -> dict:
         """config.json for LLaMA2-Accessory: only keys its ModelArgs accepts."""
         cfg = self.to_params()
-        assert set(cfg) <= ACCESSORY_KEYS
+        if not set(cfg) <= ACCESSORY_KEYS:
+            raise ConvertError(f"config.json for Accessory would hold keys its ModelArgs rejects: "
+                               f"{sorted(set(cfg) - ACCESSORY_KEYS)}; a bug in mixtral-convert, please report it")
         return cfg
 
     # ----- tensors -------------------------------------------------------------------

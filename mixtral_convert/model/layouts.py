@@ -157,11 +157,6 @@ def row_rule(row: Row, layout: str) -> Rule:
     }[row.parallel]
 
 
-def parallel_rule(parallel: str) -> Rule:
-    """The base layout's rule for a parallelism kind (a LoRA tensor's, model.tensors.DERIVED)."""
-    return row_rule(Row("", lambda c: (), parallel), "base")
-
-
 # "peft": the base layout with the biases in place (Accessory's mixtral_peft, lora_rank -1;
 # docs/formats.md, "Accessory PEFT saves").
 # "base" and "sparse" (Accessory's mixtral and mixtral_sparse) have no biases.
@@ -262,18 +257,23 @@ class Plan:
     def canonical_tensor(self, name: str, shards: list[dict[str, Lazy]]) -> Assembled:
         """Canonical tensor `name`, assembled from the shard tensors (merge); a replicated
         tensor is read from the rank its rule names. The pieces read must tile the tensor."""
-        shape, rule, placements = self.shapes[name], self.rules[name], []
-        covered = 0
-        for p in self.by_source[name]:
+        st = self.ranks[self.by_source[name][0].rank][self.by_source[name][0].key]
+        return self.assemble(name, self.shapes[name], st.dtype, self.rules[name], self.by_source[name], shards)
+
+    def assemble(self, name: str, shape, dtype, rule: Rule, pieces: list[Piece], shards: list[dict[str, Lazy]]):
+        """Tensor `name` from the shard tensors' pieces its rule reads (they must tile it)."""
+        placements = []
+        for p in pieces:
             if not rule.reads(p):
                 continue
-            region = p.src_region(shape)
             data = p.data_shape(shape)
             src_region = (p.row0, p.row0 + data[0]) + ((0, data[1]) if len(data) == 2 else (None, None))
-            placements.append(Placement(region, shards[p.rank][p.key], src_region, p.transpose))
-            covered += math.prod(data)
-        if covered != math.prod(shape):
-            raise ConvertError(f"'{name}': the {self.layout} table's pieces cover {covered} of its "
-                               f"{math.prod(shape)} elements at N={self.N}; the partition table is wrong")
-        st = self.ranks[self.by_source[name][0].rank][self.by_source[name][0].key]
-        return Assembled(shape, st.dtype, placements, name=name)
+            placements.append(Placement(p.src_region(shape), shards[p.rank][p.key], src_region, p.transpose))
+        return Assembled(shape, dtype, placements, name=name,
+                         fix=f"the {self.layout} table's pieces at N={self.N} are wrong (a bug: please report it)")
+
+    def row_pieces(self, row: Row, name: str, m: dict) -> tuple[Rule, tuple[int, ...], list[Piece]]:
+        """(rule, shape, every rank's pieces) of tensor `name`, an instance (placeholders `m`) of a row
+        beside the model's (a LoRA A or B: model.tensors.LoraRow.rows), by its parallelism in this layout."""
+        rule, shape = row_rule(row, "base" if self.layout == "peft" else self.layout), row.shape(self.cfg)
+        return rule, shape, [p for r in range(self.N) for p in rule.pieces(name, shape, m, r, self.N, self.cfg)]

@@ -6,15 +6,17 @@ docs/formats.md, "HF hub layout". The table covers the hub checkpoint names
 `model.safetensors`; transformers >= 5 fuses the experts in memory (`mlp.experts.gate_up_proj`),
 which is NOT what this table describes.
 
-HF's q_proj and k_proj rows are permuted for its rotate-half rotary: reading an HF checkpoint
-needs `permute_qk_from_hf(W, n)` on them (n = n_heads for q, n_kv_heads for k), writing one
-needs `permute_qk_to_hf`.
+HF's q_proj and k_proj rows are permuted for its rotate-half rotary: one operation, `qk_gather`,
+gives the row gather in either direction (n = n_heads for q, n_kv_heads for k; from HF, the
+inverse of the gather to HF), and refuses a row count it cannot split into n heads of two halves
+(`permute_qk_to_hf` / `permute_qk_from_hf` apply it to a tensor in memory).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import ConvertError
 from . import tensors
 from .tensors import compile_pattern
 
@@ -62,16 +64,27 @@ def qk_heads(name: str, cfg) -> int | None:
     return int(getattr(cfg, PERMUTED_QK[hit[0]]))
 
 
+def qk_gather(rows: int, n: int, to_hf: bool, name: str = "?") -> torch.Tensor:
+    """The row gather of the q/k permutation, out[i] = W[gather[i]]: Meta's (adjacent-pair rotary)
+    order to HF's (rotate-half), per head, or (not `to_hf`) its inverse. A ConvertError naming
+    the tensor when its rows are not n heads of an even number of rows: the permutation pairs each
+    head's rows in two halves, and such a tensor cannot be permuted, nor a permuted one undone."""
+    if n <= 0 or rows % (2 * n):
+        raise ConvertError(f"tensor '{name}': {rows} rows are not {n} heads of an even head_dim, so HF's q/k "
+                           "permutation (rotate-half rotary) cannot be applied or undone; check the config's "
+                           "head count and head_dim")
+    order = torch.arange(rows).reshape(n, rows // n // 2, 2).transpose(1, 2).reshape(rows)
+    return order if to_hf else torch.argsort(order)
+
+
 def permute_qk_to_hf(W: torch.Tensor, n: int) -> torch.Tensor:
     """Meta (adjacent-pair rotary) row order -> HF (rotate-half) row order, per head."""
-    R, D = W.shape
-    return W.reshape(n, R // n // 2, 2, D).transpose(1, 2).reshape(R, D)
+    return W.index_select(0, qk_gather(W.shape[0], n, True))
 
 
 def permute_qk_from_hf(W: torch.Tensor, n: int) -> torch.Tensor:
     """HF (rotate-half) row order -> Meta (adjacent-pair rotary) row order; inverse of to_hf."""
-    R, D = W.shape
-    return W.reshape(n, 2, R // n // 2, D).transpose(1, 2).reshape(R, D)
+    return W.index_select(0, qk_gather(W.shape[0], n, False))
 
 
 def from_hf_tensor(name: str, W: torch.Tensor, cfg) -> torch.Tensor:

@@ -50,6 +50,9 @@ class Row:
     sparse: Optional[str] = None  # sparse layout: the stacked per-layer tensor this expert slice goes into
     sparse_dim: int = 0  # sparse layout: the expert tensor's FFN dim, sliced across ranks
     optional: bool = False  # a model may lack it (biases)
+    gguf: Optional[str] = None  # GGUF name (llama.cpp's); a per-expert row's experts are stacked into it
+    gguf_pos: int = 0  # where a layer's tensor comes among the layer's tensors in a GGUF file
+    keep_f32: bool = False  # GGUF stores it in F32 whatever the type of the weights (as llama.cpp's converter)
 
     def __post_init__(self):
         if self.parallel not in PARALLEL:
@@ -75,32 +78,36 @@ def _kv(c) -> int:
 # The weights. With the bias rows after them (TENSORS), the order is the order of every checkpoint this
 # tool writes (torrent, HF, shards): keep it.
 _WEIGHTS: tuple[Row, ...] = (
-    Row("tok_embeddings.weight", lambda c: (c.vocab_size, c.dim), "embedding", hf="model.embed_tokens.weight"),
+    Row("tok_embeddings.weight", lambda c: (c.vocab_size, c.dim), "embedding", hf="model.embed_tokens.weight",
+        gguf="token_embd.weight"),
     Row("layers.{L}.attention.wq.weight", lambda c: (_q(c), c.dim), "column_heads", "wq",
-        hf="model.layers.{L}.self_attn.q_proj.weight", permute="n_heads"),
+        hf="model.layers.{L}.self_attn.q_proj.weight", permute="n_heads", gguf="blk.{L}.attn_q.weight", gguf_pos=1),
     Row("layers.{L}.attention.wk.weight", lambda c: (_kv(c), c.dim), "column_heads", "wk",
-        hf="model.layers.{L}.self_attn.k_proj.weight", permute="n_kv_heads"),
+        hf="model.layers.{L}.self_attn.k_proj.weight", permute="n_kv_heads", gguf="blk.{L}.attn_k.weight",
+        gguf_pos=2),
     Row("layers.{L}.attention.wv.weight", lambda c: (_kv(c), c.dim), "column_heads", "wv",
-        hf="model.layers.{L}.self_attn.v_proj.weight"),
+        hf="model.layers.{L}.self_attn.v_proj.weight", gguf="blk.{L}.attn_v.weight", gguf_pos=3),
     Row("layers.{L}.attention.wo.weight", lambda c: (c.dim, _q(c)), "row_heads", "wo",
-        hf="model.layers.{L}.self_attn.o_proj.weight"),
+        hf="model.layers.{L}.self_attn.o_proj.weight", gguf="blk.{L}.attn_output.weight", gguf_pos=4),
     Row("layers.{L}.feed_forward.gate.weight", lambda c: (c.num_experts, c.dim), "replicated", "gate",
-        hf="model.layers.{L}.block_sparse_moe.gate.weight", fused="layers.{L}.block_sparse_moe.gate.weight"),
+        hf="model.layers.{L}.block_sparse_moe.gate.weight", fused="layers.{L}.block_sparse_moe.gate.weight",
+        gguf="blk.{L}.ffn_gate_inp.weight", gguf_pos=6, keep_f32=True),
     Row("layers.{L}.feed_forward.experts.{e}.w1.weight", lambda c: (c.hidden_dim, c.dim), "expert", "w1",
         hf="model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight", fused="layers.{L}.block_sparse_moe.w1",
-        sparse="layers.{L}.feed_forward.w1", sparse_dim=0),
+        sparse="layers.{L}.feed_forward.w1", sparse_dim=0, gguf="blk.{L}.ffn_gate_exps.weight", gguf_pos=7),
     Row("layers.{L}.feed_forward.experts.{e}.w2.weight", lambda c: (c.dim, c.hidden_dim), "expert", "w2",
         hf="model.layers.{L}.block_sparse_moe.experts.{e}.w2.weight", fused="layers.{L}.block_sparse_moe.w2",
-        fused_transposed=True, sparse="layers.{L}.feed_forward.w2", sparse_dim=1),
+        fused_transposed=True, sparse="layers.{L}.feed_forward.w2", sparse_dim=1, gguf="blk.{L}.ffn_down_exps.weight",
+        gguf_pos=8),
     Row("layers.{L}.feed_forward.experts.{e}.w3.weight", lambda c: (c.hidden_dim, c.dim), "expert", "w3",
         hf="model.layers.{L}.block_sparse_moe.experts.{e}.w3.weight", fused="layers.{L}.block_sparse_moe.w3",
-        sparse="layers.{L}.feed_forward.w3", sparse_dim=0),
+        sparse="layers.{L}.feed_forward.w3", sparse_dim=0, gguf="blk.{L}.ffn_up_exps.weight", gguf_pos=9),
     Row("layers.{L}.attention_norm.weight", lambda c: (c.dim,), "replicated", "attention_norm",
-        hf="model.layers.{L}.input_layernorm.weight"),
+        hf="model.layers.{L}.input_layernorm.weight", gguf="blk.{L}.attn_norm.weight", gguf_pos=0),
     Row("layers.{L}.ffn_norm.weight", lambda c: (c.dim,), "replicated", "ffn_norm",
-        hf="model.layers.{L}.post_attention_layernorm.weight"),
-    Row("norm.weight", lambda c: (c.dim,), "replicated", hf="model.norm.weight"),
-    Row("output.weight", lambda c: (c.vocab_size, c.dim), "column", hf="lm_head.weight"),
+        hf="model.layers.{L}.post_attention_layernorm.weight", gguf="blk.{L}.ffn_norm.weight", gguf_pos=5),
+    Row("norm.weight", lambda c: (c.dim,), "replicated", hf="model.norm.weight", gguf="output_norm.weight"),
+    Row("output.weight", lambda c: (c.vocab_size, c.dim), "column", hf="lm_head.weight", gguf="output.weight"),
 )
 
 # ----------------------------------------------------------------------------- PEFT
@@ -135,6 +142,12 @@ class LoraRow:
     def shapes(self, cfg, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
         out, inp = self.weight.shape(cfg)
         return (rank, inp), (out, rank)
+
+    def rows(self, rank: int) -> tuple[Row, Row]:
+        """A and B as rows of the table at LoRA rank `rank`: what the partition Plan expands
+        (`layouts.Plan.row_pieces`), as it does the model's own rows."""
+        return (Row(self.a, lambda c: self.shapes(c, rank)[0], self.a_parallel, self.weight.short),
+                Row(self.b, lambda c: self.shapes(c, rank)[1], self.b_parallel, self.weight.short))
 
 
 def _lora_row(w: Row) -> LoraRow:
@@ -173,6 +186,27 @@ def match(name: str) -> Optional[tuple[Row, dict[str, str]]]:
         if m:
             return row, m.groupdict()
     return None
+
+
+def lora_match(name: str) -> Optional[tuple[LoraRow, str, dict[str, str]]]:
+    """(the LoRA row, "a" or "b", its placeholder values) of a canonical LoRA tensor name; None if none."""
+    for lr in LORA:
+        for which, pattern in (("a", lr.a), ("b", lr.b)):
+            m = compile_pattern(pattern).match(name)
+            if m:
+                return lr, which, m.groupdict()
+    return None
+
+
+def parallel_of(name: str) -> Optional[str]:
+    """How a canonical tensor (a LoRA A or B included) is parallelised (PARALLEL); None for no tensor of the table."""
+    hit = match(name)
+    if hit is not None:
+        return hit[0].parallel
+    lora = lora_match(name)
+    if lora is None:
+        return None
+    return lora[0].a_parallel if lora[1] == "a" else lora[0].b_parallel
 
 
 def row(short: str) -> Row:
@@ -226,6 +260,29 @@ def canonical_shapes(cfg, optional: bool = False) -> dict[str, tuple[int, ...]]:
 def hf_pairs() -> list[tuple[str, Optional[str]]]:
     """(canonical pattern, HF pattern) for every row HF has, then (None, HF pattern) for HF names dropped."""
     return [(r.pattern, r.hf) for r in TENSORS if r.hf] + [(None, h) for h in HF_IGNORED]
+
+
+def gguf_rows() -> list[Row]:
+    """The rows a GGUF file holds, in the file's order: the rows before the layers, a layer's rows
+    by `gguf_pos`, the rows after the layers."""
+    rows = [r for r in TENSORS if r.gguf]
+    first = next(i for i, r in enumerate(rows) if r.per_layer)
+    return [r for r in rows[:first] if not r.per_layer] + sorted((r for r in rows if r.per_layer),
+                                                                 key=lambda r: r.gguf_pos) + \
+        [r for r in rows[first:] if not r.per_layer]
+
+
+_GGUF_RX = [(compile_pattern(r.gguf), r) for r in TENSORS if r.gguf]
+
+
+def gguf_match(name: str) -> Optional[tuple[Row, dict[str, str]]]:
+    """The row a GGUF tensor name is (its experts stacked, for a per-expert row), with its placeholder
+    values; None if none."""
+    for rx, r in _GGUF_RX:
+        m = rx.match(name)
+        if m:
+            return r, m.groupdict()
+    return None
 
 
 def bias_name(weight: str) -> str:

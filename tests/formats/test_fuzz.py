@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_lazy
 
 from mixtral_convert.encodings import safetensors as safetensorsfile
 from mixtral_convert.encodings import safetensors as stheader
@@ -204,7 +205,7 @@ def fuzz(which: str, pristine: dict, n: int, seed: int) -> tuple[Counter, list[s
         _replace(path, damaged)
         case = Case(f"#{i} {label}", path.parent)
         if which.startswith("pth"):
-            direct = _read_direct(case, "load_lazy", path, torchzip.load_lazy, damaged, layout)
+            direct = _read_direct(case, "load_lazy", path, load_lazy, damaged, layout)
             _read_direct(case, "torchzip.read_tensors", path, torchzip.read_tensors, damaged, layout)
             case.run("zip_records", lambda: torchzip.zip_records(path))
             case.run("check_checkpoint", lambda: torchzip.check_checkpoint(path))

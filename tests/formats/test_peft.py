@@ -299,3 +299,19 @@ def test_distributed_forward_of_mixtral_peft_output(tmp_path, tok, capsys, monke
                        capsys=capsys)
     assert code == 0, err
     assert torch.equal(load(tmp_path / "one.pt"), load(tmp_path / "dist.pt"))
+
+
+def test_which_copies_are_replicated_comes_from_the_table(tmp_path, tok, capsys):
+    """inspect compares the copies of every tensor the table replicates (its parallelism, LoRA rows
+    included), not a hand-written list: a full save whose ranks hold different routers says so (merge
+    reads rank 0's), while the owned LoRA A of wq, whose copies differ by design, is not named."""
+    d, _, _ = save(tmp_path, tok, 2, bias=False)
+    f = d / "consolidated.01-of-02.model.pth"
+    sd = load(f)
+    sd["model"]["llma.layers.0.feed_forward.gate.weight"] += 1
+    torch.save(sd, f)
+    code, out, _ = cli("inspect", d, "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["replicated_copies_differ"] == ["layers.0.feed_forward.gate.weight"]
+    assert tensors.parallel_of("layers.3.attention.wq.lora_a.weight") == "owned"
+    assert tensors.parallel_of("layers.3.attention.wo.lora_b.weight") == "replicated"
+    assert tensors.parallel_of("layers.3.attention.wo.bias") == "replicated"

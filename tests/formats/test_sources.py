@@ -435,8 +435,9 @@ def test_transformers_loads_merge_to_hf_with_forward_parity(tmp_path, capsys):
 def test_hf_qk_permutation_is_read_in_bounded_blocks():
     """A block of canonical wq/wk rows is gathered from a bounded range of HF rows (the block
     plus at most one head), never the whole tensor."""
-    from mixtral_convert.formats.hf import RowPermuted, qk_perm
+    from mixtral_convert.formats.hf import RowPermuted
     from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.model.names import qk_gather
 
     class Recorder(Stored):
         def __init__(self, t):
@@ -450,13 +451,13 @@ def test_hf_qk_permutation_is_read_in_bounded_blocks():
     n, hd, D = 6, 16, 8
     W = torch.randn(n * hd, D)
     base = Recorder(to_hf_rows(W, n))
-    canon = RowPermuted(base, qk_perm(n * hd, n, to_hf=False))
+    canon = RowPermuted(base, qk_gather(n * hd, n, to_hf=False))
     for rows in (1, 5, hd, 3 * hd):
         base.calls.clear()
         assert torch.equal(torch.cat(list(canon.blocks(block_bytes=rows * D * 4))), W)
         assert all(r1 - r0 <= rows + hd for r0, r1 in base.calls)
     assert torch.equal(canon.read(17, 40, 2, 5), W[17:40, 2:5])
-    back = RowPermuted(Stored(W), qk_perm(n * hd, n, to_hf=True))
+    back = RowPermuted(Stored(W), qk_gather(n * hd, n, to_hf=True))
     assert torch.equal(back.read(0, n * hd), to_hf_rows(W, n))
 
 
@@ -490,3 +491,74 @@ def test_hub_fetches_what_a_mistral_inference_repository_holds(tmp_path, monkeyp
     hub.resolve_checkpoint("hf://mistralai/some-release", registry.HUB_SMALL_FILES, registry.hub_weight_patterns)
     assert {"tokenizer.model.v3", "tokenizer.model.v1", "params.json"} <= set(asked[0])
     assert "consolidated.safetensors" in asked[1] and "consolidated.*.pt" in asked[1]
+
+
+# ----------------------------------------------------------------------------- one dispatch
+def test_a_new_single_file_reader_and_a_new_adapter_kind_are_one_registry_entry_each(wide_src, tmp_path, monkeypatch):
+    """Every source goes through READERS: a reader of single files (as the .tar and .gguf readers
+    are) and a reader of adapters read on top of a base (`--base`, as the PEFT reader is) are each
+    one entry, with no special case in open_checkpoint."""
+    from dataclasses import replace
+
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.formats import registry
+    from mixtral_convert.formats.checkpoint import Reader
+
+    def adapter_on(path, names, base):  # an adapter that scales the output layer by 2
+        from mixtral_convert.io.lazy import Stored, materialize
+        canonical = dict(base.canonical, **{"output.weight": Stored(materialize(base.canonical["output.weight"]) * 2)})
+        return replace(base, path=path, kind="toy-adapter", canonical=canonical)
+
+    single = Reader("toy-file", "a .toy file", claims=lambda p, _: p.name.endswith(".toy"),
+                    open=lambda p, _: replace(registry.open_checkpoint(p.read_text()), kind="toy-file"),
+                    single_file=True)
+    adapter = Reader("toy-adapter", "adapter.toy.json", claims=lambda p, names: "adapter.toy.json" in names,
+                     open=lambda p, names: (_ for _ in ()).throw(ConvertError(f"{p}: pass --base")),
+                     on_base=adapter_on, on_base_what="a toy adapter")
+    monkeypatch.setattr(registry, "READERS", (single, adapter) + registry.READERS)
+
+    (tmp_path / "m.toy").write_text(str(wide_src))
+    ck = registry.open_checkpoint(tmp_path / "m.toy")
+    assert ck.kind == "toy-file" and ck.cfg == registry.open_checkpoint(wide_src).cfg
+
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter.toy.json").write_text("{}")
+    on = registry.open_checkpoint(ad, base=wide_src)
+    src = load(wide_src / "consolidated.00.pth")
+    assert on.kind == "toy-adapter" and on.path == ad
+    assert same_bytes(on.canonical["output.weight"].read(0, 4), src["output.weight"][:4] * 2)
+    with pytest.raises(ConvertError, match=rf"--base {wide_src}: is for a toy adapter or a trainable-only PEFT save "
+                                           rf"\(llama_type mixtral_peft\); {wide_src} is not one: leave --base out"):
+        registry.open_checkpoint(wide_src, base=wide_src)
+
+
+def test_hf_qk_with_an_odd_head_dim_is_refused_not_read_unpermuted(tmp_path, capsys):
+    """HF's q/k permutation pairs each head's rows in two halves: with an odd head_dim it cannot be
+    undone, and such a checkpoint is refused naming the tensor (it was read in HF's order, silently)."""
+    cfg = tiny_config(dim=24, n_heads=4, n_kv_heads=2, head_dim=3, hidden_dim=32, num_experts=2, vocab_size=64,
+                      n_layers=1)
+    write_torrent(tmp_path / "t", cfg, seed=3)
+    sd = load(tmp_path / "t" / "consolidated.00.pth")
+    d = tmp_path / "hf"
+    d.mkdir()
+    save_file({hfnames.canonical_to_hf(k): v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf_config(max_position_embeddings=4096)))
+    code, _, err = cli("inspect", d, capsys=capsys)
+    assert code == 2 and err.strip() == (
+        "error: tensor 'layers.0.attention.wq.weight': 12 rows are not 4 heads of an even head_dim, so HF's q/k "
+        "permutation (rotate-half rotary) cannot be applied or undone; check the config's head count and head_dim")
+
+
+def test_the_qk_gather_from_hf_is_the_inverse_of_the_gather_to_hf():
+    from mixtral_convert.model.names import qk_gather
+    for rows, n in [(8, 1), (32, 4), (48, 6), (12, 3)]:
+        to, back = qk_gather(rows, n, True), qk_gather(rows, n, False)
+        assert torch.equal(to[back], torch.arange(rows)) and torch.equal(back[to], torch.arange(rows))
+        assert not torch.equal(to, torch.arange(rows))  # a real permutation
+        W = torch.arange(rows * 2.0).reshape(rows, 2)
+        # HF's rotate-half order: each head's even rows, then its odd rows
+        hd = rows // n
+        want = torch.cat([torch.cat([W[h * hd:(h + 1) * hd:2], W[h * hd + 1:(h + 1) * hd:2]]) for h in range(n)])
+        assert torch.equal(hfnames.permute_qk_to_hf(W, n), want)
+        assert torch.equal(hfnames.permute_qk_from_hf(want, n), W)

@@ -6,6 +6,7 @@ import zipfile
 
 import pytest
 import torch
+from helpers import load_lazy
 
 import mixtral_convert.encodings.torchzip as tf
 from mixtral_convert.io.lazy import TensorSpec, tensor_bytes
@@ -69,12 +70,12 @@ def test_load_lazy_refuses_non_checkpoints(tmp_path):
     from mixtral_convert.errors import ConvertError
     (tmp_path / "t.pth").write_bytes(b"hello")
     with pytest.raises(ConvertError, match="not a torch zip checkpoint"):
-        tf.load_lazy(tmp_path / "t.pth")
+        load_lazy(tmp_path / "t.pth")
     torch.save({"a": 1}, tmp_path / "n.pth")
     with pytest.raises(ConvertError, match="not a tensor"):
-        tf.load_lazy(tmp_path / "n.pth")
+        load_lazy(tmp_path / "n.pth")
     torch.save({"model": {"x": torch.ones(2)}}, tmp_path / "m.pth")
-    assert list(tf.load_lazy(tmp_path / "m.pth")) == ["x"]
+    assert list(load_lazy(tmp_path / "m.pth")) == ["x"]
 
 
 def _producer_threads():

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ODD, WIDE, cli, greedy, load, same_bytes
+from helpers import ODD, WIDE, cli, greedy, load, load_lazy, same_bytes
 
-from mixtral_convert.encodings.torchzip import load_lazy
 from mixtral_convert.forward.reference import forward
 from mixtral_convert.model import layouts
 from mixtral_convert.model.config import ModelConfig

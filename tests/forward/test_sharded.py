@@ -145,10 +145,9 @@ def test_shard_count_must_match_plan():
 def test_written_shards_on_disk(tmp_path, layout, N):
     """Shards written by `split` to disk, read back mmap'd, run sharded == the torrent's forward;
     and a greedy continuation through the sharded forward equals the reference one."""
-    from helpers import greedy
+    from helpers import greedy, load_lazy
 
     from mixtral_convert.commands.split import split as split_cmd
-    from mixtral_convert.encodings.torchzip import load_lazy
     from mixtral_convert.synth import tiny_config, write_torrent
 
     cfg = tiny_config(n_kv_heads=4)

@@ -404,3 +404,55 @@ def test_sigint_mid_write_leaves_nothing_and_a_killed_runs_leftover_goes(tmp_pat
     code, _, err = cli("merge", *args[4:], "-q", capsys=capsys)
     assert code == 0, err
     assert sorted(q.name for q in out.parent.iterdir()) == ["x.gguf", "x.gguf.mixtral-convert-manifest.json"]
+
+
+def _replaced_at_the_third_read(monkeypatch, f: Path) -> list:
+    """After the third positioned read of any source, a copy of `f` (same bytes) is renamed over it."""
+    import os
+    import shutil
+
+    from mixtral_convert.io import reads
+    real, calls = reads._preadv, []
+
+    def preadv(fd, bufs, off):
+        calls.append(off)
+        if len(calls) == 3:
+            shutil.copy(f, f.with_name(f.name + ".new"))
+            os.replace(f.with_name(f.name + ".new"), f)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(reads, "_preadv", preadv)
+    return calls
+
+
+def test_verify_of_a_gguf_whose_source_changes_mid_run_is_refused(src7, ggufs, tmp_path, capsys, monkeypatch):
+    """verify OUT.gguf --source SRC checks that the source's files did not change before it reports:
+    a copy renamed over the source mid-run (the same bytes) is a refusal, not a proof."""
+    src = copy_source(src7, tmp_path / "src")
+    code, text, _ = cli("verify", ggufs["q8_0"], "--source", src, capsys=capsys)
+    assert code == 0 and "kept their size, mtime and inode while they were read" in text
+    calls = _replaced_at_the_third_read(monkeypatch, src / "consolidated.00.pth")
+    code, _, err = cli("verify", ggufs["q8_0"], "--source", src, capsys=capsys)
+    assert len(calls) > 3 and code == 2
+    assert err.strip() == (
+        f"error: {src / 'consolidated.00.pth'}: the source changed while it was read (it was replaced by another file "
+        "(its inode changed)); the comparison would mix old and new bytes, so nothing was proved: wait until the "
+        "file is complete, then run again")
+
+
+def test_merge_to_gguf_of_a_source_that_changes_mid_run_is_refused(src7, tmp_path, capsys, monkeypatch):
+    src = copy_source(src7, tmp_path / "src")
+    _replaced_at_the_third_read(monkeypatch, src / "consolidated.00.pth")
+    code, _, err = cli("merge", src, "--to", "gguf", "-o", tmp_path / "m.gguf", "--max-position-embeddings",
+                       CONTEXT, capsys=capsys)
+    assert code == 2 and "the source changed while it was read (it was replaced" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_forward_of_a_gguf_of_an_unknown_file_type_is_refused(src7, ggufs, monkeypatch):
+    """A file type with no known rounding bound gets no borrowed tolerance (it got q4_k_m's): refused."""
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.forward import gguf_parity
+    monkeypatch.setattr(gguf_parity, "FILE_TYPE_NAMES", {})  # as a file type this tool does not write
+    with pytest.raises(ConvertError, match=r"general.file_type 0 is not a type this tool writes"):
+        gguf_parity.gguf_parity(ggufs["float32"], src7)

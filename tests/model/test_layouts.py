@@ -138,3 +138,71 @@ def test_pieces_that_do_not_tile_are_a_convert_error(monkeypatch):
     cfg = tiny_config()
     with pytest.raises(ConvertError, match="gap or overlap"):
         layouts.Plan("sparse", cfg, 2, {k: torch.bfloat16 for k in cfg.canonical_shapes()})
+
+
+def test_an_overlap_with_a_gap_of_the_same_size_is_refused_naming_the_tensor(monkeypatch):
+    """Pieces that cover the right number of elements but overlap where they should meet leave a
+    gap of the same size, which merge would fill from a reused buffer: tiling is checked as
+    intervals, so the count alone cannot pass it."""
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.model import layouts
+    from mixtral_convert.synth import tiny_config
+
+    class Shifted(layouts.Chunk):  # rank 1 holds rank 0's rows again: rows [n, 2n) are nobody's
+        def pieces(self, name, shape, m, r, N, cfg):
+            n, s = shape[self.dim] // N, 0 if r == 1 else r
+            return [layouts.Piece(r, layouts.PREFIX + name, 0, name, self.dim, s * n, (s + 1) * n)]
+
+    cfg = tiny_config()
+    dtypes = {k: torch.float32 for k in cfg.canonical_shapes()}
+    plan = layouts.Plan("base", cfg, 2, dtypes)
+    shards = [{k: Stored(torch.zeros(st.shape)) for k, st in rank.items()} for rank in plan.ranks]
+    plan.canonical_tensor("output.weight", shards)  # the true table tiles
+
+    table = [(p, Shifted(0) if p == "output.weight" else r) for p, r in layouts.TABLES["base"]]
+    monkeypatch.setitem(layouts._COMPILED, "base", [(compile_pattern(p), r) for p, r in table])
+    bad = layouts.Plan("base", cfg, 2, dtypes)
+    ps = bad.by_source["output.weight"]
+    assert sum((p.stop - p.start) for p in ps) == cfg.canonical_shapes()["output.weight"][0]  # the count agrees
+    with pytest.raises(ConvertError, match=r"tensor 'output.weight' .*overlap at rows 0:"):
+        bad.canonical_tensor("output.weight", shards)
+
+
+@pytest.mark.parametrize("regions,problem", [
+    ([(0, 4, 0, 3), (0, 4, 3, 6)], None),
+    ([(0, 2, 0, 6), (2, 4, 0, 3), (2, 4, 3, 6)], None),
+    ([(0, 4, 0, 3), (0, 4, 2, 5)], "overlap at rows 0:4, column 2"),
+    ([(0, 4, 0, 3), (0, 2, 3, 6), (0, 2, 3, 6)], "overlap at rows 0:2, column 3"),
+    ([(0, 4, 0, 3), (0, 2, 3, 6)], "gap at rows 2:4, column 3"),
+    ([(0, 4, 0, 3), (0, 4, 3, 7)], "lies outside it"),
+])
+def test_tiling_is_checked_as_intervals(regions, problem):
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.io.tiles import check_tiling
+    if problem is None:
+        assert check_tiling("t", (4, 6), regions, "fix it") is None
+        return
+    with pytest.raises(ConvertError, match=f"tensor 't' \\[4, 6\\]: .*{problem}.*; fix it"):
+        check_tiling("t", (4, 6), regions, "fix it")
+
+
+def test_tiling_of_one_dimensional_tensors():
+    from mixtral_convert.errors import ConvertError
+    from mixtral_convert.io.tiles import check_tiling
+    check_tiling("v", (6,), [(3, 6, None, None), (0, 3, None, None)], "x")
+    with pytest.raises(ConvertError, match="overlap at rows 2:3"):
+        check_tiling("v", (6,), [(0, 3, None, None), (2, 5, None, None), (5, 6, None, None)], "x")
+    with pytest.raises(ConvertError, match="gap at rows 3:4"):
+        check_tiling("v", (6,), [(0, 3, None, None), (4, 6, None, None)], "x")
+
+
+def test_the_package_has_no_assert_statement():
+    """python -O drops asserts: a check that must hold is a raise."""
+    import ast
+    from pathlib import Path
+
+    import mixtral_convert
+    found = [f"{p.name}:{n.lineno}" for p in Path(mixtral_convert.__file__).parent.rglob("*.py")
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Assert)]
+    assert found == []

@@ -1,5 +1,7 @@
 """The tensor table (model.tensors): every other name and shape table is derived from it."""
 
+import torch
+
 from mixtral_convert.model import layouts, names, tensors
 from mixtral_convert.model.tensors import Row
 from mixtral_convert.synth import tiny_config
@@ -52,3 +54,30 @@ def test_a_new_row_is_one_line(monkeypatch):
     assert keys[keys.index("layers.1.attention.wq.weight") + 1] == "layers.1.attention.wq.bias"
     assert full["layers.1.attention.wq.bias"] == (cfg.n_heads * cfg.head_dim,)
     assert isinstance(layouts.row_rule(bias, "base"), layouts.Chunk)
+
+
+def test_gguf_names_are_a_column_of_the_table_read_and_written_through_one_op_pair():
+    """GGUF's names come from the table's `gguf` column, matched by the one pattern compiler; the
+    writer's stacking of experts and the reader's unstacking name the same canonical tensors in
+    the same order; the router is the one 2-D row GGUF keeps in F32."""
+    from mixtral_convert.formats import gguf
+    from mixtral_convert.io.lazy import Stored
+    from mixtral_convert.model import tensors
+    from mixtral_convert.synth import tiny_config
+
+    cfg = tiny_config()
+    canonical = {k: Stored(torch.zeros(s), name=k) for k, s in cfg.canonical_shapes().items()}
+    written = gguf.gguf_tensors(cfg, canonical, "float16")
+    assert [t.info.name for t in written][:3] == ["token_embd.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight"]
+    assert len(written) == 2 + cfg.n_layers * 10 + 1
+    seen = []
+    for t in written:
+        row, m = tensors.gguf_match(t.info.name)
+        names = [n for n, _ in gguf.unstack(row, m.get("L"), 0, t.info.shape[0], 1)]
+        assert names == [s.name for s in t.sources]  # unstack is stack's inverse
+        assert (t.info.ggml_type == gguf.T.F32) == (len(t.info.shape) == 1 or row.keep_f32)
+        seen += names
+    assert sorted(seen) == sorted(canonical)
+    assert [r.short for r in tensors.TENSORS if r.keep_f32] == ["gate"]
+    assert tensors.gguf_match("blk.7.ffn_down_exps.weight")[0] is tensors.row("w2")
+    assert tensors.gguf_match("blk.x.ffn_down_exps.weight") is None
