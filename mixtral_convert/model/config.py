@@ -55,6 +55,9 @@ class ModelConfig:
         if "dim" not in params and "hidden_size" in params:
             # a params.json may use HF's names (docs/formats.md, "Mistral fused files")
             return cls.from_hf_config(params, where)
+        if params.get("sliding_window") is not None:  # mistral-inference's params.json may state one
+            raise ConvertError(f"{where}: 'sliding_window' is {params['sliding_window']!r}; only null is supported "
+                               "(it changes the computation, and converting would drop it)")
         moe = params.get("moe")
         if not isinstance(moe, dict):
             raise ConvertError(f"{where}: missing the 'moe' object "

@@ -24,7 +24,7 @@ from mixtral_convert.forward.reference import forward  # noqa: E402
 from mixtral_convert.io.lazy import TensorGetter  # noqa: E402
 from mixtral_convert.model import rope  # noqa: E402
 from mixtral_convert.model.rope import RopeScaling  # noqa: E402
-from mixtral_convert.synth import train_tokenizer  # noqa: E402
+from mixtral_convert.synth import train_tokenizer, write_torrent  # noqa: E402
 
 CFG = tiny_cfg(vocab_size=320)
 SCALED = {"rope_type": "linear", "factor": 2.0, "rope_theta": CFG.rope_theta}
@@ -120,6 +120,13 @@ def test_verify_forward_fails_when_the_shards_lose_the_scaling(sources, tmp_path
     assert code != 0 and "rope_scaling" in out + err
 
 
+def test_a_params_json_with_a_sliding_window_is_refused(tmp_path, capsys):
+    src = write_torrent(tmp_path / "src", CFG, params=dict(CFG.to_params(), sliding_window=4096))
+    code, _, err = cli("split", src, "-n", 2, "-o", tmp_path / "out", capsys=capsys)
+    assert code == 2 and "params.json" in err and "sliding_window" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_to_torrent_refuses_a_scaled_model(sources, tmp_path, capsys):
     out = tmp_path / "torrent"
     code, _, err = cli("merge", sources["tf5"], "--to", "torrent", "-o", out, capsys=capsys)
@@ -138,8 +145,8 @@ def test_merge_to_gguf_writes_the_scaling_keys_and_reads_them_back(sources, want
     ck = open_checkpoint(out)
     assert ck.cfg.rope_scaling == RopeScaling(2.0)
     assert close(forward(ck.cfg, TensorGetter(ck.canonical), TOKENS), want)
-    code, out_text, err = cli("verify", out, "--source", sources["tf5"], capsys=capsys)
-    assert code == 0, out_text + err
+    code, out_text, err = cli("verify", out, "--source", sources["tf5"], "--forward", capsys=capsys)
+    assert code == 0 and "ok    forward (" in out_text, out_text + err
 
 
 def test_a_gguf_with_a_scaling_type_it_cannot_compute_is_refused(sources, tmp_path, capsys, monkeypatch):
