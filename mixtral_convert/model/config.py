@@ -152,7 +152,7 @@ class ModelConfig:
 
     def check(self, where: str) -> None:
         for name, value in asdict(self).items():
-            if value is None and name == "max_position_embeddings" or name == "rope_scaling":
+            if name == "rope_scaling" or (value is None and name == "max_position_embeddings"):
                 continue
             if name in ("norm_eps", "rope_theta"):
                 if not value > 0:
