@@ -78,6 +78,11 @@ def test_both_hf_spellings_are_read_and_computed_as_transformers_does(sources, w
     assert not close(unscaled_logits(sources[spelling]), want)
 
 
+def test_inspect_says_the_scaling_plainly(sources, capsys):
+    code, out, _ = cli("inspect", sources["tf4"], "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["rope_scaling"] == {"type": "linear", "factor": 2.0}
+
+
 def test_spellings_that_disagree_are_refused():
     hf = {"rope_parameters": dict(SCALED), "rope_scaling": {"type": "linear", "factor": 4.0}}
     with pytest.raises(Exception, match="disagree"):
