@@ -69,18 +69,17 @@ def _one(d, where: str, key: str) -> Optional[RopeScaling]:
 
 
 def from_hf(hf: dict, where: str) -> Optional[RopeScaling]:
-    """The scaling an HF config.json states, in either spelling; the two must agree when both are given."""
+    """The scaling an HF config.json states, in either spelling. Where both are given, a non-null
+    `rope_scaling` wins, as in transformers 5 (and transformers 4 reads only that one)."""
     if hf.get("partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ConvertError(f"{where}: partial_rotary_factor {hf['partial_rotary_factor']!r}; only full rotary "
                            "is supported")
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
         raise ConvertError(f"{where}: 'rope_parameters' differs per layer type; a Mixtral has one")
-    new, old = _one(params, where, "rope_parameters"), _one(hf.get("rope_scaling"), where, "rope_scaling")
-    if "rope_parameters" in hf and "rope_scaling" in hf and hf["rope_scaling"] is not None and new != old:
-        raise ConvertError(f"{where}: 'rope_parameters' and 'rope_scaling' disagree ({new} vs {old}); keep "
-                           "the one the model was trained with")
-    return new or old
+    if hf.get("rope_scaling"):
+        return _one(hf["rope_scaling"], where, "rope_scaling")
+    return _one(params, where, "rope_parameters")
 
 
 def from_accessory(value, where: str) -> Optional[RopeScaling]:

@@ -83,10 +83,17 @@ def test_inspect_says_the_scaling_plainly(sources, capsys):
     assert code == 0 and json.loads(out)["rope_scaling"] == {"type": "linear", "factor": 2.0}
 
 
-def test_spellings_that_disagree_are_refused():
-    hf = {"rope_parameters": dict(SCALED), "rope_scaling": {"type": "linear", "factor": 4.0}}
-    with pytest.raises(Exception, match="disagree"):
-        rope.from_hf(hf, "config.json")
+@pytest.mark.parametrize("both", [
+    {"rope_parameters": dict(SCALED), "rope_scaling": {"type": "linear", "factor": 4.0}},
+    {"rope_parameters": dict(SCALED), "rope_scaling": None},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": {"type": "linear", "factor": 3.0}},
+])
+def test_both_spellings_at_once_read_as_transformers_reads_them(both):
+    judge = transformers.MixtralConfig(**json.loads(json.dumps(both))).rope_parameters
+    assert rope.from_hf(both, "config.json") == RopeScaling(judge["factor"])
+
+
+def test_the_other_spellings():
     assert rope.from_hf({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "c") is None
     assert rope.from_accessory(0.25, "c") == RopeScaling(4.0) and rope.from_accessory(None, "c") is None
     assert rope.from_gguf(None, None, 8.0, "g") == RopeScaling(8.0)  # the older llama.rope.scale_linear
