@@ -200,3 +200,18 @@ def test_what_changes_the_model_and_cannot_be_carried_is_refused_in_one_line(sou
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and said in err and "config.json" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written
+
+
+def test_llama_cpp_computes_the_scaled_gguf_as_transformers_does(sources, want, tmp_path, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "m.gguf"
+    assert cli("merge", sources["tf5"], "--to", "gguf", "--dtype", "float32", "-o", out, "-q", capsys=capsys)[0] == 0
+    tokens = TOKENS[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=len(tokens) + 8, n_batch=512, n_threads=2,
+                          type_k=0, type_v=0, verbose=False)
+    try:
+        llm.eval(tokens)
+        got = torch.tensor([list(r) for r in llm.scores[:len(tokens)]], dtype=torch.float32)
+    finally:
+        llm.close()
+    assert close(got, want[0])
