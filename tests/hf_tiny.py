@@ -23,14 +23,15 @@ def tiny_cfg(**over) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    """A random MixtralForCausalLM for cfg, weights scaled so attention and routing are not flat."""
+def hf_model(cfg: ModelConfig, seed: int = 0, rope_parameters=None):
+    """A random MixtralForCausalLM for cfg, weights scaled so attention and routing are not flat;
+    `rope_parameters` replaces the default (no scaling, cfg's theta)."""
     hcfg = transformers.MixtralConfig(
         hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.experts_per_tok, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=False,
     )
     hcfg._attn_implementation = "eager"

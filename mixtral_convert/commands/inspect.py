@@ -101,6 +101,8 @@ def _model(path) -> dict:
         "files": [{"name": f.name, "bytes": f.stat().st_size} for f in ck.files],
         "tokenizer": ({"pieces": tokenizer_pieces(ck.tokenizer)} if ck.tokenizer else None),
     }
+    if ck.cfg.rope_scaling is not None:  # config's rope_scaling is Accessory's number (1/factor); this says it plainly
+        info["rope_scaling"] = {"type": ck.cfg.rope_scaling.type, "factor": ck.cfg.rope_scaling.factor}
     if ck.tokenizer is not None:
         info["tokenizer_file"] = ck.tok.shown_as or ck.tokenizer.name
     elif ck.tok.missing:

@@ -301,7 +301,8 @@ def _check_config(shards: Path, src: Optional[Checkpoint], rep: Report, layout: 
     if src is None:
         rep.checks.append("config.json: a valid Mixtral config")
     elif cfg != src.cfg:
-        diff = [k for k in src.cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(src.cfg, k)]
+        diff = [k for k, f in src.cfg.__dataclass_fields__.items()
+                if f.compare and getattr(cfg, k) != getattr(src.cfg, k)]
         bad(f"{path}: '{diff[0]}' is {getattr(cfg, diff[0])}, the source has {getattr(src.cfg, diff[0])}")
     else:
         rep.checks.append("config.json: equals the source's config")

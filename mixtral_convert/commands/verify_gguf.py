@@ -94,7 +94,8 @@ def _against_source(path: Path, src, rep: Report, quiet: bool) -> None:
     paths = gguf_source.pieces_of(path)
     cfg, _, stored, readers = gguf_source.tensors_of(paths, dequantize=True)
     if cfg != src.cfg:
-        diff = [k for k in src.cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(src.cfg, k)]
+        diff = [k for k, f in src.cfg.__dataclass_fields__.items()
+                if f.compare and getattr(cfg, k) != getattr(src.cfg, k)]
         return bad(f"{path}: its metadata gives '{diff[0]}' = {getattr(cfg, diff[0])}, the source has "
                    f"{getattr(src.cfg, diff[0])}")
     rep.checks.append(f"metadata: every hyper-parameter equals the source's ({len(paths)} file(s))")

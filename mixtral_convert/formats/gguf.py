@@ -137,6 +137,9 @@ def model_metadata(cfg: ModelConfig, name: str, file_type: int, context_length: 
         Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a): Value(V.FLOAT32, float(cfg.norm_eps)),
         Keys.LLM.EXPERT_COUNT.format(arch=a): _u32(cfg.num_experts),
         Keys.LLM.EXPERT_USED_COUNT.format(arch=a): _u32(cfg.experts_per_tok),
+        **({} if cfg.rope_scaling is None else {  # model.rope; none written when the model has none
+            Keys.Rope.SCALING_TYPE.format(arch=a): Value(V.STRING, cfg.rope_scaling.type),
+            Keys.Rope.SCALING_FACTOR.format(arch=a): Value(V.FLOAT32, float(cfg.rope_scaling.factor))}),
     }
 
 

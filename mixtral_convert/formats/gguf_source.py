@@ -16,6 +16,7 @@ quantized file is not a source to convert from.
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..encodings.gguf import TORCH_TYPES
 from ..errors import ConvertError
 from ..io.lazy import Lazy
 from ..io.reads import SourceFile
-from ..model import tensors
+from ..model import rope, tensors
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
 from .gguf import ARCH, FILE_TYPE_NAMES, SPLIT_RE, unstack
@@ -122,7 +123,25 @@ def config_of(r: GGUFReader, path) -> ModelConfig:
               "norm_eps": _f32(k("attention.layer_norm_rms_epsilon")), "rope_theta": _f32(k("rope.freq_base")),
               "max_position_embeddings": k("context_length"),
               "moe": {"num_experts": k("expert_count"), "num_experts_per_tok": k("expert_used_count")}}
-    return ModelConfig.from_params(params, str(path))
+    cfg = ModelConfig.from_params(params, str(path))
+    return replace(cfg, rope_scaling=scaling_of(r, path, cfg.head_dim))
+
+
+def scaling_of(r: GGUFReader, path, head_dim: int):
+    """The RoPE scaling the metadata states (model.rope); partial rotary or a sliding window is refused."""
+    get = lambda name: field(r, f"{ARCH}.{name}", path) if f"{ARCH}.{name}" in r.fields else None  # noqa: E731
+    dims = get("rope.dimension_count")
+    if dims is not None and dims != head_dim:
+        raise ConvertError(f"{path}: llama.rope.dimension_count {dims} is not the head size {head_dim}; partial "
+                           "rotary is not supported")
+    if get("attention.sliding_window") is not None:
+        raise ConvertError(f"{path}: llama.attention.sliding_window is set; a sliding window is not supported")
+    attn = get("rope.scaling.attn_factor")
+    if attn is not None and _f32(attn) != 1.0:
+        raise ConvertError(f"{path}: llama.rope.scaling.attn_factor {_f32(attn)} is not supported (only 1)")
+    factor, old = get("rope.scaling.factor"), get("rope.scale_linear")
+    return rope.from_gguf(get("rope.scaling.type"), None if factor is None else _f32(factor),
+                          None if old is None else _f32(old), str(path))
 
 
 def _f32(x) -> float:

@@ -107,5 +107,11 @@ def plan(ck: Checkpoint) -> list[tuple[str, int, str]]:
             (PARAMS, len(json_bytes(ck.cfg.to_params())), "the model's hyper-parameters")]
 
 
-TARGET = Target("torrent", "_merged", write, plan, same_kinds=("torrent",),
+def prepare(ck: Checkpoint, options: dict) -> dict:
+    """The torrent's params.json has no key for RoPE scaling: a scaled model is refused."""
+    ck.cfg.refuse_scaling(f"{ck.path}: --to torrent")
+    return options
+
+
+TARGET = Target("torrent", "_merged", write, plan, prepare=prepare, same_kinds=("torrent",),
                 help="the torrent release's layout: consolidated.00.pth and params.json")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..model import tensors
 from ..model.config import ModelConfig
+from ..model.rope import RopeScaling
 
 Getter = Callable[[str], torch.Tensor]
 # One expert's (possibly sliced) weights: (global expert index, w1 [h, D], w2 [D, h], w3 [h, D]).
@@ -54,10 +55,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def rope_angles(n_pos: int, head_dim: int, theta: float, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [n_pos, head_dim/2] (float32) for positions 0..n_pos-1; freqs_i = theta^(-2i/hd)."""
+def rope_angles(n_pos: int, head_dim: int, theta: float, device="cpu",
+                scaling: Optional[RopeScaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n_pos, head_dim/2] (float32) for positions 0..n_pos-1; freqs_i = theta^(-2i/hd), divided
+    by the factor of linear scaling (model.rope) as transformers does."""
     i = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
     freqs = theta ** (-i / head_dim)
+    if scaling is not None:
+        freqs = freqs / scaling.factor
     angles = torch.arange(n_pos, dtype=torch.float64, device=device)[:, None] * freqs[None, :]
     return angles.cos().float(), angles.sin().float()
 
@@ -172,7 +177,7 @@ def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dty
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [B, S], got shape {tuple(tokens.shape)}")
-    cos, sin = rope_angles(tokens.shape[1], cfg.head_dim, cfg.rope_theta, device=device)
+    cos, sin = rope_angles(tokens.shape[1], cfg.head_dim, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
 
     # Embedding: gather only the rows needed.
     h = get("tok_embeddings.weight")[tokens.cpu()].to(device=device, dtype=dtype)

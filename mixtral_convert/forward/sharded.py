@@ -183,7 +183,7 @@ def rank_steps(plan: Plan, r: int, weights, tokens: torch.Tensor, *, dtype: torc
     cfg = plan.cfg
     rk = RankShard(plan, r, weights, dtype, device)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
-    cos, sin = rope_angles(tokens.shape[1], cfg.head_dim, cfg.rope_theta, device=device)
+    cos, sin = rope_angles(tokens.shape[1], cfg.head_dim, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
 
     # ParallelEmbedding: each rank looks up its columns of every token; gathered along D.
     emb = "tok_embeddings.weight"

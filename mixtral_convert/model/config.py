@@ -7,12 +7,13 @@ relative to them; nothing here knows Mixtral-8x7B's numbers.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from . import tensors
+from . import rope, tensors
+from .rope import RopeScaling
 
 DEFAULT_ROPE_THETA = 1e6
 
@@ -42,6 +43,8 @@ class ModelConfig:
     # does not, and Accessory's max_seq_len is the runtime's cache size (its loader overwrites
     # it), not this. Not part of the model's identity: configs that lack it compare equal.
     max_position_embeddings: Optional[int] = field(default=None, compare=False)
+    # linear RoPE scaling (model.rope); None: none. It changes the model, so configs compare on it.
+    rope_scaling: Optional[RopeScaling] = None
 
     # ----- reading -------------------------------------------------------------------
     @classmethod
@@ -52,6 +55,9 @@ class ModelConfig:
         if "dim" not in params and "hidden_size" in params:
             # a params.json may use HF's names (docs/formats.md, "Mistral fused files")
             return cls.from_hf_config(params, where)
+        if params.get("sliding_window") is not None:  # mistral-inference's params.json may state one
+            raise ConvertError(f"{where}: 'sliding_window' is {params['sliding_window']!r}; only null is supported "
+                               "(it changes the computation, and converting would drop it)")
         moe = params.get("moe")
         if not isinstance(moe, dict):
             raise ConvertError(f"{where}: missing the 'moe' object "
@@ -79,6 +85,7 @@ class ModelConfig:
                 rope_theta=float(params.get("rope_theta") or DEFAULT_ROPE_THETA),
                 max_position_embeddings=(_int(params, "max_position_embeddings", where)
                                          if params.get("max_position_embeddings") is not None else None),
+                rope_scaling=rope.from_accessory(params.get("rope_scaling"), where),
             )
         except (TypeError, ValueError) as e:
             raise ConvertError(f"{where}: malformed value ({e})") from None
@@ -94,14 +101,14 @@ class ModelConfig:
         if "num_local_experts" not in hf:
             raise ConvertError(f"{where}: no 'num_local_experts' (model_type {hf.get('model_type')!r}); "
                                "is this a Mixtral checkpoint?")
-        rope = hf.get("rope_theta")
-        if rope is None and isinstance(hf.get("rope_parameters"), dict):
-            rope = hf["rope_parameters"].get("rope_theta")
+        theta = hf.get("rope_theta")
+        if theta is None and isinstance(hf.get("rope_parameters"), dict):
+            theta = hf["rope_parameters"].get("rope_theta")
         params = {
             "dim": hf.get("hidden_size"), "n_layers": hf.get("num_hidden_layers"),
             "head_dim": hf.get("head_dim"), "hidden_dim": hf.get("intermediate_size"),
             "n_heads": hf.get("num_attention_heads"), "n_kv_heads": hf.get("num_key_value_heads"),
-            "vocab_size": hf.get("vocab_size"), "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": rope,
+            "vocab_size": hf.get("vocab_size"), "norm_eps": hf.get("rms_norm_eps", 1e-5), "rope_theta": theta,
             "max_position_embeddings": hf.get("max_position_embeddings"),
             "moe": {"num_experts": hf.get("num_local_experts"), "num_experts_per_tok": hf.get("num_experts_per_tok")},
         }
@@ -112,7 +119,9 @@ class ModelConfig:
                 raise ConvertError(f"{where}: missing required key '{theirs}'")
         if hf.get("num_experts_per_tok") is None:
             raise ConvertError(f"{where}: missing required key 'num_experts_per_tok'")
-        return cls.from_params(params, where)
+        refuse_hf_fields(hf, where)
+        scaling = rope.from_hf(hf, where)
+        return replace(cls.from_params(params, where), rope_scaling=scaling)
 
     def to_hf_config(self, torch_dtype: str = "bfloat16", max_position_embeddings: Optional[int] = None,
                      bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None) -> dict:
@@ -133,6 +142,8 @@ class ModelConfig:
         }
         if max_pos is None:
             del cfg["max_position_embeddings"]
+        if self.rope_scaling is not None:
+            cfg.update(self.rope_scaling.to_hf(self.rope_theta))
         return cfg
 
     @classmethod
@@ -141,7 +152,7 @@ class ModelConfig:
 
     def check(self, where: str) -> None:
         for name, value in asdict(self).items():
-            if value is None and name == "max_position_embeddings":
+            if name == "rope_scaling" or (value is None and name == "max_position_embeddings"):
                 continue
             if name in ("norm_eps", "rope_theta"):
                 if not value > 0:
@@ -156,13 +167,23 @@ class ModelConfig:
 
     # ----- writing -------------------------------------------------------------------
     def to_params(self) -> dict:
-        """params.json of the torrent layout (with rope_theta made explicit)."""
-        return {
+        """params.json of the torrent layout (with rope_theta made explicit); a scaled model's adds
+        Accessory's `rope_scaling` (the torrent target refuses it: `refuse_scaling`)."""
+        params = {
             "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
             "hidden_dim": self.hidden_dim, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "norm_eps": self.norm_eps, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
             "moe": {"num_experts_per_tok": self.experts_per_tok, "num_experts": self.num_experts},
         }
+        if self.rope_scaling is not None:
+            params["rope_scaling"] = self.rope_scaling.to_accessory()
+        return params
+
+    def refuse_scaling(self, where: str) -> None:
+        """For a target that cannot state RoPE scaling."""
+        if self.rope_scaling is not None:
+            raise ConvertError(f"{where}: the model has linear RoPE scaling (factor {self.rope_scaling.factor}), "
+                               "which this layout cannot state; write --to hf, --to gguf or split instead")
 
     def to_accessory(self) -> dict:
         """config.json for LLaMA2-Accessory: only keys its ModelArgs accepts."""
@@ -176,6 +197,20 @@ class ModelConfig:
     def canonical_shapes(self, optional: bool = False) -> dict[str, tuple[int, ...]]:
         """Every canonical (torrent) tensor name -> its shape, in a stable order (model.tensors)."""
         return tensors.canonical_shapes(self, optional)
+
+
+# HF config.json fields that change the computation, with the value a Mixtral has; another is refused, never
+# dropped (no target of this tool computes it, nor does the reference forward).
+_PLAIN = {"sliding_window": None, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+          "hidden_act": "silu"}
+
+
+def refuse_hf_fields(hf: dict, where: str) -> None:
+    """One line for the first field whose value changes the model in a way this tool does not carry."""
+    for key, plain in _PLAIN.items():
+        if key in hf and hf[key] != plain:
+            raise ConvertError(f"{where}: '{key}' is {hf[key]!r}; only {json.dumps(plain)} is supported (it changes "
+                               "the computation, and converting would drop it)")
 
 
 def _int(d: dict, key: str, where: str) -> int:
