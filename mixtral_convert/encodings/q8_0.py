@@ -36,6 +36,7 @@ from ..errors import ConvertError
 QK = 32  # values per block
 BLOCK_BYTES = 2 + QK  # float16 scale + 32 int8
 SPAN_BLOCKS = 1000  # blocks per torch call: 32,000 values, under torch's parallel grain (32,768), 125 KiB float32
+CHUNK_SPANS = 4  # spans whose scales are computed together (500 KiB of float32)
 _HALF_DOWN = torch.tensor(0.5 - 2.0**-25, dtype=torch.float32)  # the largest float32 below 0.5
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -68,34 +69,54 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _maxima(xs: list[torch.Tensor], fs: list[torch.Tensor], ms: list[torch.Tensor]) -> None:
-    """For each span: fs = xs as float32, ms = each block's max |x|."""
-    tmp = torch.empty_like(fs[0])
-    for x, f, m in zip(xs, fs, ms, strict=True):
-        f.copy_(x)
-        t = tmp[:f.shape[0]]
-        torch.amax(torch.abs(f, out=t), dim=1, out=m)
+def _scales(amax: np.ndarray, out: np.ndarray, label: str) -> np.ndarray:
+    """Each block's 1/d (float32) from its max |x|, with d as float16 into out[:, :2]: gguf-py's
+    own numpy expressions (the same float32 division, reciprocal and float16 cast)."""
+    bad = ~np.isfinite(amax)
+    if bad.any():
+        raise NonFiniteValues(label, int(bad.sum()))
+    d = amax / 127
+    with np.errstate(divide="ignore", over="ignore"):  # a d beyond float16's range is inf there, as in gguf-py
+        inv = np.where(d == 0, 0, 1 / d)
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return inv
 
 
-def _round(fs: list[torch.Tensor], invs: list[torch.Tensor], qs: list[torch.Tensor]) -> None:
-    """For each span: qs = fs * invs rounded half away from zero, as int8."""
-    y_, h_ = torch.empty_like(fs[0]), torch.empty_like(fs[0])
-    for f, inv, q in zip(fs, invs, qs, strict=True):
-        y, h = y_[:f.shape[0]], h_[:f.shape[0]]
-        torch.mul(f, inv, out=y)
-        torch.copysign(_HALF_DOWN, y, out=h)
-        q.copy_(y.add_(h))  # float -> int8 truncates toward zero
+def _range(x: torch.Tensor, out: np.ndarray, a: int, b: int, label: str) -> None:
+    """Quantize blocks a..b of x [n, 32] into out [n, 34], CHUNK_SPANS spans at a time: their max |x|,
+    then the scales, then the rounding, while the chunk's float32 copy is in the cache."""
+    chunk = CHUNK_SPANS * SPAN_BLOCKS
+    f_, m_ = torch.empty(chunk, QK), torch.empty(chunk)
+    y_, h_ = torch.empty(SPAN_BLOCKS, QK), torch.empty(SPAN_BLOCKS, QK)
+    q_ = torch.from_numpy(out[:, 2:]).view(torch.int8)
+    for c0 in range(a, b, chunk):
+        c1 = min(b, c0 + chunk)
+        fs, ms = f_[:c1 - c0].split(SPAN_BLOCKS), m_[:c1 - c0].split(SPAN_BLOCKS)
+        for xs, f, m in zip(x[c0:c1].split(SPAN_BLOCKS), fs, ms, strict=True):
+            f.copy_(xs)
+            torch.amax(torch.abs(f, out=y_[:len(f)]), dim=1, out=m)
+        inv = _scales(m_[:c1 - c0].numpy(), out[c0:c1], label)
+        for f, iv, q in zip(fs, torch.from_numpy(inv).unsqueeze(1).split(SPAN_BLOCKS),
+                            q_[c0:c1].split(SPAN_BLOCKS), strict=True):
+            y, h = y_[:len(f)], h_[:len(f)]
+            torch.mul(f, iv, out=y)
+            torch.copysign(_HALF_DOWN, y, out=h)
+            q.copy_(y.add_(h))  # float -> int8 truncates toward zero
+        special = np.flatnonzero(np.isinf(inv))  # 1/d overflowed: gguf-py casts NaN to int8; gguf-py does these
+        if special.size:
+            with np.errstate(all="ignore"):
+                out[c0 + special] = quants.quantize(f_[torch.from_numpy(special)].numpy(), GGMLQuantizationType.Q8_0)
 
 
-def _spread(fn, k: int, *spans: tuple[torch.Tensor, ...]) -> None:
-    """fn(*groups) over k contiguous groups of the spans (each argument a tuple of span views, as
-    torch.split gives), on the pool when k > 1; every group finishes before an error is raised."""
-    n = len(spans[0])
+def _spread(x: torch.Tensor, out: np.ndarray, k: int, label: str) -> None:
+    """_range over k contiguous ranges of the blocks, on the pool when k > 1; every range finishes
+    before an error is raised."""
+    n = x.shape[0]
     if k <= 1:
-        fn(*spans)
+        _range(x, out, 0, n, label)
         return
     bounds = [n * i // k for i in range(k + 1)]
-    futures = [_executor(k).submit(fn, *(s[bounds[i]:bounds[i + 1]] for s in spans)) for i in range(k)]
+    futures = [_executor(k).submit(_range, x, out, bounds[i], bounds[i + 1], label) for i in range(k)]
     errors = [f.exception() for f in futures]
     for err in errors:
         if err is not None:
@@ -109,25 +130,6 @@ def quantize(rows: torch.Tensor, label: str = "tensor", threads: int | None = No
     if rows.numel() % QK or (rows.dim() and rows.shape[-1] % QK):
         raise ConvertError(f"{label}: rows of {rows.shape[-1]} values are not whole Q8_0 blocks of {QK}")
     x = rows.contiguous().reshape(-1, QK)
-    n = x.shape[0]
-    k = min(threads or workers(), -(-n // SPAN_BLOCKS))
-    xf = torch.empty(n, QK, dtype=torch.float32)
-    amax = torch.empty(n, dtype=torch.float32)
-    _spread(_maxima, k, *(t.split(SPAN_BLOCKS) for t in (x, xf, amax)))
-    m = amax.numpy()
-    bad = ~np.isfinite(m)
-    if bad.any():
-        raise NonFiniteValues(label, int(bad.sum()))
-    d = m / 127  # gguf-py's expressions, in numpy: the same float32 division and reciprocal
-    with np.errstate(divide="ignore", over="ignore"):
-        inv = np.where(d == 0, 0, 1 / d)
-    out = np.empty((n, BLOCK_BYTES), dtype=np.uint8)
-    with np.errstate(over="ignore"):  # a scale beyond float16's range is inf there, as in gguf-py
-        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(n, 2)
-    q = torch.from_numpy(out[:, 2:]).view(torch.int8)
-    _spread(_round, k, *(t.split(SPAN_BLOCKS) for t in (xf, torch.from_numpy(inv).unsqueeze(1), q)))
-    special = np.flatnonzero(np.isinf(inv))  # 1/d overflowed: gguf-py casts NaN to int8; gguf-py does these
-    if special.size:
-        with np.errstate(all="ignore"):
-            out[special] = quants.quantize(xf[torch.from_numpy(special)].numpy(), GGMLQuantizationType.Q8_0)
+    out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    _spread(x, out, min(threads or workers(), -(-x.shape[0] // SPAN_BLOCKS)), label)
     return out.reshape(-1)

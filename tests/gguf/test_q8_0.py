@@ -58,7 +58,7 @@ def test_default_spans_and_threads_on_a_large_block():
     same(x)
 
 
-def test_adversarial_blocks_equal_gguf():
+def test_adversarial_blocks_equal_gguf(monkeypatch):
     k = np.arange(-127, 127, dtype=F32)
     rows = [
         [],  # all zeros
@@ -79,7 +79,10 @@ def test_adversarial_blocks_equal_gguf():
         [6.1e-5 * 127, 3e-5], [1e-7 * 127, 1e-9],  # d at float16's subnormal edge and below
     ]
     same(blocks(*rows))
-    same(blocks(*rows)[np.random.default_rng(0).permutation(len(rows))], threads=2)
+    shuffled = blocks(*rows)[np.random.default_rng(0).permutation(len(rows))]
+    same(shuffled, threads=2)
+    monkeypatch.setattr(q8_0, "SPAN_BLOCKS", 2)  # chunks of 8 blocks: the special ones in later chunks too
+    same(shuffled, threads=3)
 
 
 def test_rounding_of_every_float_near_each_integer_and_half_and_in_the_quarter_to_one():
