@@ -46,11 +46,9 @@ _pool_lock = threading.Lock()
 class NonFiniteValues(ConvertError):
     """inf or NaN in a tensor quantized to Q8_0."""
 
-    def __init__(self, label: str, count: int):
-        super().__init__(f"{label} has {count} block(s) of 32 values holding inf or NaN, which Q8_0 cannot hold "
-                         "(the block's scale would be inf or NaN); fix the source, or use --dtype bfloat16 or "
-                         "float32, which keep them")
-        self.count = count
+    def __init__(self, label: str):
+        super().__init__(f"{label} holds inf or NaN, which Q8_0 cannot hold (a block's scale would be inf or "
+                         "NaN); fix the source, or use --dtype bfloat16 or float32, which keep them")
 
 
 def workers() -> int:
@@ -72,9 +70,8 @@ def _executor(n: int) -> ThreadPoolExecutor:
 def _scales(amax: np.ndarray, out: np.ndarray, label: str) -> np.ndarray:
     """Each block's 1/d (float32) from its max |x|, with d as float16 into out[:, :2]: gguf-py's
     own numpy expressions (the same float32 division, reciprocal and float16 cast)."""
-    bad = ~np.isfinite(amax)
-    if bad.any():
-        raise NonFiniteValues(label, int(bad.sum()))
+    if not np.isfinite(amax).all():
+        raise NonFiniteValues(label)
     d = amax / 127
     with np.errstate(divide="ignore", over="ignore"):  # a d beyond float16's range is inf there, as in gguf-py
         inv = np.where(d == 0, 0, 1 / d)
