@@ -123,7 +123,7 @@ def test_inf_and_nan_are_refused_naming_the_tensor():
         with pytest.raises(ConvertError) as e:
             q8_0.quantize(x.to(torch.bfloat16), "model.pth: tensor 'layers.0.attention.wq.weight'", threads=2)
         msg = str(e.value)
-        assert "\n" not in msg and "'layers.0.attention.wq.weight'" in msg , msg
+        assert "\n" not in msg and "'layers.0.attention.wq.weight'" in msg, msg
         assert "inf or NaN" in msg and "--dtype bfloat16" in msg, msg
 
 
