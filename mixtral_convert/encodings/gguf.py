@@ -10,8 +10,9 @@ safetensors and torch zip writers do (the `gguf` package's own writer wants whol
 
 Values are typed with the `gguf` package's `GGUFValueType`; tensor types and their block
 sizes are its `GGMLQuantizationType` and `GGML_QUANT_SIZES`. `quantize_rows` turns float rows
-into a type's bytes with the package's quantizer (`gguf.quants`: Q8_0 blocks of an f16 scale
-and 32 int8), the same bytes for the same rows however the tensor is cut into row blocks.
+into a type's bytes (Q8_0 blocks of an f16 scale and 32 int8) as the package's quantizer
+(`gguf.quants`) writes them (Q8_0 by `encodings.q8_0`, spread over the cores), the same bytes
+for the same rows however the tensor is cut into row blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gguf import GGUFValueType as V
 
 from ..errors import ConvertError
 from ..io.direct import write_file
+from . import q8_0
 
 T = GGMLQuantizationType
 TORCH_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}  # stored as-is
@@ -112,13 +114,16 @@ def file_size(metadata: dict[str, Value], tensors: Sequence[TensorInfo]) -> int:
     return len(header_bytes(metadata, tensors)) + data
 
 
-def quantize_rows(block: torch.Tensor, ggml_type: T) -> np.ndarray:
+def quantize_rows(block: torch.Tensor, ggml_type: T, label: str = "tensor") -> np.ndarray:
     """Rows of values as `ggml_type`'s bytes (uint8): float types cast by torch (rounding to
-    nearest even, as every cast in this tool), Q8_0 and others by the gguf package's quantizer
-    from float32 (what llama.cpp's converter quantizes from)."""
+    nearest even, as every cast in this tool); Q8_0 by `encodings.q8_0` over the cores, byte for
+    byte the gguf package's quantizer from float32 (what llama.cpp's converter quantizes from),
+    refusing inf and NaN (`label` names the tensor); other types by the gguf package itself."""
     if ggml_type in TORCH_TYPES:
         t = block.to(TORCH_TYPES[ggml_type]).contiguous()
         return t.reshape(-1).view(torch.uint8).numpy()
+    if ggml_type == T.Q8_0:
+        return q8_0.quantize(block, label)
     rows = block.float().contiguous().numpy()
     return quants.quantize(rows, ggml_type).reshape(-1)
 

@@ -5,10 +5,10 @@ order (q and k in Meta's order, which is llama.cpp's), renamed through `NAME_TAB
 layer's experts are stacked into one 3-D tensor per weight (`ffn_gate_exps` = every expert's
 w1 [E, H, D], `ffn_up_exps` w3, `ffn_down_exps` w2 [E, D, H]), streamed expert after expert,
 a block of rows at a time, so no layer is ever whole in memory. Types (`--dtype`): float32,
-float16, bfloat16 and q8_0 are written here (q8_0 by the gguf package's quantizer); 1-D
-tensors and the router stay F32, as llama.cpp's converter keeps them. The k-quants are made
-from a temporary F16/BF16 GGUF by llama.cpp's own quantizer (formats.gguf_kquant); the merge
-target, which picks one or the other, is formats.gguf_target.
+float16, bfloat16 and q8_0 are written here (q8_0 byte for byte as the gguf package's quantizer,
+over the cores: encodings.q8_0); 1-D tensors and the router stay F32, as llama.cpp's converter
+keeps them. The k-quants are made from a temporary F16/BF16 GGUF by llama.cpp's own quantizer
+(formats.gguf_kquant); the merge target, which picks one or the other, is formats.gguf_target.
 
 Metadata: every hyper-parameter, the context length under the HF export's rule (the source's
 or --max-position-embeddings, never guessed), general.file_type, general.name (the source's
@@ -53,7 +53,7 @@ KQUANTS = {"q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": LlamaFileType.MOSTLY
 DTYPES = tuple(TYPES) + tuple(KQUANTS)
 FILE_TYPE_NAMES = {int(ft): n for n, (_, ft) in TYPES.items()} | {int(ft): n for n, ft in KQUANTS.items()}
 SOURCE_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-QUANT_BLOCK_BYTES = 4 << 20  # source bytes per block quantized at once (numpy's temporaries are several times it)
+QUANT_BLOCK_BYTES = 4 << 20  # source bytes per block quantized at once (its float32 copy is twice it)
 
 # (canonical pattern, GGUF pattern) in the file's order, from the tensor table's `gguf` column: `{L}` the layer;
 # `{e}` the expert, stacked on the GGUF side (expert e is index e of the 3-D tensor).
@@ -67,6 +67,7 @@ class GTensor:
 
     info: TensorInfo
     sources: list[Lazy]
+    where: str = "source"  # the source's path, for messages
 
 
 def gguf_tensors(cfg: ModelConfig, canonical: dict[str, Lazy], dtype: str, where: str = "source") -> list[GTensor]:
@@ -85,7 +86,7 @@ def gguf_tensors(cfg: ModelConfig, canonical: dict[str, Lazy], dtype: str, where
         ttype = T.F32 if len(shape) == 1 or row.keep_f32 else wtype
         if ttype == T.F16:  # the float16 overflow rule, as every --dtype float16
             srcs = [s if s.dtype == torch.float16 else Cast(s, torch.float16, where) for s in srcs]
-        out.append(GTensor(TensorInfo(name, shape, ttype), srcs))
+        out.append(GTensor(TensorInfo(name, shape, ttype), srcs, where))
     return out
 
 
@@ -284,7 +285,8 @@ def tensor_blocks(gts: list[GTensor]):
         for src in t.sources:
             step = QUANT_BLOCK_BYTES if t.info.ggml_type not in (T.F32, T.F16, T.BF16) else None
             for block in (src.blocks(step) if step else src.blocks()):
-                yield t.info.name, quantize_rows(block, t.info.ggml_type), block.numel() * src.dtype.itemsize
+                yield (t.info.name, quantize_rows(block, t.info.ggml_type, f"{t.where}: tensor '{src.name}'"),
+                       block.numel() * src.dtype.itemsize)
 
 
 def _producer(blocks, progress):
