@@ -164,19 +164,8 @@ def check_tokenizer(ck: Checkpoint) -> sptok.SpModel:
     return m
 
 
-def chat_template(tok: Path) -> Optional[str]:
-    """The chat template of tokenizer_config.json (or chat_template.jinja) beside the tokenizer."""
-    files = tokfiles.hf_files(tok)
-    if tokfiles.HF_TEMPLATE in files:
-        return files[tokfiles.HF_TEMPLATE].read_text(encoding="utf-8")
-    if tokfiles.HF_CONFIG in files:
-        cfg = tokfiles.read_json(files[tokfiles.HF_CONFIG])
-        t = cfg.get("chat_template") if isinstance(cfg, dict) else None
-        return t if isinstance(t, str) else None
-    return None
-
-
-def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
+def tokenizer_metadata(m: sptok.SpModel, tok: Path, template: Optional[str] = None) -> dict[str, Value]:
+    """The vocabulary's keys, with the chat template beside the tokenizer or `template` (--chat-template)."""
     ids = tokfiles.specials(tok)
     unk = m.ids_of(sptok.UNKNOWN)
     meta = {
@@ -192,7 +181,7 @@ def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
     meta[Keys.Tokenizer.ADD_BOS] = Value(V.BOOL, ids.bos_id is not None)
     meta[Keys.Tokenizer.ADD_EOS] = Value(V.BOOL, False)
     meta[Keys.Tokenizer.ADD_PREFIX] = Value(V.BOOL, m.add_dummy_prefix)
-    template = chat_template(tok)
+    template = template if template is not None else tokfiles.chat_template(tok)
     if template is not None:
         meta[Keys.Tokenizer.CHAT_TEMPLATE] = Value(V.STRING, template)
     return meta
@@ -224,6 +213,7 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     """Checked before anything is written: the tokenizer can be carried, and the context length
     (the option, else the source's; never guessed). Returns the options with it resolved."""
     check_tokenizer(ck)
+    tokfiles.check_template(ck.tokenizer, options.get("chat_template"))
     max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
@@ -232,7 +222,7 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
 
 
 def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-           max_position_embeddings: Optional[int], name: Optional[str]) -> Layout:
+           max_position_embeddings: Optional[int], name: Optional[str], chat_template: Optional[str] = None) -> Layout:
     """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
     dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
     if dtype not in TYPES:
@@ -242,7 +232,7 @@ def layout(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: 
     tensors = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
     check_blocks(tensors)
     meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
-    meta.update(tokenizer_metadata(m, ck.tokenizer))
+    meta.update(tokenizer_metadata(m, ck.tokenizer, chat_template))
     groups = [tensors] if not max_shard_size else _groups(tensors, max_shard_size)
     if len(groups) == 1:
         return Layout([(out_name, meta, tensors)], dtype)
