@@ -13,6 +13,9 @@ other scripts; code in other languages; runs of whitespace; characters outside t
 fallback); and the random probe strings of the other tokenizer tests. None holds an added token's
 spelling: `spelled_lines` mixes those into corpus lines.
 
+`release` writes a tiny Mixtral carrying one of them as its release does (the v1 torrent, the v3
+`.tar` download).
+
 `parts_reference` is what SentencePiece gives for text split at added-token spellings, each part
 encoded alone (so with its own dummy prefix), the added tokens' ids between: what an HF tokenizer.json
 does with its added tokens, and what a chat template's parts are.
@@ -22,13 +25,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import random
 import re
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import load
+from safetensors.torch import save_file
+
+from mixtral_convert.synth import tiny_config, write_torrent
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_COMMON = "mistral_common==1.13.1"
@@ -38,6 +48,17 @@ FILES = {  # name -> (file in mistral_common/data, sha256)
            "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33"),
 }
 VOCAB = {"v1": 32000, "v3": 32768}
+# the tiny Mixtral that carries them (`release`); the .tar states no context length
+SHAPE = dict(dim=32, n_layers=1, head_dim=4, hidden_dim=32, n_heads=8, n_kv_heads=2, num_experts=4,
+             experts_per_tok=2)
+CONTEXT = "4096"
+# a chat template of the kind Mistral publishes for its instruct models, written for these tests (the tool
+# has none); CHAT rendered through it holds [INST] and [/INST] twice each
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+            "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+CHAT = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "Und auf Deutsch?"}]
+CHAT_TEXT = "<s>[INST] What is 2 + 2? [/INST]4.</s>[INST] Und auf Deutsch? [/INST]"
 
 
 def model_path(name: str) -> Path:
@@ -47,10 +68,33 @@ def model_path(name: str) -> Path:
         pytest.fail(f"mistral_common is not installed: pip install --no-deps {MISTRAL_COMMON} (make install-dev does)")
     fname, sha = FILES[name]
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / fname
+    version = importlib.metadata.version("mistral_common")
+    if f"mistral_common=={version}" != MISTRAL_COMMON:
+        pytest.fail(f"mistral_common {version} is installed; the tests pin {MISTRAL_COMMON} (make install-dev)")
     got = hashlib.sha256(path.read_bytes()).hexdigest()
     if got != sha:
         pytest.fail(f"{path}: sha256 {got}, expected {sha} ({MISTRAL_COMMON})")
     return path
+
+
+def release(d, name: str):
+    """A tiny Mixtral carrying tokenizer `name` as its release ships it: v1 as the 8x7B torrent
+    (tokenizer.model beside consolidated.00.pth), v3 as the 8x22B-v0.3 `.tar` (tokenizer.model.v3)."""
+    cfg = tiny_config(**SHAPE, vocab_size=VOCAB[name])
+    folder = write_torrent(d / f"tiny-{name}", cfg, seed=28, dtype=torch.float32, tokenizer=False,
+                           params=cfg.to_params())
+    if name == "v1":
+        (folder / "tokenizer.model").write_bytes(model_path("v1").read_bytes())
+        return folder
+    save_file({k: v.contiguous() for k, v in load(folder / "consolidated.00.pth").items()},
+              folder / "consolidated.safetensors")  # what mistral-inference's downloads hold
+    (folder / "consolidated.00.pth").unlink()
+    (folder / "tokenizer.model.v3").write_bytes(model_path("v3").read_bytes())
+    tar = d / "tiny-8x22B-v0.3.tar"
+    with tarfile.open(tar, "w") as tf:
+        for p in sorted(folder.iterdir()):
+            tf.add(p, arcname=f"tiny-8x22B-v0.3/{p.name}")
+    return tar
 
 
 # ----------------------------------------------------------------------------- the corpus

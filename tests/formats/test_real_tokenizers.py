@@ -6,56 +6,28 @@ that ship no template: it reaches tokenizer_config.json (and GGUF's metadata), [
 come out as single special ids, and without it no template is written."""
 
 import json
-import tarfile
 
 import pytest
 import sentencepiece as spm
-import torch
 from gguf import GGUFReader
-from helpers import cli, load
+from helpers import cli
 from real_tokenizers import (
+    CHAT,
+    CHAT_TEXT,
+    CONTEXT,
+    TEMPLATE,
     VOCAB,
     added_spellings,
     corpus_lines,
     held_out_count,
     model_path,
     parts_reference,
+    release,
     spelled_lines,
 )
-from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from mixtral_convert.synth import tiny_config, write_torrent
 from mixtral_convert.tokenizer import hf as H
-
-SHAPE = dict(dim=32, n_layers=1, head_dim=4, hidden_dim=32, n_heads=8, n_kv_heads=2, num_experts=4,
-             experts_per_tok=2)
-CONTEXT = "4096"
-# a template of the kind Mistral publishes for its instruct models, written for this test (the tool has none)
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-            "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
-CHAT = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
-        {"role": "user", "content": "Und auf Deutsch?"}]
-
-
-def release(d, name: str):
-    """A tiny Mixtral carrying tokenizer `name` as its release ships it: v1 as the 8x7B torrent
-    (tokenizer.model beside consolidated.00.pth), v3 as the 8x22B-v0.3 `.tar` (tokenizer.model.v3)."""
-    cfg = tiny_config(**SHAPE, vocab_size=VOCAB[name])
-    folder = write_torrent(d / f"tiny-{name}", cfg, seed=28, dtype=torch.float32, tokenizer=False,
-                           params=cfg.to_params())
-    if name == "v1":
-        (folder / "tokenizer.model").write_bytes(model_path("v1").read_bytes())
-        return folder
-    save_file({k: v.contiguous() for k, v in load(folder / "consolidated.00.pth").items()},
-              folder / "consolidated.safetensors")  # what mistral-inference's downloads hold
-    (folder / "consolidated.00.pth").unlink()
-    (folder / "tokenizer.model.v3").write_bytes(model_path("v3").read_bytes())
-    tar = d / "tiny-8x22B-v0.3.tar"
-    with tarfile.open(tar, "w") as tf:
-        for p in sorted(folder.iterdir()):
-            tf.add(p, arcname=f"tiny-8x22B-v0.3/{p.name}")
-    return tar
 
 
 @pytest.fixture(scope="module", params=["v1", "v3"])
@@ -129,6 +101,7 @@ def test_chat_template_given_for_a_download_without_one(tmp_path, capsys):
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert text == CHAT_TEXT
     ids = tok.apply_chat_template(CHAT, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert text.count("[INST]") == 2 and ids.count(inst) == 2 and ids.count(end) == 2 and ids[0] == sp.bos_id()
