@@ -13,7 +13,7 @@ target, which picks one or the other, is formats.gguf_target.
 Metadata: every hyper-parameter, the context length under the HF export's rule (the source's
 or --max-position-embeddings, never guessed), general.file_type, general.name (the source's
 name or --name), and the SentencePiece vocabulary (pieces, scores, types, BOS/EOS/UNK, BOS
-added, EOS not) with the chat template a tokenizer_config.json beside it holds.
+added, EOS not) with the chat template a tokenizer_config.json beside it holds, or --chat-template's.
 Refused before anything is written: no tokenizer.model (an HF tokenizer.json alone holds BPE
 merges, not the scores and piece types llama.cpp's SentencePiece tokenizer ranks merges by),
 a vocabulary llama.cpp would tokenize differently or abort on (no 256 byte pieces), rows that
