@@ -154,12 +154,10 @@ def _held_out_lines() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def corpus_lines() -> tuple[str, ...]:
     """The corpus described in the module's docstring (held-out lines first), without added-token spellings."""
-    sys.path.insert(0, str(ROOT / "tests" / "formats"))
-    try:
-        from conftest import probe_strings  # tests/formats/conftest.py
-    finally:
-        sys.path.pop(0)
-    lines = _held_out_lines() + SCRIPTS + CODE + WHITESPACE + BYTE_FALLBACK + probe_strings(300, seed=28)
+    spec = importlib.util.spec_from_file_location("formats_conftest_probes", ROOT / "tests" / "formats" / "conftest.py")
+    formats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(formats)  # its probe_strings: random strings of every kind of character
+    lines = _held_out_lines() + SCRIPTS + CODE + WHITESPACE + BYTE_FALLBACK + formats.probe_strings(300, seed=28)
     return tuple(s for s in lines if not re.search(r"</?s>|<unk>|\[/?[A-Z_0-9]+\]", s))
 
 

@@ -111,6 +111,16 @@ def test_chat_template_given_for_a_download_without_one(tmp_path, capsys):
     assert code == 0, err
     field = GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode() == TEMPLATE
+    # a source whose HF tokenizer files are carried as they are (here: the template-less output, split for
+    # Accessory): the template becomes chat_template.jinja beside them, which transformers reads
+    assert cli("split", tmp_path / "plain", "-n", 1, "-o", tmp_path / "acc", "-q")[0] == 0
+    code, _, err = cli("merge", tmp_path / "acc", "--to", "hf", "-o", tmp_path / "hf2", "-q",
+                       "--max-position-embeddings", CONTEXT, "--chat-template", tmp_path / "chat_template.jinja")
+    assert code == 0, err
+    assert (tmp_path / "hf2" / "chat_template.jinja").read_text() == TEMPLATE
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf2").apply_chat_template(CHAT, tokenize=False) == CHAT_TEXT
     # the HF output, which has one now, refuses another; so does an unreadable file; torrent has no place for it
     code, _, err = cli("merge", tmp_path / "hf", "--to", "gguf", "-o", tmp_path / "again.gguf", "-q",
                        "--chat-template", tmp_path / "chat_template.jinja", capsys=capsys)
