@@ -22,7 +22,7 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOL
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF
 WHEELS ?= .whl
 # the tests read Mixtral's tokenizer.model v1 and v3 from this wheel's data files (pyproject.toml: tokenizer-data)
-MISTRAL_COMMON_SPEC ?= mistral_common==1.13.1
+MISTRAL_COMMON_SPEC ?= mistral_common==1.12.0
 
 .PHONY: all venv install install-dev install-llama demo lint test test-llama bench bench-concat bench-ram clean
 

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from mixtral_convert.synth import tiny_config, write_torrent
 
 ROOT = Path(__file__).resolve().parents[1]
-MISTRAL_COMMON = "mistral_common==1.13.1"
+MISTRAL_COMMON = "mistral_common==1.12.0"
 FILES = {  # name -> (file in mistral_common/data, sha256)
     "v1": ("tokenizer.model.v1", "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"),
     "v3": ("mistral_instruct_tokenizer_240323.model.v3",
