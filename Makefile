@@ -21,6 +21,8 @@ LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF
 WHEELS ?= .whl
+# the tests read Mixtral's tokenizer.model v1 and v3 from this wheel's data files (pyproject.toml: tokenizer-data)
+MISTRAL_COMMON_SPEC ?= mistral_common==1.12.0
 
 .PHONY: all venv install install-dev install-llama demo lint test test-llama bench bench-concat bench-ram clean
 
@@ -39,6 +41,7 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "$(MISTRAL_COMMON_SPEC)"
 	@touch $@
 
 venv: $(VENV)/.created

@@ -13,7 +13,7 @@ keeps them. The k-quants are made from a temporary F16/BF16 GGUF by llama.cpp's 
 Metadata: every hyper-parameter, the context length under the HF export's rule (the source's
 or --max-position-embeddings, never guessed), general.file_type, general.name (the source's
 name or --name), and the SentencePiece vocabulary (pieces, scores, types, BOS/EOS/UNK, BOS
-added, EOS not) with the chat template a tokenizer_config.json beside it holds.
+added, EOS not) with the chat template a tokenizer_config.json beside it holds, or --chat-template's.
 Refused before anything is written: no tokenizer.model (an HF tokenizer.json alone holds BPE
 merges, not the scores and piece types llama.cpp's SentencePiece tokenizer ranks merges by),
 a vocabulary llama.cpp would tokenize differently or abort on (no 256 byte pieces), rows that
@@ -169,19 +169,8 @@ def sentencepiece_model(ck: Checkpoint) -> sptok.SpModel:
     return m
 
 
-def chat_template(tok: Path) -> Optional[str]:
-    """The chat template of tokenizer_config.json (or chat_template.jinja) beside the tokenizer."""
-    files = tokfiles.hf_files(tok)
-    if tokfiles.HF_TEMPLATE in files:
-        return files[tokfiles.HF_TEMPLATE].read_text(encoding="utf-8")
-    if tokfiles.HF_CONFIG in files:
-        cfg = tokfiles.read_json(files[tokfiles.HF_CONFIG])
-        t = cfg.get("chat_template") if isinstance(cfg, dict) else None
-        return t if isinstance(t, str) else None
-    return None
-
-
-def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
+def tokenizer_metadata(m: sptok.SpModel, tok: Path, template: Optional[str] = None) -> dict[str, Value]:
+    """The vocabulary's keys, with the chat template beside the tokenizer or `template` (--chat-template)."""
     ids = tokfiles.specials(tok)
     unk = m.ids_of(sptok.UNKNOWN)
     meta = {
@@ -197,7 +186,7 @@ def tokenizer_metadata(m: sptok.SpModel, tok: Path) -> dict[str, Value]:
     meta[Keys.Tokenizer.ADD_BOS] = Value(V.BOOL, ids.bos_id is not None)
     meta[Keys.Tokenizer.ADD_EOS] = Value(V.BOOL, False)
     meta[Keys.Tokenizer.ADD_PREFIX] = Value(V.BOOL, m.add_dummy_prefix)
-    template = chat_template(tok)
+    template = template if template is not None else tokfiles.chat_template(tok)
     if template is not None:
         meta[Keys.Tokenizer.CHAT_TEMPLATE] = Value(V.STRING, template)
     return meta
@@ -229,6 +218,7 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     """Checked before anything is written: the tokenizer can be carried, and the context length
     (the option, else the source's; never guessed). Returns the options with it resolved."""
     sentencepiece_model(ck)
+    tokfiles.check_template(ck.tokenizer, options.get("chat_template"))
     max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
@@ -237,7 +227,8 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
 
 
 def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-           max_position_embeddings: Optional[int], name: Optional[str]) -> FilePlan:
+              max_position_embeddings: Optional[int], name: Optional[str],
+              chat_template: Optional[str] = None) -> FilePlan:
     """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
     dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
     if dtype not in TYPES:
@@ -247,7 +238,7 @@ def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_siz
     gts = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
     check_blocks(gts)
     meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
-    meta.update(tokenizer_metadata(m, ck.tokenizer))
+    meta.update(tokenizer_metadata(m, ck.tokenizer, chat_template))
     groups = [gts] if not max_shard_size else _groups(gts, max_shard_size)
     if len(groups) == 1:
         return FilePlan([(out_name, meta, gts)], dtype)

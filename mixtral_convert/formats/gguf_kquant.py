@@ -52,22 +52,24 @@ def _half(ck: Checkpoint) -> str:
 
 
 def plan_kquant(ck: Checkpoint, out_name: str, dtype: str, max_shard_size: Optional[int],
-                max_position_embeddings: Optional[int], name: Optional[str]) -> list[tuple[str, int, str]]:
+                max_position_embeddings: Optional[int], name: Optional[str],
+                chat_template: Optional[str] = None) -> list[tuple[str, int, str]]:
     _check(dtype, max_shard_size)
     quantizer()
-    lay = target.file_plan(ck, out_name, "q8_0", None, max_position_embeddings, name)
+    lay = target.file_plan(ck, out_name, "q8_0", None, max_position_embeddings, name, chat_template)
     (fname, meta, tensors), = lay.files
     bound = file_size(meta, [t.info for t in tensors])
     return [(fname, bound, f"{len(tensors)} tensors, {dtype} (at most this size: the k-quant mix is llama.cpp's)")]
 
 
 def write_kquant(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: str, max_shard_size: Optional[int],
-                 max_position_embeddings: Optional[int], name: Optional[str]) -> dict[str, dict]:
+                 max_position_embeddings: Optional[int], name: Optional[str],
+                 chat_template: Optional[str] = None) -> dict[str, dict]:
     _check(dtype, max_shard_size)
     llama_cpp = quantizer()
     half = _half(ck)
     inter = f".{out_name}.{half}.gguf"
-    lay = target.file_plan(ck, inter, half, None, max_position_embeddings, name)
+    lay = target.file_plan(ck, inter, half, None, max_position_embeddings, name, chat_template)
     target.write_files(tmp, lay, progress)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(target.KQUANTS[dtype])

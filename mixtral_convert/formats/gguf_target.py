@@ -11,24 +11,26 @@ from ..encodings.gguf import file_size
 from . import gguf
 from .checkpoint import Checkpoint, Target, TargetOption
 from .gguf_kquant import plan_kquant, write_kquant
-from .hf import CONTEXT_OPTION, parse_size
+from .hf import CHAT_TEMPLATE_OPTION, CONTEXT_OPTION, parse_size
 
 
 def write(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-          max_position_embeddings: int, name: Optional[str]) -> dict[str, dict]:
+          max_position_embeddings: int, name: Optional[str], chat_template: Optional[str] = None) -> dict[str, dict]:
     """The GGUF file (or its pieces) into `tmp`; the k-quants through llama.cpp's quantizer."""
     if dtype in gguf.KQUANTS:
-        return write_kquant(ck, tmp, progress, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+        return write_kquant(ck, tmp, progress, out_name, dtype, max_shard_size, max_position_embeddings, name,
+                            chat_template)
+    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name, chat_template)
     return gguf.write_files(tmp, lay, progress)
 
 
 def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-         max_position_embeddings: int, name: Optional[str]) -> list[tuple[str, int, str]]:
+         max_position_embeddings: int, name: Optional[str],
+         chat_template: Optional[str] = None) -> list[tuple[str, int, str]]:
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
     if dtype in gguf.KQUANTS:
-        return plan_kquant(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
-    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name)
+        return plan_kquant(ck, out_name, dtype, max_shard_size, max_position_embeddings, name, chat_template)
+    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name, chat_template)
     return [(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
             for fname, meta, ts in lay.files]
 
@@ -41,4 +43,5 @@ TARGET = Target(
                                "gguf-split does (default: one file)."),
              CONTEXT_OPTION,
              TargetOption("--name", "name", metavar="NAME",
-                          help="general.name (default: the source's directory or hub repository).")))
+                          help="general.name (default: the source's directory or hub repository)."),
+             CHAT_TEMPLATE_OPTION))

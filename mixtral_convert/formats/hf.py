@@ -181,6 +181,7 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
                            "HF repository (tokenizer.json, tokenizer_config.json): pass --tokenizer PATH (or "
                            "hf://org/name)")
     tokenizer.check_hf_ready(ck.tokenizer)
+    tokenizer.check_template(ck.tokenizer, options.get("chat_template"))
     max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length "
@@ -189,23 +190,25 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     return dict(options, max_position_embeddings=max_pos)
 
 
-def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: int, max_position_embeddings: int) -> dict[str, dict]:
+def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: int, max_position_embeddings: int,
+          chat_template: Optional[str] = None) -> dict[str, dict]:
     """The HF hub layout into `tmp` (options prepared): the tokenizer files this target builds
     (tokenizer.files; the caller carries tokenizer.model and the HF files the source has),
     safetensors (q/k permuted, split at max_shard_size with an index when several) and config.json."""
     ids = tokenizer.specials(ck.tokenizer)
-    files = tokenizer.write_hf_tokenizer(ck.tokenizer, tmp)
+    files = tokenizer.write_hf_tokenizer(ck.tokenizer, tmp, chat_template)
     files.update(write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress), max_shard_size))
     cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id)
     files["config.json"] = write_small(tmp / "config.json", json_bytes(cfg))
     return files
 
 
-def plan(ck: Checkpoint, max_shard_size: int, max_position_embeddings: int) -> list[tuple[str, int, str]]:
+def plan(ck: Checkpoint, max_shard_size: int, max_position_embeddings: int,
+         chat_template: Optional[str] = None) -> list[tuple[str, int, str]]:
     """What `write` would write: (file name, exact size, what it holds), nothing written."""
     ids = tokenizer.specials(ck.tokenizer)
     out = [(name, len(data), "tokenizer file built from the tokenizer") for name, data in
-           tokenizer.built(ck.tokenizer).items()]
+           tokenizer.built(ck.tokenizer, chat_template).items()]
     _, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size)
     for fname, specs in files:
         out.append((fname, safetensors_size(specs), f"{len(specs)} tensors"))
@@ -257,10 +260,16 @@ CONTEXT_OPTION = TargetOption(
          "does; params.json and Accessory's config do not): 32768 for Mixtral-8x7B, 65536 for 8x22B. "
          "Overrides the source's.")
 
+CHAT_TEMPLATE_OPTION = TargetOption(
+    "--chat-template", "chat_template", metavar="FILE", parse=tokenizer.read_template,
+    help="a Jinja chat template (the model's chat_template.jinja) for a source that ships none, such as "
+         "Mistral's .tar instruct downloads; refused when the source's tokenizer has one. The tool writes "
+         "no template of its own.")
+
 TARGET = Target(
     "hf", "_hf", write, plan, prepare=prepare,
     help="the HF hub layout (config.json, safetensors with q/k permuted, an index when several files, the "
          "tokenizer files) that transformers loads as a hub repository",
     options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size, default="5GB",
                           help="largest safetensors file (e.g. 5GB, 500MB, 2GiB; default 5GB)."),
-             CONTEXT_OPTION))
+             CONTEXT_OPTION, CHAT_TEMPLATE_OPTION))

@@ -161,17 +161,54 @@ def check_hf_ready(tok: Path) -> None:
         hf_tokenizer.check_supported(hf_tokenizer.read_model(tok), str(tok))
 
 
-def built(tok: Path) -> dict[str, bytes]:
+def chat_template(tok: Path) -> Optional[str]:
+    """The chat template beside a tokenizer: chat_template.jinja's text, else tokenizer_config.json's
+    `chat_template` (a string); None when neither has one."""
+    files = hf_files(tok)
+    if HF_TEMPLATE in files:
+        return files[HF_TEMPLATE].read_text(encoding="utf-8")
+    if HF_CONFIG in files:
+        t = _hf_config(hf_dir(tok)).get("chat_template")
+        return t if isinstance(t, str) else None
+    return None
+
+
+def read_template(path) -> str:
+    """--chat-template FILE: a Jinja chat template (such as a model's own chat_template.jinja), as text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConvertError(f"--chat-template {path}: cannot read ({why}); pass the model's "
+                           "chat_template.jinja") from None
+    if not text.strip():
+        raise ConvertError(f"--chat-template {path}: empty; pass the model's chat_template.jinja")
+    return text
+
+
+def check_template(tok: Optional[Path], given: Optional[str]) -> None:
+    """--chat-template is for a source without a template: refused where the tokenizer has one."""
+    if given is not None and tok is not None and chat_template(tok) is not None:
+        where = hf_files(tok).get(HF_TEMPLATE) or hf_files(tok)[HF_CONFIG]
+        raise ConvertError(f"--chat-template: the source's tokenizer has a chat template already ({where}), which "
+                           "is carried; leave --chat-template out")
+
+
+def built(tok: Path, template: Optional[str] = None) -> dict[str, bytes]:
     """The tokenizer files an HF repository needs that `carry` does not copy, as bytes:
     generation_config.json always; tokenizer.json, tokenizer_config.json (with the chat template
-    of a tokenizer_config.json beside it) and special_tokens_map.json built from tokenizer.model
-    when there is no HF pair."""
+    of a tokenizer_config.json beside it, or `template`, --chat-template's) and
+    special_tokens_map.json built from tokenizer.model when there is no HF pair; with an HF pair,
+    which is carried as it is, `template` becomes chat_template.jinja."""
     sp = specials(tok)
     files = {}
     d = hf_dir(tok)
+    if has_hf_pair(d) and template is not None:
+        files[HF_TEMPLATE] = template.encode("utf-8")
     if not has_hf_pair(d):
         m = hf_tokenizer.read_model(tok)
-        template = _hf_config(d).get("chat_template") if (d / HF_CONFIG).is_file() else None
+        if template is None:
+            template = _hf_config(d).get("chat_template") if (d / HF_CONFIG).is_file() else None
         files[HF_JSON] = hf_tokenizer.tokenizer_json(m, sp.bos, str(tok))
         files[HF_CONFIG] = json_bytes(hf_tokenizer.tokenizer_config(m, sp.bos, sp.eos, sp.unk, template))
         if not (d / HF_SPECIALS).is_file():
@@ -180,9 +217,9 @@ def built(tok: Path) -> dict[str, bytes]:
     return files
 
 
-def write_hf_tokenizer(tok: Path, out: Path) -> dict[str, dict]:
+def write_hf_tokenizer(tok: Path, out: Path, template: Optional[str] = None) -> dict[str, dict]:
     """`built`'s files written into `out`; their manifest entries."""
-    return {name: write_small(out / name, data) for name, data in built(tok).items()}
+    return {name: write_small(out / name, data) for name, data in built(tok, template).items()}
 
 
 def differences(ours: Path, theirs: Path) -> Optional[str]:

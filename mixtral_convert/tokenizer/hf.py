@@ -15,9 +15,16 @@ protobuf package is needed. From it, the `tokenizers` pipeline SentencePiece's e
   outside the vocabulary become byte pieces <0xXX> (byte fallback) or one fused unknown;
 - post-processor: BOS first (add_bos_token true, add_eos_token false); control pieces (<s>,
   </s>, [INST] ...) are special added tokens, so a chat template's "<s>" is one token;
+  user-defined pieces (v3's [REFERENCE_DOC_0..19]) are added tokens too, not special and not
+  normalized, as transformers' own SentencePiece converter writes them;
 - decoder: U+2581 back to spaces, byte pieces to bytes, the dummy prefix stripped.
-Models whose encoding this cannot reproduce exactly (unigram, whitespace-as-suffix, user-defined
-or unused pieces) are refused by name; their own tokenizer.json can be carried instead.
+An added token splits the text, and each part between added tokens gets the dummy prefix, as
+SentencePiece gives when each part is encoded alone (what a chat template's parts are). For a
+user-defined piece SentencePiece itself does not split: its text before and after is one
+sentence, so ids differ next to the piece (docs/formats.md, "HF tokenizer files"). A
+user-defined piece whose spelling ordinary text holds (whitespace, U+2581, one character) is
+refused, as are models whose encoding this cannot reproduce at all (unigram,
+whitespace-as-suffix, unused pieces); their own tokenizer.json can be carried instead.
 """
 
 from __future__ import annotations
@@ -137,22 +144,42 @@ def parse_model(data: bytes, where: str = "tokenizer.model") -> SpModel:
 # ----------------------------------------------------------------------------- tokenizer.json
 def check_supported(m: SpModel, where: str) -> None:
     """ConvertError unless tokenizer.json can encode exactly as this model does."""
-    fix = ("; put the model's own tokenizer.json and tokenizer_config.json beside the checkpoint and they are "
-           "carried instead")
+    fix = ("; carry the model's own tokenizer.json and tokenizer_config.json instead: put them beside the "
+           "checkpoint, or pass --tokenizer DIR (a directory holding them; --tokenizer hf://org/name fetches only "
+           "tokenizer.model)")
     if m.model_type != BPE_TYPE:
         raise ConvertError(f"{where}: a {MODEL_TYPES.get(m.model_type, m.model_type)} SentencePiece model; only BPE "
                            f"models (Llama's, Mistral's) are converted to tokenizer.json{fix}")
     if m.whitespace_suffix:
         raise ConvertError(f"{where}: treats whitespace as a suffix, which tokenizer.json is not built for{fix}")
-    for kind in (USER_DEFINED, UNUSED):
-        ids = m.ids_of(kind)
-        if ids:
-            raise ConvertError(f"{where}: has {len(ids)} {TYPE_NAMES[kind]} piece(s) (first {m.pieces[ids[0]][0]!r}, "
-                               f"id {ids[0]}), which tokenizer.json cannot reproduce exactly{fix}")
+    ids = m.ids_of(UNUSED)
+    if ids:
+        raise ConvertError(f"{where}: has {len(ids)} unused piece(s) (first {m.pieces[ids[0]][0]!r}, id {ids[0]}), "
+                           f"which tokenizer.json cannot reproduce exactly{fix}")
+    ordinary = [i for i in m.ids_of(USER_DEFINED) if touches_ordinary_text(m.pieces[i][0])]
+    if ordinary:
+        i = ordinary[0]
+        raise ConvertError(f"{where}: has {len(ordinary)} user-defined piece(s) that ordinary text spells (first "
+                           f"{m.pieces[i][0]!r}, id {i}: whitespace, U+2581 or one character); tokenizer.json's "
+                           f"added tokens split text there where SentencePiece does not, so ids would differ{fix}")
     if len(m.ids_of(UNKNOWN)) != 1:
         raise ConvertError(f"{where}: has {len(m.ids_of(UNKNOWN))} unknown pieces, expected exactly one")
     if len({p for p, _, _ in m.pieces}) != len(m.pieces):
         raise ConvertError(f"{where}: the same piece appears under two ids; the model is corrupt")
+
+
+def touches_ordinary_text(piece: str) -> bool:
+    """Whether a user-defined piece's spelling is one ordinary text holds: a single character, or
+    one with whitespace or U+2581 (SentencePiece matches it against the escaped text, tokenizer.json's
+    unnormalized added token against the raw text). Markup such as [REFERENCE_DOC_0] is not."""
+    return len(piece) < 2 or SPACE in piece or any(c.isspace() for c in piece)
+
+
+def added_pieces(m: SpModel) -> list[tuple[int, str, bool]]:
+    """(id, piece, special) of every piece tokenizer.json holds as an added token: the unknown and
+    control pieces special, the user-defined ones not; by id."""
+    kinds = {UNKNOWN: True, CONTROL: True, USER_DEFINED: False}
+    return [(i, p, kinds[t]) for i, (p, _, t) in enumerate(m.pieces) if t in kinds]
 
 
 def merges_of(m: SpModel) -> list[tuple[str, str]]:
@@ -192,8 +219,9 @@ def build_tokenizer(m: SpModel, bos: Optional[str], where: str):
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, vocab[bos])])
-    specials = sorted(m.ids_of(UNKNOWN) + m.ids_of(CONTROL))
-    tok.add_special_tokens([AddedToken(m.pieces[i][0], special=True, normalized=False) for i in specials])
+    added = added_pieces(m)
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for _, p, special in added if special])
+    tok.add_tokens([AddedToken(p, special=False, normalized=False) for _, p, special in added if not special])
     return tok
 
 
@@ -206,11 +234,11 @@ def tokenizer_json(m: SpModel, bos: Optional[str], where: str) -> bytes:
 def tokenizer_config(m: SpModel, bos: Optional[str], eos: Optional[str], unk: Optional[str],
                      chat_template=None) -> dict:
     """tokenizer_config.json with Mixtral's hub settings (BOS added, EOS not, legacy spaces)."""
-    specials = sorted(m.ids_of(UNKNOWN) + m.ids_of(CONTROL))
     cfg = {
         "add_bos_token": bos is not None, "add_eos_token": False,
-        "added_tokens_decoder": {str(i): {"content": m.pieces[i][0], "lstrip": False, "normalized": False,
-                                          "rstrip": False, "single_word": False, "special": True} for i in specials},
+        "added_tokens_decoder": {str(i): {"content": p, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": special}
+                                 for i, p, special in added_pieces(m)},
         "additional_special_tokens": [], "bos_token": bos, "clean_up_tokenization_spaces": False,
         "eos_token": eos, "legacy": True, "pad_token": None, "sp_model_kwargs": {},
         "spaces_between_special_tokens": False, "tokenizer_class": TOKENIZER_CLASS, "unk_token": unk,

@@ -95,10 +95,12 @@ def test_unsupported_models_refused_by_name(tmp_path):
         H.tokenizer_json(H.read_model(path), "<s>", str(path))
     user = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "the quick brown fox"] * 200),
-                                   model_writer=user, vocab_size=30, model_type="bpe", user_defined_symbols=["<tool>"],
-                                   minloglevel=2, hard_vocab_limit=False)
+                                   model_writer=user, vocab_size=30, model_type="bpe", minloglevel=2,
+                                   user_defined_symbols=["<tool>", "\n", "ab cd"], hard_vocab_limit=False)
     path.write_bytes(user.getvalue())
-    with pytest.raises(ConvertError, match=r"1 user-defined piece\(s\) \(first '<tool>'"):
+    # markup such as <tool> becomes an added token; spellings ordinary text holds are refused, with the way out
+    with pytest.raises(ConvertError, match=r"2 user-defined piece\(s\) that ordinary text spells \(first '\\n'.*"
+                                           r"--tokenizer DIR"):
         H.tokenizer_json(H.read_model(path), "<s>", str(path))
     for junk in (b"", b"\xff\xff\xff", b"not a model at all"):
         path.write_bytes(junk)
