@@ -67,7 +67,8 @@ install-llama: $(VENV)/.installed-llama
 
 # the judge tests must run here: MIXTRAL_CONVERT_LLAMA=required turns their skip into a failure
 test-llama: install-llama
-	MIXTRAL_CONVERT_LLAMA=required $(PY) -m pytest -q -n $(JOBS) tests/gguf
+	MIXTRAL_CONVERT_LLAMA=required $(PY) -m pytest -q -n $(JOBS) tests/gguf \
+		tests/formats/test_rope_scaling.py::test_llama_cpp_computes_the_scaled_gguf_as_transformers_does
 
 bench: install
 	$(PY) bench/bench.py $(BENCH_ARGS)
