@@ -212,6 +212,20 @@ _dry_run_option = click.option(
          "and write nothing.")
 
 
+# issue 27 hook: a quantized GGUF as a source (split, split-sparse, merge); mixed expert types when restacking (merge)
+_dequantize_option = click.option(
+    "--dequantize", is_flag=True,
+    help="Take a quantized GGUF as the source: every tensor dequantized by gguf's own gguf.quants.dequantize, then "
+         "written in --dtype (default bfloat16; float32 keeps the dequantized values exactly). Lossy: the manifest "
+         "and the summary say so. Without it a quantized GGUF is refused.")
+_mixed_experts_option = click.option(
+    "--convert-mixed-experts", "mixed_experts", type=click.Choice(["float32", "float16", "bfloat16", "q8_0"]),
+    default=None,
+    help="Restacking an old per-expert GGUF whose experts in one layer are in several types: convert those experts "
+         "to this type (dequantized by gguf; recorded in the manifest and summary). Without it such a file is "
+         "refused, naming the layer and the types.")
+
+
 _write_ranks_option = click.option(
     "--write-ranks", type=click.Choice(["auto", "together", "in-turn"]), default="auto", show_default=True,
     help="Write the N files together (a thread each, in step, so that a source region several ranks read is "
@@ -221,12 +235,12 @@ _write_ranks_option = click.option(
 
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
            tokenizer=None, ranks=None, cast=None, dry_run=False, write_ranks="auto", base=None,
-           drop_biases=False) -> None:
+           drop_biases=False, dequantize=False) -> None:
     from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
                     ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run, write_ranks=write_ranks, base=base,
-                    drop_biases=drop_biases)
+                    drop_biases=drop_biases, dequantize=dequantize)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
@@ -244,7 +258,7 @@ def _split_options(f):
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
                             _format_option, _tokenizer_option, _cast_option, _dry_run_option,
-                            _write_ranks_option, _base_option, _drop_biases_option)):
+                            _write_ranks_option, _base_option, _drop_biases_option, _dequantize_option)):
         f = option(f)
     return f
 
@@ -252,7 +266,7 @@ def _split_options(f):
 @cli.command("split")
 @_split_options
 def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
-              drop_biases):
+              drop_biases, dequantize):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -266,13 +280,13 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, d
     Default output: SRC/converted.
     """
     _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
-           drop_biases)
+           drop_biases, dequantize)
 
 
 @cli.command("split-sparse")
 @_split_options
 def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
-                     drop_biases):
+                     drop_biases, dequantize):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
@@ -281,7 +295,7 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
     (use split, or --drop-biases).
     """
     _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
-           drop_biases)
+           drop_biases, dequantize)
 
 
 @cli.command("merge")
@@ -297,13 +311,17 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_dry_run_option
 @_base_option
 @_drop_biases_option
-def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, **target_options):
+@_dequantize_option
+@_mixed_experts_option
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, dequantize, mixed_experts,
+              **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
-                base=base, drop_biases=drop_biases, **target_options)
+                base=base, drop_biases=drop_biases, dequantize=dequantize, mixed_experts=mixed_experts,
+                **target_options)
     if dry_run:
         return _print_dry_run(res)
     _print_result("merged", res, quiet)

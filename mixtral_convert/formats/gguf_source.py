@@ -138,6 +138,7 @@ def _patterns():
 
 def tensors_of(paths: list[Path], dequantize: bool = False):
     """(config, canonical name -> lazy, GGUF tensors by name, readers) of a GGUF file and its pieces."""
+    from .gguf_restack import canonical_hit  # issue 27 hook (imported here: it imports this module)
     readers = [read(p) for p in paths]
     cfg = config_of(readers[0], paths[0])
     pats = _patterns()
@@ -147,6 +148,7 @@ def tensors_of(paths: list[Path], dequantize: bool = False):
         src = SourceFile(p)  # tensor data is read from here, not from the reader's mapping
         for t in r.tensors:
             hit = next(((m, c) for rx, c in pats if (m := rx.match(t.name))), None)
+            hit = hit or canonical_hit(t.name)  # issue 27 hook: an old per-expert file's experts
             if hit is None:
                 raise ConvertError(f"{p}: tensor '{t.name}' is not a Mixtral GGUF tensor name")
             m, canon = hit

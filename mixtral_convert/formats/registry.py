@@ -16,7 +16,7 @@ from typing import Optional
 from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, gguf_source, gguf_target, hf, mistral, peft, torrent
+from . import accessory, gguf_dequant, gguf_target, hf, mistral, peft, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
 READERS: tuple[Reader, ...] = (peft.READER, accessory.READER, mistral.READER, torrent.TORRENT, hf.READER,
@@ -105,7 +105,7 @@ def open_checkpoint(path, base=None) -> Checkpoint:
     if tarball.is_archive(path):
         return mistral.open_archive(path)
     if str(path).endswith(".gguf") and Path(path).is_file():
-        return gguf_source.open_gguf(Path(path))
+        return gguf_dequant.open_gguf_source(Path(path))  # issue 27 hook: a quantized one read dequantized
     path = checkpoint_dir(path)
     names = {p.name for p in path.iterdir()}
     return detect(path, names).open(path, names)

@@ -1,0 +1,69 @@
+"""Old per-expert Mixtral GGUFs for the tests (FORMATS.md §14), made by REWRITING a file of today's
+stacked layout with the gguf package's own reader and writer (mixtral-convert writes nothing in
+the old layout): each `blk.L.ffn_{gate,down,up}_exps.weight` [E, ...] becomes E tensors
+`blk.L.ffn_{gate,down,up}.E.weight`, each holding that expert's slab of bytes in the same type;
+every other tensor and metadata key is carried. The experts are written interleaved (gate.e,
+down.e, up.e for each e), in the order `experts` gives, where the layer's ffn_gate_exps stood,
+as llama.cpp's first MoE converter sprinkled them. `mixed` takes some experts from another
+stacked file of the same model (another type): {(layer, kind): (that file, [experts])}."""
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+KINDS = ("gate", "down", "up")
+
+
+def _shape(t) -> list[int]:
+    return [int(x) for x in reversed(t.shape.tolist())]
+
+
+def _copy_metadata(r: GGUFReader, w: GGUFWriter) -> None:
+    for key, f in r.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub)
+
+
+def _bytes(data) -> np.ndarray:
+    """A tensor's bytes as stored, uint8 [..., bytes of a row] (what GGUFWriter takes with raw_dtype)."""
+    data = np.ascontiguousarray(data)
+    return data.view(np.uint8).reshape(data.shape[:-1] + (-1,)) if data.ndim else data.view(np.uint8)
+
+
+def expert_bytes(t, e: int) -> np.ndarray:
+    """Expert e's slab of a stacked tensor, as the file stores it (uint8, [rows, row bytes])."""
+    return _bytes(t.data[e])
+
+
+def to_per_expert(stacked: Path, out: Path, experts=None, mixed=None) -> Path:
+    r = GGUFReader(stacked)
+    arch = r.fields["general.architecture"].contents()
+    w = GGUFWriter(out, arch)
+    _copy_metadata(r, w)
+    by_name = {t.name: t for t in r.tensors}
+    others = {}
+    for (L, kind), (path, es) in (mixed or {}).items():
+        other = {t.name: t for t in GGUFReader(path).tensors}[f"blk.{L}.ffn_{kind}_exps.weight"]
+        others.update({(L, kind, e): other for e in es})
+    for t in r.tensors:
+        name = t.name
+        if name.endswith(("ffn_down_exps.weight", "ffn_up_exps.weight")):
+            continue  # written with the layer's ffn_gate experts
+        if not name.endswith("ffn_gate_exps.weight"):
+            w.add_tensor(name, _bytes(t.data), raw_dtype=t.tensor_type)
+            continue
+        L = int(name.split(".")[1])
+        n = _shape(t)[0]
+        for e in (experts if experts is not None else range(n)):
+            for kind in KINDS:
+                src = others.get((L, kind, e)) or by_name[f"blk.{L}.ffn_{kind}_exps.weight"]
+                w.add_tensor(f"blk.{L}.ffn_{kind}.{e}.weight", expert_bytes(src, e), raw_dtype=src.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
