@@ -39,7 +39,9 @@ def expert_bytes(t, e: int) -> np.ndarray:
     return _bytes(t.data[e])
 
 
-def to_per_expert(stacked: Path, out: Path, experts=None, mixed=None) -> Path:
+def to_per_expert(stacked: Path, out: Path, experts=None, mixed=None, replace=None, stack=False) -> Path:
+    """The rewrite (`replace`: {tensor name: numpy array written instead, in its own dtype}; `stack`:
+    the stacked tensors kept as they are, for a file of today's layout with replaced tensors)."""
     r = GGUFReader(stacked)
     arch = r.fields["general.architecture"].contents()
     w = GGUFWriter(out, arch)
@@ -51,6 +53,12 @@ def to_per_expert(stacked: Path, out: Path, experts=None, mixed=None) -> Path:
         others.update({(L, kind, e): other for e in es})
     for t in r.tensors:
         name = t.name
+        if name in (replace or {}):
+            w.add_tensor(name, replace[name])
+            continue
+        if stack and name.endswith("_exps.weight"):
+            w.add_tensor(name, _bytes(t.data), raw_dtype=t.tensor_type)
+            continue
         if name.endswith(("ffn_down_exps.weight", "ffn_up_exps.weight")):
             continue  # written with the layer's ffn_gate experts
         if not name.endswith("ffn_gate_exps.weight"):
