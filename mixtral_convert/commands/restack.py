@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,7 @@ from ..io import beside, reads
 from ..io import manifest as mf
 from ..io.atomic import json_bytes, write_manifest
 from ..io.direct import write_file
+from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from .common import MARGIN, Result
 from .dryrun import DryRun, Planned
@@ -43,7 +45,7 @@ def merge_old_gguf(src, to: str, out=None, force: bool = False, quiet: bool = Fa
     None for every other merge, which goes on as usual."""
     wanted = to == "gguf" and not dequantize and rs.is_per_expert(src)
     if wanted and dtype is not None:
-        r = gguf_source.read(Path(src))
+        r = rs.read(Path(src))
         ft = int(gguf_source.field(r, "general.file_type", src, -1))
         wanted = dtype == rs.FILE_TYPE_NAMES.get(ft)
     if not wanted:
@@ -80,11 +82,26 @@ def merge_old_gguf(src, to: str, out=None, force: bool = False, quiet: bool = Fa
         with progress_bar(f"restack {src.name}", total, quiet) as prog:
             for name, head, tensors in files:
                 h = hashlib.sha256()
-                n = write_file(tmp / name, head, tensors, lambda t: rs.chunks(t, prog), hasher=h,
-                               pad=lambda k: rs._pad(k, plan.alignment))
+                with closing(prefetched((t.name, c) for t in tensors for c in rs.chunks(t))) as stream:
+                    n = write_file(tmp / name, head, tensors, _taker(stream, prog), hasher=h,
+                                   pad=lambda k: rs._pad(k, plan.alignment))
                 entries[name] = {"size": n, "sha256": h.hexdigest()}
         write_manifest(tmp, entries, _name=beside.manifest_name(out), **info)
     return Result(out, sorted(entries), total, time.perf_counter() - t0, notes=notes(plan))
+
+
+def _taker(stream, progress):
+    """`produce(t)` for write_file over one file's chunk stream (read a chunk ahead on a second thread)."""
+    def produce(t):
+        left = t.nbytes
+        while left > 0:
+            name, chunk = next(stream)
+            if name != t.name:
+                raise AssertionError(f"writer asked for {t.name} but the chunks are {name}'s")
+            left -= chunk.nbytes
+            yield chunk
+            progress.advance(chunk.nbytes)
+    return produce
 
 
 def _source(plan: rs.Restack) -> dict:

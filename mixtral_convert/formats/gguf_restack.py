@@ -52,12 +52,24 @@ def canonical_hit(name: str):
     return m, f"layers.{{L}}.feed_forward.experts.{int(m['e'])}.{CANONICAL[m['kind']]}.weight"
 
 
+_last: list = []  # [(key, reader)]: the last file's reader (gguf's GGUFReader takes seconds on a 32000 vocabulary)
+
+
+def read(path: Path):
+    """gguf_source.read(path), kept for the next call on the same unchanged file."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if not (_last and _last[0][0] == key):
+        _last[:] = [(key, gguf_source.read(path))]
+    return _last[0][1]
+
+
 def is_per_expert(path) -> bool:
     """Whether `path` is a GGUF file (or a first piece) holding per-expert tensors (reads its header)."""
     path = Path(path)
     if not (path.name.endswith(".gguf") and path.is_file()):
         return False
-    return any(PER_EXPERT_RE.match(t.name) for t in gguf_source.read(path).tensors)
+    return any(PER_EXPERT_RE.match(t.name) for t in read(path).tensors)
 
 
 def fix_command(path) -> str:
@@ -126,7 +138,7 @@ def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ConvertError(f"{missing[0]}: a piece of {path.name}'s model is missing ({len(missing)} of {len(paths)})")
-    readers = [gguf_source.read(p) for p in paths]
+    readers = [read(p) if i == 0 else gguf_source.read(p) for i, p in enumerate(paths)]
     r0 = readers[0]
     cfg = gguf_source.config_of(r0, path)
     ft = int(gguf_source.field(r0, "general.file_type", path, -1))
@@ -282,7 +294,7 @@ def _groups(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
     return groups
 
 
-def chunks(t: OutTensor, progress=None):
+def chunks(t: OutTensor):
     """The bytes of `t` in the output, a bounded chunk at a time: each slab copied, or (a converted
     expert) dequantized by gguf and written in the tensor's type, a block of rows at a time."""
     for s in t.slabs:
@@ -291,8 +303,6 @@ def chunks(t: OutTensor, progress=None):
                 buf = np.empty(min(COPY_BYTES, s.nbytes - pos), dtype=np.uint8)
                 s.file.read_into(s.offset + pos, buf)
                 yield buf
-                if progress is not None:
-                    progress.advance(buf.nbytes)
             continue
         rows = s.rows[0]
         row_bytes = s.nbytes // rows
@@ -303,8 +313,6 @@ def chunks(t: OutTensor, progress=None):
             s.file.read_into(s.offset + r0 * row_bytes, buf.reshape(-1))
             values = torch.from_numpy(quants.dequantize(buf, s.src_type).astype(np.float32, copy=False))
             yield quantize_rows(values, t.ggml_type)
-            if progress is not None:
-                progress.advance(buf.nbytes)
 
 
 def describe(info: dict) -> dict:

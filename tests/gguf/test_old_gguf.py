@@ -114,8 +114,8 @@ def test_copied_a_bounded_chunk_at_a_time(old, tmp_path, monkeypatch, capsys):
     sizes = []
     chunks = gguf_restack.chunks
 
-    def spy(t, progress=None):
-        for c in chunks(t, progress):
+    def spy(t):
+        for c in chunks(t):
             sizes.append(c.nbytes)
             yield c
     monkeypatch.setattr(gguf_restack, "chunks", spy)
