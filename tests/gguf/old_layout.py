@@ -2,17 +2,15 @@
 stacked layout with the gguf package's own reader and writer (mixtral-convert writes nothing in
 the old layout): each `blk.L.ffn_{gate,down,up}_exps.weight` [E, ...] becomes E tensors
 `blk.L.ffn_{gate,down,up}.E.weight`, each holding that expert's slab of bytes in the same type;
-every other tensor and metadata key is carried. The experts are written interleaved (gate.e,
-down.e, up.e for each e), in the order `experts` gives, where the layer's ffn_gate_exps stood,
-as llama.cpp's first MoE converter sprinkled them. `mixed` takes some experts from another
-stacked file of the same model (another type): {(layer, kind): (that file, [experts])}."""
+every other tensor and metadata key is carried. Each kind's experts are written where its stacked
+tensor stood, in the order `experts` gives (llama.cpp's first MoE converter could sprinkle them).
+`mixed` takes some experts from another stacked file of the same model (another type):
+{(layer, kind): (that file, [experts])}."""
 
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
-
-KINDS = ("gate", "down", "up")
 
 
 def _shape(t) -> list[int]:
@@ -59,17 +57,13 @@ def to_per_expert(stacked: Path, out: Path, experts=None, mixed=None, replace=No
         if stack and name.endswith("_exps.weight"):
             w.add_tensor(name, _bytes(t.data), raw_dtype=t.tensor_type)
             continue
-        if name.endswith(("ffn_down_exps.weight", "ffn_up_exps.weight")):
-            continue  # written with the layer's ffn_gate experts
-        if not name.endswith("ffn_gate_exps.weight"):
+        if not name.endswith("_exps.weight"):
             w.add_tensor(name, _bytes(t.data), raw_dtype=t.tensor_type)
             continue
-        L = int(name.split(".")[1])
-        n = _shape(t)[0]
-        for e in (experts if experts is not None else range(n)):
-            for kind in KINDS:
-                src = others.get((L, kind, e)) or by_name[f"blk.{L}.ffn_{kind}_exps.weight"]
-                w.add_tensor(f"blk.{L}.ffn_{kind}.{e}.weight", expert_bytes(src, e), raw_dtype=src.tensor_type)
+        L, kind = int(name.split(".")[1]), name.split(".")[2][len("ffn_"):-len("_exps")]
+        for e in (experts if experts is not None else range(_shape(t)[0])):
+            src = others.get((L, kind, e)) or by_name[name]
+            w.add_tensor(f"blk.{L}.ffn_{kind}.{e}.weight", expert_bytes(src, e), raw_dtype=src.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
