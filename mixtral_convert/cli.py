@@ -182,8 +182,6 @@ _cast_option = click.option(
          "source's). A cast to float16 of values beyond its range (|x| > 65504) is refused.")
 
 
-
-
 def _merge_dtype_option(f):
     """--dtype of merge: every dtype some target takes (each target checks its own)."""
     choices = list(dict.fromkeys(d for t in TARGETS.values() for d in t.dtypes))
@@ -212,20 +210,11 @@ _dry_run_option = click.option(
          "and write nothing.")
 
 
-# issue 27 hook: a quantized GGUF as a source (split, split-sparse, merge); mixed expert types when restacking (merge)
-_dequantize_option = click.option(
-    "--dequantize", is_flag=True,
-    help="Take a quantized GGUF as the source: every tensor dequantized by gguf's own gguf.quants.dequantize, then "
-         "written in --dtype (default bfloat16; float32 keeps the dequantized values exactly). Lossy: the manifest "
-         "and the summary say so. Without it a quantized GGUF is refused.")
-_mixed_experts_option = click.option(
-    "--convert-mixed-experts", "mixed_experts", type=click.Choice(["float32", "float16", "bfloat16", "q8_0"]),
-    default=None,
-    help="Restacking an old per-expert GGUF whose experts in one layer are in several types: convert those experts "
-         "to this type (dequantized by gguf; recorded in the manifest and summary). Without it such a file is "
-         "refused, naming the layer and the types.")
-
-
+_dequantize_option = click.option(  # issue 27 hook (also --convert-mixed-experts below)
+    "--dequantize", is_flag=True, help="Take a quantized GGUF as the source (refused without it): gguf's own "
+    "dequantize, then --dtype (default bfloat16; float32 keeps those values exactly). Lossy: said in the manifest.")
+_mixed_experts_option = click.option("--convert-mixed-experts", type=click.Choice(["float32", "float16", "bfloat16",
+    "q8_0"]), help="Restacking an old per-expert GGUF: a layer's experts of several types go to this (else refused)")
 _write_ranks_option = click.option(
     "--write-ranks", type=click.Choice(["auto", "together", "in-turn"]), default="auto", show_default=True,
     help="Write the N files together (a thread each, in step, so that a source region several ranks read is "
@@ -313,15 +302,13 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_drop_biases_option
 @_dequantize_option
 @_mixed_experts_option
-def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, dequantize, mixed_experts,
-              **target_options):
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
-                base=base, drop_biases=drop_biases, dequantize=dequantize, mixed_experts=mixed_experts,
-                **target_options)
+                base=base, drop_biases=drop_biases, **target_options)  # (--dequantize, --convert-mixed-experts too)
     if dry_run:
         return _print_dry_run(res)
     _print_result("merged", res, quiet)

@@ -33,7 +33,7 @@ from .restack import merge_old_gguf
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
-          base=None, drop_biases: bool = False, dequantize: bool = False, mixed_experts: Optional[str] = None,
+          base=None, drop_biases: bool = False, dequantize: bool = False, convert_mixed_experts: Optional[str] = None,
           **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
@@ -41,8 +41,8 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     tgt = target(to)
     # issue 27 hook: an old per-expert GGUF restacked (its bytes copied), or a quantized GGUF only with --dequantize
     restacked = merge_old_gguf(shards, to, out=out, force=force, quiet=quiet, dtype=dtype, dry_run=dry_run,
-                               dequantize=dequantize, mixed_experts=mixed_experts, tokenizer=tokenizer, base=base,
-                               drop_biases=drop_biases, **target_options)
+                               dequantize=dequantize, mixed_experts=convert_mixed_experts, tokenizer=tokenizer,
+                               base=base, drop_biases=drop_biases, **target_options)
     if restacked is not None:
         return restacked
     since = reads.mark()

@@ -17,7 +17,6 @@ this tool's writer for that type), which the summary and the manifest then recor
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,23 +32,12 @@ from ..errors import ConvertError
 from ..io.reads import SourceFile
 from . import gguf_source
 from .gguf import FILE_TYPE_NAMES
+from .gguf_per_expert import LAYOUT, PER_EXPERT_RE
 
 T = GGMLQuantizationType
-PER_EXPERT_RE = re.compile(r"blk\.(?P<L>\d+)\.ffn_(?P<kind>gate|down|up)\.(?P<e>\d+)\.weight\Z")
-CANONICAL = {"gate": "w1", "down": "w2", "up": "w3"}  # the torrent's name of each kind (FORMATS.md §12)
 MIXED_TYPES = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16, "q8_0": T.Q8_0}
 COPY_BYTES = 16 << 20  # bytes read and written at a time
 CONVERT_BYTES = 4 << 20  # source bytes of a mixed expert dequantized at a time
-LAYOUT = "llama.cpp's per-expert layout, which today's llama.cpp no longer loads"
-
-
-def canonical_hit(name: str):
-    """(match, canonical pattern with {L}) for an old per-expert tensor name, else None: how
-    gguf_source reads an old file's experts (expert e of layer L is the torrent's experts.e)."""
-    m = PER_EXPERT_RE.match(name)
-    if m is None:
-        return None
-    return m, f"layers.{{L}}.feed_forward.experts.{int(m['e'])}.{CANONICAL[m['kind']]}.weight"
 
 
 _last: list = []  # [(key, reader)]: the last file's reader (gguf's GGUFReader takes seconds on a 32000 vocabulary)

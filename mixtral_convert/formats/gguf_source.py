@@ -30,6 +30,7 @@ from ..io.reads import SourceFile
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, TokenizerRef, check_tensors
 from .gguf import ARCH, FILE_TYPE_NAMES, NAME_TABLE, SPLIT_RE
+from .gguf_per_expert import canonical_hit  # issue 27 hook
 
 T = GGMLQuantizationType
 
@@ -138,7 +139,6 @@ def _patterns():
 
 def tensors_of(paths: list[Path], dequantize: bool = False):
     """(config, canonical name -> lazy, GGUF tensors by name, readers) of a GGUF file and its pieces."""
-    from .gguf_restack import canonical_hit  # issue 27 hook (imported here: it imports this module)
     readers = [read(p) for p in paths]
     cfg = config_of(readers[0], paths[0])
     pats = _patterns()

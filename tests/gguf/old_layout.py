@@ -1,4 +1,4 @@
-"""Old per-expert Mixtral GGUFs for the tests (FORMATS.md §14), made by REWRITING a file of today's
+"""Old per-expert Mixtral GGUFs for the tests (docs/formats.md, "Old per-expert GGUFs"), made by REWRITING a file of today's
 stacked layout with the gguf package's own reader and writer (mixtral-convert writes nothing in
 the old layout): each `blk.L.ffn_{gate,down,up}_exps.weight` [E, ...] becomes E tensors
 `blk.L.ffn_{gate,down,up}.E.weight`, each holding that expert's slab of bytes in the same type;
