@@ -1,11 +1,11 @@
-"""Old per-expert Mixtral GGUFs for the tests (docs/formats.md, "Old per-expert GGUFs"), made by REWRITING a file of today's
-stacked layout with the gguf package's own reader and writer (mixtral-convert writes nothing in
-the old layout): each `blk.L.ffn_{gate,down,up}_exps.weight` [E, ...] becomes E tensors
-`blk.L.ffn_{gate,down,up}.E.weight`, each holding that expert's slab of bytes in the same type;
-every other tensor and metadata key is carried. Each kind's experts are written where its stacked
-tensor stood, in the order `experts` gives (llama.cpp's first MoE converter could sprinkle them).
-`mixed` takes some experts from another stacked file of the same model (another type):
-{(layer, kind): (that file, [experts])}."""
+"""Old per-expert Mixtral GGUFs for the tests (docs/formats.md, "Old per-expert GGUFs"), made by
+REWRITING a file of today's stacked layout with the gguf package's own reader and writer
+(mixtral-convert writes nothing in the old layout): each `blk.L.ffn_{gate,down,up}_exps.weight`
+[E, ...] becomes E tensors `blk.L.ffn_{gate,down,up}.E.weight`, each holding that expert's slab
+of bytes in the same type; every other tensor and metadata key is carried. Each kind's experts
+are written where its stacked tensor stood, in the order `experts` gives (llama.cpp's first MoE
+converter could sprinkle them). `mixed` takes some experts from another stacked file of the same
+model (another type): {(layer, kind): (that file, [experts])}."""
 
 from pathlib import Path
 

@@ -61,8 +61,13 @@ def test_default_output_and_the_dtype_rule(old, tmp_path, capsys):
     stacked, per_expert = old["q8_0"]
     src = tmp_path / "m.gguf"
     src.write_bytes(per_expert.read_bytes())
+    code, out, err = cli("merge", src, "--to", "gguf", "--dry-run", capsys=capsys)
+    assert code == 0 and "m-stacked.gguf  " in out and f"({stacked.stat().st_size} bytes)" in out, out + err
+    assert not (tmp_path / "m-stacked.gguf").exists()
     assert cli("merge", src, "--to", "gguf", "-q", capsys=capsys)[0] == 0
     assert sha(tmp_path / "m-stacked.gguf") == sha(stacked)
+    code, _, err = cli("merge", src, "--to", "gguf", "-o", src, "--force", capsys=capsys)
+    assert code == 2 and "is the source" in err and sha(src) == sha(per_expert), err
     assert cli("merge", src, "--to", "gguf", "--dtype", "q8_0", "-o", tmp_path / "b.gguf", "-q", capsys=capsys)[0] == 0
     assert sha(tmp_path / "b.gguf") == sha(stacked)
     code, _, err = cli("merge", src, "--to", "gguf", "--dtype", "float16", "-o", tmp_path / "c.gguf", capsys=capsys)
@@ -221,6 +226,8 @@ def test_merge_with_dequantize_and_verify_forward_against_the_dequantized_gguf(g
     assert code == 0, err
     m = json.loads((tmp_path / "rt.gguf.mixtral-convert-manifest.json").read_text())
     assert m["source"]["lossy"]["file_type"] == "q8_0"
+    code, out, err = cli("verify", tmp_path / "rt.gguf", "--source", q, capsys=capsys)  # Q8_0 of the dequantized values
+    assert code == 0 and "block for block" in out, out + err
     acc = tmp_path / "acc"
     assert cli("split", q, "-n", 2, "-o", acc, *tok, "--dequantize", "--dtype", "float32", "-q", capsys=capsys)[0] == 0
     code, out, err = cli("verify", acc, "--source", q, "--forward", "--json", capsys=capsys)
