@@ -9,8 +9,9 @@ lazy tensors through the target's name table (expert e of a stacked `ffn_*_exps`
 e). F32, F16 and BF16 tensors are read as they are stored; a lossless GGUF is a source like any
 other (split and merge take it), its F32 norms and router given in the weights' dtype when
 that holds them exactly (else every tensor in float32, which holds both). Quantized tensors
-are only read dequantized to float32, for the forward (`open_gguf(..., dequantize=True)`): a
-quantized file is not a source to convert from.
+are only read dequantized to float32 (`open_gguf(..., dequantize=True)`; formats.gguf_dequant
+opens a quantized file so, and only --dequantize writes from it). An old per-expert file's
+experts are read by their own names (formats.gguf_per_expert).
 """
 
 from __future__ import annotations
