@@ -99,6 +99,7 @@ def _roundtrip(dtype: str) -> list[Row]:
     back = ["merge", "{work}/rt-" + dtype + "-f32", "--to", "gguf", "-o", "{out}.gguf", "-q", "--dtype", dtype,
             "--max-position-embeddings", "512"]
     return [
+        _gguf(dtype, f"the {dtype} GGUF the round trip starts from"),
         Row(f"{dtype} GGUF -> `split-sparse -n 4 --dequantize` (bfloat16)", [gguf, acc],
             note=f"the {dtype} GGUF's values, rounded to bf16, sharded forward in fp32"),
         Row(f"{dtype} GGUF -> `split-sparse -n 4 --dequantize --dtype float32`", [gguf, acc + ["--dtype", "float32"]],
