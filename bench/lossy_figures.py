@@ -41,7 +41,7 @@ SRC = ROOT / "fixtures" / "trained"
 @dataclass
 class Row:
     name: str
-    convert: Optional[list[str]] = None  # mixtral-convert arguments, {src} and {out} filled in
+    convert: Optional[list] = None  # mixtral-convert arguments, {src}, {out} and {work} filled in (or a list of them)
     forward: list[str] = field(default_factory=list)  # extra arguments of `forward`
     logits: Optional[Callable[[Path, torch.Tensor], torch.Tensor]] = None  # another judge
     note: str = ""
@@ -89,6 +89,31 @@ GGUF_ROWS = [
 ]
 
 
+def _roundtrip(dtype: str) -> list[Row]:
+    """The fp32 fixture to a `dtype` GGUF, into Accessory with --dequantize (bfloat16, the default; and
+    float32, the GGUF's values exactly), and back to a `dtype` GGUF from the float32 Accessory output."""
+    gguf = ["merge", "{src}", "--to", "gguf", "-o", "{work}/rt-" + dtype + ".gguf", "-q", "--dtype", dtype,
+            "--max-position-embeddings", "512", "--force"]
+    tok = ["--tokenizer", "{src}/tokenizer.model", "--dequantize", "-q"]
+    acc = ["split-sparse", "{work}/rt-" + dtype + ".gguf", "-n", "4", "-o", "{out}", *tok]
+    back = ["merge", "{work}/rt-" + dtype + "-f32", "--to", "gguf", "-o", "{out}.gguf", "-q", "--dtype", dtype,
+            "--max-position-embeddings", "512"]
+    return [
+        _gguf(dtype, f"the {dtype} GGUF the round trip starts from"),
+        Row(f"{dtype} GGUF -> `split-sparse -n 4 --dequantize` (bfloat16)", [gguf, acc],
+            note=f"the {dtype} GGUF's values, rounded to bf16, sharded forward in fp32"),
+        Row(f"{dtype} GGUF -> `split-sparse -n 4 --dequantize --dtype float32`", [gguf, acc + ["--dtype", "float32"]],
+            note=f"the {dtype} GGUF's values exactly, sharded forward in fp32"),
+        Row(f"{dtype} GGUF -> Accessory float32 -> `merge --to gguf --dtype {dtype}`, run by llama.cpp",
+            [gguf, [a.replace("{out}", "{work}/rt-" + dtype + "-f32") for a in acc] + ["--dtype", "float32", "--force"],
+             back], logits=lambda p, t: llama_logits(Path(f"{p}.gguf"), t),
+            note=f"quantized to {dtype} a second time, from the dequantized values"),
+    ]
+
+
+ROUNDTRIP_ROWS = _roundtrip("q8_0") + _roundtrip("q4_k_m")
+
+
 def tool(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "mixtral_convert", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
@@ -104,6 +129,10 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="work in DIR (default: a temporary directory)")
     ap.add_argument("--gguf", action="store_true",
                     help="add the GGUF rows, judged by llama.cpp (needs llama-cpp-python: make install-llama)")
+    ap.add_argument("--roundtrip", action="store_true",
+                    help="add the round trips GGUF (q8_0, q4_k_m) -> Accessory (--dequantize) -> GGUF (needs "
+                         "llama-cpp-python)")
+    ap.add_argument("--only-extra", action="store_true", help="leave out ROWS but the fp32 reference")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="lossy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -114,12 +143,16 @@ def main() -> None:
           file=sys.stderr)
     ref = None
     lines = ["| path | rms rel | top-1 | perplexity | ratio to fp32 | what |", "|---|---|---|---|---|---|"]
-    for i, row in enumerate(ROWS + (GGUF_ROWS if args.gguf else [])):
+    table = (ROWS[:1] if args.only_extra else ROWS) + (GGUF_ROWS if args.gguf else []) + \
+        (ROUNDTRIP_ROWS if args.roundtrip else [])
+    for i, row in enumerate(table):
         t0 = time.perf_counter()
         path = SRC
         if row.convert:
             path = work / f"row{i}"
-            tool(*(a.format(src=SRC, out=path) for a in row.convert), "--force")
+            steps = row.convert if isinstance(row.convert[0], list) else [row.convert]
+            for step in steps:  # a chain of commands; the last one's output is judged
+                tool(*(a.format(src=SRC, out=path, work=work) for a in step), "--force")
         if row.logits is not None:
             logits = row.logits(path, rows[:, :-1])
         else:

@@ -205,6 +205,11 @@ _dry_run_option = click.option(
          "and write nothing.")
 
 
+_dequantize_option = click.option(  # issue 27 hook (also --convert-mixed-experts below)
+    "--dequantize", is_flag=True, help="Take a quantized GGUF as the source (refused without it): gguf's own "
+    "dequantize, then --dtype (default bfloat16; float32 keeps those values exactly). Lossy: said in the manifest.")
+_mixed_experts_option = click.option("--convert-mixed-experts", type=click.Choice(["float32", "float16", "bfloat16",
+    "q8_0"]), help="Restacking an old per-expert GGUF: a layer's experts of several types go to this (else refused)")
 _write_ranks_option = click.option(
     "--write-ranks", type=click.Choice(["auto", "together", "in-turn"]), default="auto", show_default=True,
     help="Write the N files together (a thread each, in step, so that a source region several ranks read is "
@@ -212,14 +217,12 @@ _write_ranks_option = click.option(
          "the memory available for the page cache. The files are the same either way.")
 
 
-def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
-           tokenizer=None, ranks=None, cast=None, dry_run=False, write_ranks="auto", base=None,
-           drop_biases=False) -> None:
+def _split(src: Path, layout: str, world_size: int, quiet: bool, ranks, cast, dry_run, **options) -> None:
+    """split / split-sparse; `options`: the rest of their options, named as commands.split.split names them."""
     from .commands.split import split
     try:
-        res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
-                    ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run, write_ranks=write_ranks, base=base,
-                    drop_biases=drop_biases)
+        res = split(src, layout, world_size, quiet=quiet, ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run,
+                    **options)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
@@ -232,15 +235,14 @@ def _split_options(f):
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
                             _format_option, _tokenizer_option, _cast_option, _dry_run_option,
-                            _write_ranks_option, _base_option, _drop_biases_option)):
+                            _write_ranks_option, _base_option, _drop_biases_option, _dequantize_option)):
         f = option(f)
     return f
 
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
-              drop_biases):
+def split_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -253,14 +255,12 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, d
     biases in place), which Accessory's mixtral_peft loads.
     Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
-           drop_biases)
+    _split(src, "base", world_size, quiet, ranks, cast, dry_run, **options)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
-                     drop_biases):
+def split_sparse_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
@@ -268,8 +268,7 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
     Default output: SRC/converted_sparse. It has no biases: a model with non-zero ones is refused
     (use split, or --drop-biases).
     """
-    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
-           drop_biases)
+    _split(src, "sparse", world_size, quiet, ranks, cast, dry_run, **options)
 
 
 @cli.command("merge")
@@ -285,13 +284,15 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_dry_run_option
 @_base_option
 @_drop_biases_option
+@_dequantize_option
+@_mixed_experts_option
 def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
-                base=base, drop_biases=drop_biases, **target_options)
+                base=base, drop_biases=drop_biases, **target_options)  # (--dequantize, --convert-mixed-experts too)
     if dry_run:
         return click.echo("\n".join(res.lines()))
     _print_result("merged", res, quiet)

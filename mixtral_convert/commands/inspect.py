@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import gguf_source, mistral, peft
+from ..formats import gguf_restack, gguf_source, mistral, peft
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import file_reader, open_checkpoint
@@ -46,7 +46,7 @@ def inspect(path: Path) -> dict:
         info["files"] = tarball.listing(path)  # its members
         return info
     if reader is not None and reader.name == "gguf":
-        return gguf_source.describe(path)
+        return gguf_restack.describe(gguf_source.describe(path))  # issue 27 hook: names an old per-expert layout
     if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
     if path.name == mistral.TEKKEN:

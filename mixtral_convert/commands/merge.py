@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
+from ..formats import gguf_dequant
 from ..formats.checkpoint import dtype_name
 from ..formats.registry import TARGETS, open_checkpoint, target
 from ..formats.registry import target_options as target_options_of
@@ -27,17 +28,26 @@ from ..tokenizer.files import carried, carry
 from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
+from .restack import merge_old_gguf
 
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
-          base=None, drop_biases: bool = False, **target_options: Optional[str]):
+          base=None, drop_biases: bool = False, dequantize: bool = False, convert_mixed_experts: Optional[str] = None,
+          **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
+    # issue 27 hook: an old per-expert GGUF restacked (its bytes copied), or a quantized GGUF only with --dequantize
+    restacked = merge_old_gguf(shards, to, out=out, force=force, quiet=quiet, dtype=dtype, dry_run=dry_run,
+                               dequantize=dequantize, mixed_experts=convert_mixed_experts, tokenizer=tokenizer,
+                               base=base, drop_biases=drop_biases, **target_options)
+    if restacked is not None:
+        return restacked
     ck = open_checkpoint(shards, base=base)
     sources = ck.sources  # checked unchanged before the output is renamed into place
+    ck, dtype = gguf_dequant.settle(ck, dequantize, dtype)  # issue 27 hook
     ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
@@ -74,7 +84,7 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
             files.update(carry(ck.tokenizer, tmp, skip=files))
         write_manifest(tmp, files, **_manifest_info(ck, to, dropped))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0,
-                  notes=[dropped.note()] if dropped is not None else [])
+                  notes=([dropped.note()] if dropped is not None else []) + gguf_dequant.notes(ck))
 
 
 def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, options: dict, dropped=None,
@@ -96,7 +106,7 @@ def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, 
             files = tgt.write(ck, tmp, prog, **options)
         write_manifest(tmp, files, _name=beside.manifest_name(out), **info)
     return Result(out, sorted(files), ck.nbytes, time.perf_counter() - t0,
-                  notes=[dropped.note()] if dropped is not None else [])
+                  notes=([dropped.note()] if dropped is not None else []) + gguf_dequant.notes(ck))
 
 
 def _manifest_info(ck, to: str, dropped=None, dtype: Optional[str] = None) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConvertError
+from ..formats import gguf_dequant
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.registry import open_checkpoint
@@ -170,7 +171,7 @@ def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str, dropped=None) 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
           quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
           tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False, write_ranks: str = "auto",
-          base=None, drop_biases: bool = False):
+          base=None, drop_biases: bool = False, dequantize: bool = False):
     """Write `src` in `layout` for N ranks (a Result); with `dry_run`, only say what would be
     written (a dryrun.DryRun). `base`: the model a trainable-only PEFT save `src` was trained from.
     A model with non-zero biases goes to the base layout as mixtral_peft ("peft", biases in place);
@@ -180,6 +181,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
     ck = open_checkpoint(src, base=base)
     sources = ck.sources  # checked unchanged before any output is renamed into place
+    ck, dtype = gguf_dequant.settle(ck, dequantize, dtype)  # issue 27 hook: a quantized GGUF only with --dequantize
     ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
     out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
     ck, keeps, dropped = biases.settle(ck, layout == "base" and not drop_biases, drop_biases,
@@ -208,7 +210,8 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
             fsync_all(tmp / n for n in files)
         files.update(side_files(ck.cfg, tokenizer, layout, tmp, atomic=False))
         write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt, dropped))
-    return Result(Path(out), sorted(files), total, time.perf_counter() - t0, notes=_notes(layout, dropped))
+    return Result(Path(out), sorted(files), total, time.perf_counter() - t0,
+                  notes=_notes(layout, dropped) + gguf_dequant.notes(ck))  # issue 27 hook: the lossy source said
 
 
 def _notes(layout: str, dropped) -> list[str]:
@@ -263,7 +266,7 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     side = side_files(ck.cfg, tokenizer, layout, out, atomic=True)
     _combine_manifest(out, ck, layout, N, side, fmt, dropped)
     return Result(out, sorted(names.values()) + sorted(side), total, time.perf_counter() - t0,
-                  notes=_notes(layout, dropped))
+                  notes=_notes(layout, dropped) + gguf_dequant.notes(ck))  # issue 27 hook
 
 
 def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict, fmt: str, dropped=None) -> None:

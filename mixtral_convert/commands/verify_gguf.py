@@ -21,10 +21,12 @@ import numpy as np
 from ..errors import ConvertError
 from ..formats import gguf as gguf_format
 from ..formats import gguf_source
+from ..formats.gguf_restack import is_per_expert
 from ..formats.registry import open_checkpoint
 from ..io import manifest
 from ..io.beside import manifest_name
 from ..io.progress import progress_bar
+from .restack import verify_restacked
 from .verify import Report, unchanged_while_compared
 
 FILE_TYPES = {int(ft): name for name, (_, ft) in gguf_format.TYPES.items()}
@@ -43,6 +45,8 @@ def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, 
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: no such GGUF file")
+    if source is not None and is_per_expert(source):  # issue 27 hook: a restacked file against its per-expert source
+        return verify_restacked(path, Path(source), quiet)
     rep = Report(str(path), "", layout="gguf", world_size=1)
     try:
         if source is None:

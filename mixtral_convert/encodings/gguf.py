@@ -64,20 +64,20 @@ class TensorInfo:
         return math.prod(self.shape[:-1]) * (self.shape[-1] // block) * size
 
 
-def _string(s: str) -> bytes:
+def string_bytes(s: str) -> bytes:
     raw = s.encode("utf-8")
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _value(v: Value) -> bytes:
+def value_bytes(v: Value) -> bytes:
     if v.vtype == V.STRING:
-        return _string(v.value)
+        return string_bytes(v.value)
     if v.vtype != V.ARRAY:
         return struct.pack(_SCALAR[v.vtype], v.value)
     items = list(v.value)
     head = struct.pack("<IQ", int(v.item), len(items))
     if v.item == V.STRING:
-        return head + b"".join(_string(s) for s in items)
+        return head + b"".join(string_bytes(s) for s in items)
     if v.item in _ARRAY_NP:
         return head + np.asarray(items, dtype=_ARRAY_NP[v.item]).tobytes()
     return head + b"".join(struct.pack(_SCALAR[v.item], x) for x in items)
@@ -100,10 +100,10 @@ def header_bytes(metadata: dict[str, Value], tensors: Sequence[TensorInfo]) -> b
     """Everything before the tensor data, padding included."""
     parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata))]
     for key, v in metadata.items():
-        parts.append(_string(key) + struct.pack("<I", int(v.vtype)) + _value(v))
+        parts.append(string_bytes(key) + struct.pack("<I", int(v.vtype)) + value_bytes(v))
     for t, off in zip(tensors, offsets(tensors), strict=True):
         dims = tuple(reversed(t.shape))  # GGUF lists the innermost dimension first
-        parts.append(_string(t.name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, int(t.ggml_type), off))
+        parts.append(string_bytes(t.name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, int(t.ggml_type), off))
     raw = b"".join(parts)
     return raw + b"\0" * _pad(len(raw))
 

@@ -75,6 +75,9 @@ class Checkpoint:
     # tensors (canonical and shards) read from, added here; a command checks them unchanged before it
     # publishes anything (io.atomic) or reports a comparison (verify)
     sources: tuple[SourceFile, ...] = ()
+    # set when its values are not the model's own but an approximation (a quantized GGUF read dequantized):
+    # how it was read, recorded in the manifest as the source's `lossy`
+    lossy: Optional[dict] = None
 
     def __post_init__(self):
         lazies = list(self.canonical.values()) + [t for shard in self.shards for t in shard.values()]
@@ -141,6 +144,8 @@ class Checkpoint:
                           for f in self.files}}
         if self.source_dtype is not None:
             info["dtype"] = dtype_name(self.source_dtype)
+        if self.lossy is not None:
+            info["lossy"] = self.lossy
         return info
 
 

@@ -9,8 +9,10 @@ lazy tensors through the target's name table (expert e of a stacked `ffn_*_exps`
 e). F32, F16 and BF16 tensors are read as they are stored; a lossless GGUF is a source like any
 other (split and merge take it), its F32 norms and router given in the weights' dtype when
 that holds them exactly (else every tensor in float32, which holds both). Quantized tensors
-are only read dequantized to float32, for the forward (`open_gguf(..., dequantize=True)`): a
-quantized file is not a source to convert from.
+are only read dequantized to float32: for the forward (`open_gguf(..., dequantize=True)`), and as
+a source marked lossy (`open_source`, the reader's), which only --dequantize writes from
+(formats.gguf_dequant). An old per-expert file's experts are read by their own names
+(formats.gguf_per_expert).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader, quants
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, quants
 
 from ..encodings.gguf import TORCH_TYPES
 from ..errors import ConvertError
@@ -31,6 +33,7 @@ from ..model import rope, tensors
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
 from .gguf import ARCH, FILE_TYPE_NAMES, SPLIT_RE, unstack
+from .gguf_per_expert import canonical_hit
 
 T = GGMLQuantizationType
 
@@ -159,16 +162,22 @@ def tensors_of(paths: list[Path], dequantize: bool = False):
     for p, r in zip(paths, readers, strict=True):
         src = SourceFile(p)  # tensor data is read from here, not from the reader's mapping
         for t in r.tensors:
-            hit = tensors.gguf_match(t.name)
+            hit = tensors.gguf_match(t.name) or canonical_hit(t.name)  # (an old per-expert file's experts)
             if hit is None:
                 raise ConvertError(f"{p}: tensor '{t.name}' is not a Mixtral GGUF tensor name")
             row, m = hit
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             stored[t.name] = (t, shape)
-            step = t.data[0].nbytes if row.per_expert else 0  # one expert's bytes
-            each = shape[1:] if row.per_expert else shape
-            raw = t.data.shape[2:] if row.per_expert else t.data.shape[1:] if t.data.ndim else ()
-            for name, offset in unstack(row, m.get("L"), int(t.data_offset), shape[0], step):
+            if "e" in m:  # one expert's own tensor (the old per-expert layout)
+                names = [(row.pattern.format(L=m["L"], e=m["e"]), int(t.data_offset))]
+                stacked = False
+            else:
+                stacked = row.per_expert
+                step = t.data[0].nbytes if stacked else 0  # one expert's bytes
+                names = unstack(row, m.get("L"), int(t.data_offset), shape[0], step)
+            each = shape[1:] if stacked else shape
+            raw = t.data.shape[2:] if stacked else t.data.shape[1:] if t.data.ndim else ()
+            for name, offset in names:
                 canonical[name] = GgufTensor(src, offset, (t.data.dtype, raw), t.tensor_type, each, name, dequantize)
     return cfg, canonical, stored, readers
 
@@ -194,9 +203,7 @@ def open_gguf(path: Path, dequantize: bool = False) -> Checkpoint:
                                           if v.dtype != torch.float32}
     canonical.update(narrowed)
     canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
-    tok = TokenizerRef(missing=f"{path}: a GGUF holds its vocabulary but no tokenizer.model; pass --tokenizer "
-                              "PATH (the model's tokenizer.model)")
-    return Checkpoint(path.parent, "gguf", cfg, paths, tok, canonical, label="GGUF")
+    return Checkpoint(path.parent, "gguf", cfg, paths, _no_tokenizer(path), canonical, label="GGUF")
 
 
 class _Narrowed(Lazy):
@@ -245,6 +252,50 @@ def describe(path: Path) -> dict:
             "tokenizer": tok, "file_bytes": sum(p.stat().st_size for p in paths)}
 
 
+def quantized_types(path: Path) -> dict[str, int]:
+    """Tensor type name -> count, for the quantized tensors of a GGUF (and its pieces); {} when lossless."""
+    counts = collections.Counter(t.tensor_type.name for p in pieces_of(Path(path)) if p.is_file()
+                                 for t in read(p).tensors if t.tensor_type not in TORCH_TYPES)
+    return dict(counts)
+
+
+def check_dequantizable(path, name: str, ttype: T) -> None:
+    """ConvertError naming the tensor when the gguf package cannot dequantize its type."""
+    size = GGML_QUANT_SIZES[ttype][1]
+    try:
+        quants.dequantize(np.zeros((1, size), dtype=np.uint8), ttype)
+    except NotImplementedError:
+        raise ConvertError(f"{path}: tensor '{name}' is {ttype.name}, which the gguf package cannot dequantize; "
+                           "it cannot be converted here") from None
+
+
+def open_source(path: Path) -> Checkpoint:
+    """A GGUF file as a source (the reader's open): lossless as `open_gguf` reads it; a quantized one
+    with every tensor read dequantized to float32 and marked lossy (`Checkpoint.lossy`: its file type
+    and each tensor type's count), which only --dequantize writes from (formats.gguf_dequant)."""
+    path = Path(path)
+    paths = pieces_of(path)
+    if any(not p.is_file() for p in paths) or not quantized_types(path):
+        return open_gguf(path)  # (which names a missing piece)
+    cfg, canonical, stored, readers = tensors_of(paths, dequantize=True)
+    for name, (t, _) in stored.items():
+        if t.tensor_type not in TORCH_TYPES:
+            check_dequantizable(path, name, t.tensor_type)
+    canonical = {k: v if v.dtype == torch.float32 else _Narrowed(v, torch.float32) for k, v in canonical.items()}
+    check_tensors(cfg, {k: (v.shape, v.dtype) for k, v in canonical.items()}, str(path))
+    canonical = {k: canonical[k] for k in cfg.canonical_shapes()}
+    ft = int(field(readers[0], "general.file_type", path, -1))
+    lossy = {"dequantized": "gguf.quants.dequantize, to float32", "file_type": FILE_TYPE_NAMES.get(ft, ft),
+             "tensor_types": dict(collections.Counter(t.tensor_type.name for t, _ in stored.values()))}
+    return Checkpoint(path.parent, "gguf", cfg, paths, _no_tokenizer(path), canonical,
+                      label="GGUF, quantized (read dequantized)", lossy=lossy)
+
+
+def _no_tokenizer(path: Path) -> TokenizerRef:
+    return TokenizerRef(missing=f"{path}: a GGUF holds its vocabulary but no tokenizer.model; pass --tokenizer "
+                                "PATH (the model's tokenizer.model)")
+
+
 READER = Reader("gguf", "a .gguf file (and its gguf-split pieces)", single_file=True,
                 claims=lambda path, _: path.name.endswith(".gguf"),
-                open=lambda path, _: open_gguf(path))
+                open=lambda path, _: open_source(path))
