@@ -64,7 +64,7 @@ class Report:
                 "bytes_compared": self.bytes_compared, "seconds": round(self.seconds, 3)}
 
 
-def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
+def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None, adapter=None) -> Report:
     """With `source`: structure, then every byte against the source (a PEFT save: its merged weights,
     computed as split computes them; `base`: a trainable-only save's base). Without: structure, then
     every file's size and sha256 against the directory's manifest."""
@@ -83,7 +83,7 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
             rep.seconds = time.perf_counter() - t0
         return rep
     since = reads.mark()
-    src = open_checkpoint(source, base=base)  # a bad source is bad input (exit 2), not a mismatch
+    src = open_checkpoint(source, base=base, adapter=adapter)  # a bad source is bad input (exit 2), not a mismatch
     sources = reads.opened_since(since)
     rep = Report(str(shards), str(src.path))
     if src.kind == "peft":

@@ -38,7 +38,7 @@ def manifest_path(path: Path) -> Path:
     return path.with_name(manifest_name(Path(name)))
 
 
-def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
+def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, base=None, adapter=None) -> Report:
     t0 = time.perf_counter()
     path = Path(path)
     if not path.is_file():
@@ -49,7 +49,7 @@ def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, 
             rep.source = f"its manifest ({manifest_path(path).name})"
             _against_manifest(path, rep, quiet)
         else:
-            src = open_checkpoint(source, base=base)
+            src = open_checkpoint(source, base=base, adapter=adapter)
             rep.source = str(src.where)
             _against_source(path, src, rep, quiet)
     finally:

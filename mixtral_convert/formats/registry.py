@@ -16,7 +16,7 @@ from typing import Optional
 from ..encodings import tar as tarball
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, gguf_source, gguf_target, hf, mistral, peft, torrent
+from . import accessory, gguf_source, gguf_target, hf, hf_adapter, mistral, peft, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
 READERS: tuple[Reader, ...] = (peft.READER, accessory.READER, mistral.READER, torrent.TORRENT, hf.READER,
@@ -93,10 +93,13 @@ def detect(path: Path, names: set[str]) -> Reader:
     return first
 
 
-def open_checkpoint(path, base=None) -> Checkpoint:
+def open_checkpoint(path, base=None, adapter=None) -> Checkpoint:
     """A checkpoint directory (or one of its files), Mistral's .tar download, or
     hf://org/name[@rev], of any registered format. `base` (any of those): the model a trainable-only
-    PEFT save at `path` was trained from (formats.peft)."""
+    PEFT save at `path` was trained from (formats.peft). `adapter`: an HF PEFT LoRA adapter
+    (PATH or hf://org/name[@rev]) merged into what `path` (with `base`) opens (formats.hf_adapter)."""
+    if adapter is not None:  # --adapter: open the base as any source, then apply the adapter's deltas to its lazies
+        return hf_adapter.apply(open_checkpoint(path, base=base), adapter)
     if base is not None:
         return _open_on_base(path, base)
     if hub.is_hub(path):

@@ -42,10 +42,10 @@ class Model:
     weights_dtype: Optional[torch.dtype] = None  # the dtype the checkpoint stores (None: mixed)
 
 
-def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool = False) -> Model:
+def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool = False, adapter=None) -> Model:
     """The forward of the checkpoint at `path`: sharded for an Accessory layout, else the reference
     (`base`: a trainable-only PEFT save's; `unmerged`: a PEFT save's LoRA applied unmerged, forward.peft)."""
-    ck = open_checkpoint(Path(path) if base is None else path, base=base)
+    ck = open_checkpoint(Path(path) if base is None else path, base=base, adapter=adapter)
     cfg = ck.cfg
     stored = {t.dtype for t in ck.canonical.values()}
     weights_dtype = stored.pop() if len(stored) == 1 else None
@@ -68,7 +68,7 @@ def run(job: Job, distributed: bool = False) -> Optional[Result]:
     dtype, device = torch_dtype(job.dtype), check_device(job.device)
     if distributed:
         return run_distributed(job)
-    model = open_model(job.path, dtype, device, base=job.base)
+    model = open_model(job.path, dtype, device, base=job.base, adapter=job.adapter)
     return compute(job, model.cfg, model.run, model.tokenizer, model.how)
 
 
