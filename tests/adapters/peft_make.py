@@ -80,3 +80,36 @@ def hf_logits(path: Path, tokens=TOKENS) -> torch.Tensor:
 
 def config(adapter: Path) -> dict:
     return json.loads((adapter / "adapter_config.json").read_text())
+
+
+def hub_adapter(out: Path, cfg, r: int = 4, alpha: float = 8, seed: int = 5, experts=("w1", "w2", "w3"),
+                extra: dict | None = None, **conf) -> Path:
+    """The hub's layout (peft on transformers 4, what nearly every published Mixtral adapter is), written with
+    peft's key names: per-expert w1/w2/w3, the router block_sparse_moe.gate, q/k/v/o_proj."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    P = "base_model.model.model.layers."
+
+    def pair(mod, o, i):
+        sd[f"{mod}.lora_A.weight"] = 0.3 * torch.randn(r, i, generator=g) / i ** 0.5
+        sd[f"{mod}.lora_B.weight"] = 0.3 * torch.randn(o, r, generator=g) / max(o, r) ** 0.5
+
+    D, H, E, q, kv = cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for L in range(cfg.n_layers):
+        for name, o, i in (("q_proj", q, D), ("k_proj", kv, D), ("v_proj", kv, D), ("o_proj", D, q)):
+            pair(f"{P}{L}.self_attn.{name}", o, i)
+        pair(f"{P}{L}.block_sparse_moe.gate", E, D)
+        for e in range(E):
+            for w, o, i in (("w1", H, D), ("w2", D, H), ("w3", H, D)):
+                if w in experts:
+                    pair(f"{P}{L}.block_sparse_moe.experts.{e}.{w}", o, i)
+    sd.update(extra or {})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "adapter_model.safetensors"))
+    c = dict(peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate", *experts],
+             base_model_name_or_path=None)
+    c.update(conf)
+    (out / "adapter_config.json").write_text(json.dumps(c))
+    return out
