@@ -57,6 +57,8 @@ def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool 
     get, how = TensorGetter(ck.canonical), f"reference forward, {ck.describe()}"
     if unmerged and peft.has_lora(ck.canonical):
         get, how = peft.unmerged_getter(ck.canonical), f"reference forward, LoRA unmerged, {ck.describe()}"
+        # its weights are W + s·B·A unrounded: merged shards stored coarser differ by that rounding too
+        weights_dtype = None
     return Model(cfg, lambda t: forward(cfg, get, t, dtype=dtype, device=device), ck.tokenizer, how, False,
                  weights_dtype)
 

@@ -1,0 +1,139 @@
+"""The adapter merge's determinism and its commands (docs/formats.md, "HF PEFT LoRA adapters"): the merged bytes
+are the same whatever the base's format (torrent, HF, Accessory base and sparse at N=2) and whatever the block
+asked for; split / split-sparse / merge / forward / verify take --adapter."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peft_make as pk
+from helpers import cli, load, same_bytes
+
+from mixtral_convert import synth
+from mixtral_convert.formats.registry import open_checkpoint
+from mixtral_convert.io.delta import DeltaMerged, row_norm
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A bfloat16 base in four layouts, and two adapters made by peft on its float32 twin: the hub layout
+    (every linear), and DoRA on attention and lm_head with an embedding LoRA and a modules_to_save norm."""
+    root = tmp_path_factory.mktemp("adapter_merge")
+    cfg = pk.tiny_cfg()
+    src = synth.write_torrent(root / "bf16", cfg, seed=3, dtype=torch.bfloat16)
+    _, hf32 = pk.base_dirs(root, cfg, lambda *a: cli(*a))
+    bases = {"torrent": src, "hf": root / "hf", "base2": root / "base2", "sparse2": root / "sparse2"}
+    for args in (("merge", src, "--to", "hf", "-o", bases["hf"], "--max-position-embeddings", "4096"),
+                 ("split", src, "-n", "2", "-o", bases["base2"]),
+                 ("split-sparse", src, "-n", "2", "-o", bases["sparse2"])):
+        code, _, err = cli(*args, "-q")
+        assert code == 0, err
+    adapters = {
+        "hub": pk.hub_adapter(root / "hub", cfg),
+        "dora": pk.make_adapter(hf32, root / "dora", seed=7, r=4, lora_alpha=8, use_dora=True,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]),
+        "emb": pk.make_adapter(hf32, root / "emb", seed=8, r=4, lora_alpha=8, use_rslora=True,
+                               target_modules=["embed_tokens", "q_proj"], modules_to_save=["model.norm"],
+                               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    }
+    return cfg, bases, adapters
+
+
+def merged_tensors(tmp_path, base, adapter, name):
+    out = tmp_path / name
+    code, _, err = cli("merge", base, "--adapter", adapter, "-o", out, "-q")
+    assert code == 0, err
+    return load(out / "consolidated.00.pth")
+
+
+@pytest.mark.parametrize("which", ["hub", "dora", "emb"])
+def test_same_bytes_whatever_the_base_layout(tmp_path, setup, which):
+    cfg, bases, adapters = setup
+    ref = merged_tensors(tmp_path, bases["torrent"], adapters[which], "from_torrent")
+    plain = load(bases["torrent"] / "consolidated.00.pth")
+    changed = [k for k in ref if not same_bytes(ref[k], plain[k])]
+    assert len(changed) > 4 and all(v.dtype == torch.bfloat16 for v in ref.values())
+    for kind in ("hf", "base2", "sparse2"):
+        got = merged_tensors(tmp_path, bases[kind], adapters[which], f"from_{kind}")
+        assert set(got) == set(ref)
+        bad = [k for k in ref if not same_bytes(got[k], ref[k])]
+        assert bad == [], (kind, bad[:3])
+
+
+def test_split_with_adapter_is_the_merged_model(tmp_path, setup):
+    """split --adapter -n 2 (and split-sparse), merged back without it, gives the bytes merge --adapter gives."""
+    cfg, bases, adapters = setup
+    ref = merged_tensors(tmp_path, bases["torrent"], adapters["hub"], "direct")
+    for cmd in ("split", "split-sparse"):
+        out = tmp_path / cmd
+        code, _, err = cli(cmd, bases["hf"], "--adapter", adapters["hub"], "-n", "2", "-o", out, "-q")
+        assert code == 0, err
+        code, _, err = cli("verify", out, "--source", bases["base2"], "--adapter", adapters["hub"], "-q")
+        assert code == 0, err
+        code, _, err = cli("merge", out, "-o", tmp_path / f"{cmd}_back", "-q")
+        assert code == 0, err
+        back = load(tmp_path / f"{cmd}_back" / "consolidated.00.pth")
+        assert [k for k in ref if not same_bytes(back[k], ref[k])] == []
+        # the same shards are not the base's: verify without the adapter fails
+        code, _, _ = cli("verify", out, "--source", bases["torrent"], "-q")
+        assert code == 1
+
+
+def test_blocks_and_column_bands_give_the_same_bytes(setup):
+    """A merged tensor read whole equals it read 3 rows at a time and in column bands (DoRA's norm needs whole rows;
+    the embedding's factors are transposed)."""
+    cfg, bases, adapters = setup
+    for which in ("dora", "emb"):
+        ck = open_checkpoint(bases["torrent"], adapter=adapters[which])
+        merged = [t for t in ck.canonical.values() if isinstance(t, DeltaMerged) and len(t.shape) == 2]
+        assert merged
+        for t in merged:
+            R, C = t.shape
+            whole = t.read(0, R)
+            rows = torch.cat([t.read(i, min(R, i + 3)) for i in range(0, R, 3)])
+            bands = torch.cat([t.read(0, R, c, min(C, c + 5)) for c in range(0, C, 5)], dim=1)
+            assert same_bytes(whole, rows) and same_bytes(whole, bands), t.name
+
+
+def test_row_norm_is_the_norm_in_a_fixed_order():
+    v = torch.randn(7, 37, dtype=torch.float32)
+    assert torch.allclose(row_norm(v), torch.linalg.norm(v.double(), dim=1).float(), rtol=1e-6)
+    assert same_bytes(row_norm(v)[2:5], row_norm(v[2:5]))
+
+
+def test_forward_and_verify_forward_with_adapter(tmp_path, setup, capsys):
+    """forward --adapter gives the merged model's logits; verify --source BASE --adapter A --forward passes
+    on shards split with the adapter."""
+    cfg, bases, adapters = setup
+    tokens = tmp_path / "t.pt"
+    torch.save(torch.tensor([[1, 4, 9, 16, 25, 36]]), tokens)
+    code, _, err = cli("forward", bases["torrent"], "--adapter", adapters["dora"], "--tokens-file", tokens,
+                       "-o", tmp_path / "a.pt")
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    code, _, err = cli("merge", bases["torrent"], "--adapter", adapters["dora"], "-o", merged, "-q")
+    assert code == 0, err
+    code, _, err = cli("forward", merged, "--tokens-file", tokens, "-o", tmp_path / "b.pt")
+    assert code == 0, err
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    plain = tmp_path / "plain.pt"
+    code, _, err = cli("forward", bases["torrent"], "--tokens-file", tokens, "-o", plain)
+    assert torch.equal(a, b) and not torch.allclose(a, torch.load(plain, weights_only=True), atol=1e-3)
+    for which in ("dora", "emb"):
+        out = tmp_path / f"shards_{which}"
+        code, _, err = cli("split", bases["torrent"], "--adapter", adapters[which], "-n", "2", "-o", out, "-q")
+        assert code == 0, err
+        code, stdout, err = cli("verify", out, "--source", bases["torrent"], "--adapter", adapters[which],
+                                "--forward", "--json", capsys=capsys)
+        assert code == 0, stdout + err
+        assert "LoRA unmerged" in json.loads(stdout)["forward"]["reference"]
+        # without the adapter, the shards are another model: the forward check fails
+        code, stdout, err = cli("verify", out, "--source", bases["torrent"], "--forward", capsys=capsys)
+        assert code == 1
