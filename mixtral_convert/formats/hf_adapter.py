@@ -101,6 +101,14 @@ class Reading:
             raise ConvertError(f"{self.f}: tensor '{key}' has shape {list(t.shape)}, the base's {what} needs "
                                f"{list(want)}: the adapter was made for another model")
 
+    def _want(self, key: str, canon: str) -> tuple:
+        """The base's shape of `canon`; a layer or expert the base does not have is refused."""
+        if canon not in self.shapes:
+            raise ConvertError(f"{self.f}: tensor '{key}' is for {canon}, which the base does not have ("
+                               f"{self.cfg.n_layers} layers, {self.cfg.num_experts} experts): the adapter was made "
+                               "for another model")
+        return self.shapes[canon]
+
     def _canonical_order(self, name: str, t: Lazy) -> Lazy:
         """`t`'s rows (HF's order for q/k) in canonical order."""
         n = hfnames.qk_heads(name, self.cfg)
@@ -119,7 +127,7 @@ class Reading:
         if canon is None:
             raise ConvertError(f"{self.f}: tensor '{key}' is not a LoRA tensor nor a Mixtral tensor this tool knows "
                                "(a modules_to_save entry must be a whole tensor of the model, e.g. lm_head)")
-        self._shape(key, t, self.shapes[canon], canon)
+        self._shape(key, t, self._want(key, canon), canon)
         self._put(canon, source=key, replace=self._canonical_order(canon, t))
 
     # ------------------------------------------------------------------ LoRA modules
@@ -140,7 +148,7 @@ class Reading:
                                "q/k/v/o_proj, router, experts w1/w2/w3, lm_head, embed_tokens)")
         pattern_key = mod + ".weight" if rt else mod  # peft's ParamWrapper names its parameter
         (ka, A), (kb, B) = parts["A"], parts["B"]
-        out, inp = self.shapes[canon]
+        out, inp = self._want(key, canon)
         r = A.shape[0]
         self._shape(ka, A, (r, inp), f"{canon} (LoRA A of rank {r})")
         self._shape(kb, B, (out, r), f"{canon} (LoRA B of rank {r})")
@@ -189,6 +197,7 @@ class Reading:
             raise ConvertError(f"{self.f}: '{ka}': fused experts at nesting {depth}, but adapter_config.json's "
                                f"target_parameters name {targeted or 'none of'} {list(EXPERT_PARAMS)}")
         param = targeted[len(targeted) - 1 - depth]
+        self._want(ka, f"layers.{L}.feed_forward.experts.0.w1.weight")
         E, D, H = cfg.num_experts, cfg.dim, cfg.hidden_dim
         inp, out = (D, 2 * H) if param == "gate_up_proj" else (H, D)
         if A.shape[0] % E:
@@ -221,7 +230,8 @@ def open_adapter(spec, cfg):
 def apply(ck: Checkpoint, spec) -> Checkpoint:
     """The base `ck` with the adapter at `spec` merged into its canonical tensors (lazily)."""
     conf, f, deltas, shown = open_adapter(spec, ck.cfg)
-    if conf.base_model and ck.remote and conf.base_model not in ck.remote:
+    known = {Path(str(x)).name.lower() for x in (ck.remote, ck.path) if x}
+    if conf.base_model and Path(str(conf.base_model)).name.lower() not in known:
         print(f"warning: {shown}: adapter_config.json names base model '{conf.base_model}', the base is "
               f"{ck.where} (a mirror may rename models: merging anyway)", file=sys.stderr)
     canonical = dict(ck.canonical)
