@@ -33,8 +33,9 @@ from ..errors import ConvertError
 from ..io.delta import Columns, Delta, DeltaMerged, Lora, Rows, Transposed
 from ..io.lazy import Lazy, Stored
 from ..model import names as hfnames
+from ..tokenizer import files as tokenizer_files
 from . import adapter_config
-from .checkpoint import Checkpoint, read_tensors
+from .checkpoint import Checkpoint, TokenizerRef, read_tensors
 
 PREFIX = "base_model.model."
 _LORA_RX = re.compile(r"(?P<mod>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
@@ -73,14 +74,29 @@ class Reading:
         self.cfg, self.conf, self.f = cfg, conf, f
         self.shapes = cfg.canonical_shapes()
         self.deltas: dict[str, Delta] = {}
+        self.vocab = cfg.vocab_size  # a run that added tokens saves a larger embedding and lm_head
+        self.resized: list[str] = []
         mods: dict[str, dict[str, tuple[str, Lazy]]] = {}
+        stripped = {_strip(key, f): key for key in tensors}
         for key, t in tensors.items():
             name = _strip(key, f)
+            wrapper = re.match(r"(?P<mod>.+)\.(?P<w>original_module|modules_to_save)\.weight\Z", name)
+            if wrapper:  # peft's ModulesToSaveWrapper state (a resized vocabulary saves it beside the module's tensor):
+                # the original module is the base's copy, the wrapper's copy is what `MOD.weight` holds; peft loads
+                # `MOD.weight` as the module to save and leaves these aside, as the tool does
+                if wrapper["mod"] + ".weight" not in stripped:
+                    raise ConvertError(f"{f}: '{key}' without '{PREFIX}{wrapper['mod']}.weight' beside it; peft would "
+                                       "not load it as the module to save: re-save the adapter with peft")
+                continue
             m = _LORA_RX.match(name)
             if m:
                 mods.setdefault(m["mod"], {})[_KIND[m["kind"]]] = (key, t)
             else:
                 self._replacement(key, name, t)
+        if self.resized and len(self.resized) != 2:
+            missing = "lm_head" if "tok_embeddings.weight" in self.resized else "embed_tokens"
+            raise ConvertError(f"{f}: the adapter resizes the vocabulary to {self.vocab} in one of embed_tokens and "
+                               f"lm_head but does not save {missing} whole; the adapter is incomplete")
         for mod, parts in mods.items():
             self._module(mod, parts)
 
@@ -127,7 +143,15 @@ class Reading:
         if canon is None:
             raise ConvertError(f"{self.f}: tensor '{key}' is not a LoRA tensor nor a Mixtral tensor this tool knows "
                                "(a modules_to_save entry must be a whole tensor of the model, e.g. lm_head)")
-        self._shape(key, t, self._want(key, canon), canon)
+        want = self._want(key, canon)
+        if canon in ("tok_embeddings.weight", "output.weight") and len(t.shape) == 2 and t.shape[1] == want[1] \
+                and t.shape[0] != self.cfg.vocab_size and (not self.resized or t.shape[0] == self.vocab):
+            self.vocab = t.shape[0]  # added tokens: both tensors take the adapter's vocabulary
+            self.resized.append(canon)
+            for n in ("tok_embeddings.weight", "output.weight"):
+                self.shapes[n] = (self.vocab, want[1])
+            want = self.shapes[canon]
+        self._shape(key, t, want, canon)
         self._put(canon, source=key, replace=self._canonical_order(canon, t))
 
     # ------------------------------------------------------------------ LoRA modules
@@ -219,17 +243,18 @@ class Reading:
                 self._put(f"{stem}.w2.weight", source=ka, lora=Lora(b, a, scale))
 
 
-def open_adapter(spec, cfg):
-    """(AdapterConfig, the weights file, canonical name -> Delta, how messages name it) of --adapter `spec`."""
+def apply(ck: Checkpoint, spec) -> Checkpoint:
+    """The base `ck` with the adapter at `spec` merged into its canonical tensors (lazily)."""
     d, shown = adapter_config.open_adapter_dir(spec)
     conf = adapter_config.read_config(d, shown)
     f = adapter_config.weights_file(d, shown)
-    return conf, f, Reading(cfg, conf, f, load_tensors(f)).deltas, shown
-
-
-def apply(ck: Checkpoint, spec) -> Checkpoint:
-    """The base `ck` with the adapter at `spec` merged into its canonical tensors (lazily)."""
-    conf, f, deltas, shown = open_adapter(spec, ck.cfg)
+    reading = Reading(ck.cfg, conf, f, load_tensors(f))
+    deltas, cfg, tok = reading.deltas, ck.cfg, ck.tok
+    if reading.vocab != cfg.vocab_size:
+        cfg = replace(cfg, vocab_size=reading.vocab)
+    found = d if tokenizer_files.has_hf_pair(d) else tokenizer_files.find(d)
+    if found is not None:  # the run's tokenizer (with the tokens it added) comes with the adapter
+        tok = TokenizerRef(found)
     known = {Path(str(x)).name.lower() for x in (ck.remote, ck.path) if x}
     if conf.base_model and Path(str(conf.base_model)).name.lower() not in known:
         print(f"warning: {shown}: adapter_config.json names base model '{conf.base_model}', the base is "
@@ -237,6 +262,7 @@ def apply(ck: Checkpoint, spec) -> Checkpoint:
     canonical = dict(ck.canonical)
     for name, delta in deltas.items():
         canonical[name] = DeltaMerged(canonical[name], delta, name)
-    out = replace(ck, kind="adapter", canonical=canonical, files=list(ck.files) + [f, conf.path], sharded=None,
+    out = replace(ck, kind="adapter", cfg=cfg, tok=tok, canonical=canonical, files=list(ck.files) + [f, conf.path],
+                  sharded=None,
                   label=f"{ck.describe()} + peft LoRA adapter {shown}")
     return out.check()

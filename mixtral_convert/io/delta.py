@@ -103,7 +103,9 @@ class DeltaMerged(Lazy):
 
     def __init__(self, base: Lazy, delta: Delta, name: Optional[str] = None):
         self.base, self.delta = base, delta
-        self.shape, self.dtype, self.name = base.shape, base.dtype, name or base.name
+        # a replacement may be larger than the base (a vocabulary with added tokens); the dtype is the base's
+        self.shape = tuple(delta.replace.shape) if delta.replace is not None else base.shape
+        self.dtype, self.name = base.dtype, name or base.name
         self.scale = torch.tensor(delta.lora.scale if delta.lora else 1.0, dtype=torch.float32)
 
     def read(self, r0, r1, c0=None, c1=None):

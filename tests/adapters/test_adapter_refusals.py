@@ -107,3 +107,12 @@ def test_base_model_name_differing_is_a_warning(tmp_path, capsys, base):
     ad = pk.hub_adapter(tmp_path / "same", cfg, base_model_name_or_path=str(src))
     code, _, err = cli("merge", src, "--adapter", ad, "-o", tmp_path / "out2", "-q", capsys=capsys)
     assert code == 0 and "warning" not in err, err
+
+
+def test_vocabulary_resized_in_one_tensor_only(tmp_path, capsys, base):
+    cfg, src = base
+    ad = pk.hub_adapter(tmp_path / "half", cfg, extra={"base_model.model.lm_head.weight": torch.zeros(130, 64)})
+    refused(tmp_path, capsys, src, ad, "resizes the vocabulary to 130", "embed_tokens")
+    ad = pk.hub_adapter(tmp_path / "wrapper", cfg,
+                        extra={"base_model.model.lm_head.modules_to_save.weight": torch.zeros(128, 64)})
+    refused(tmp_path, capsys, src, ad, "lm_head.modules_to_save.weight", "re-save")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,3 +85,40 @@ def test_hub_per_expert_layout_gives_peft_logits(tmp_path, bases, rslora):
     experts = ("w2",) if rslora else ("w1", "w2", "w3")
     adapter = pk.hub_adapter(tmp_path / "hub", cfg, use_rslora=rslora, experts=experts)
     judge(tmp_path, hf, base_logits, adapter, src)
+
+
+def test_added_tokens_take_the_adapters_vocabulary_and_tokenizer(tmp_path, bases, capsys):
+    """A run that added tokens: its larger embed_tokens and lm_head (modules_to_save) and its tokenizer are used;
+    transformers gives peft's logits on the new ids too; the valid N are those of the new vocabulary."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+    cfg, src, hf, base_logits = bases
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    tok.add_tokens(["<tool_call>", "<think>"])
+    assert len(tok) == cfg.vocab_size + 2
+    model = pk.load_hf(hf)
+    model.resize_token_embeddings(len(tok))
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"],
+                                          modules_to_save=["embed_tokens", "lm_head"]))
+    pk.randomize_lora(pm, 21)
+    ad = tmp_path / "adapter"
+    pm.save_pretrained(str(ad))
+    tok.save_pretrained(str(ad))
+    tokens = torch.tensor([[1, 5, 9, cfg.vocab_size, 17, cfg.vocab_size + 1, 3]])
+    ref_model = pk.load_hf(hf)
+    ref_model.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(ref_model, str(ad)).eval()(tokens).logits.float()
+    out = tmp_path / "merged_hf"
+    code, _, err = cli("merge", src, "--adapter", ad, "--to", "hf", "-o", out, "-q", "--max-position-embeddings",
+                       "4096", capsys=capsys)
+    assert code == 0, err
+    got = pk.hf_logits(out, tokens)
+    assert got.shape[-1] == cfg.vocab_size + 2
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids("<think>") == cfg.vocab_size + 1
+    # 130 rows: N=4 no longer divides the vocabulary, refused with the valid ones; N=2 does
+    code, _, err = cli("split", src, "--adapter", ad, "-n", "4", "-o", tmp_path / "n4", capsys=capsys)
+    assert code == 2 and "-n 4" in err and "1, 2" in err and not (tmp_path / "n4").exists(), err
+    code, _, err = cli("split", src, "--adapter", ad, "-n", "2", "-o", tmp_path / "n2", "-q", capsys=capsys)
+    assert code == 0, err
