@@ -48,7 +48,11 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers 5's MixtralExperts
 
 
 def load_tensors(f: Path) -> dict[str, Lazy]:
-    if f.name.endswith(".safetensors"):
+    """The adapter's tensors, lazily: safetensors, or adapter_model.bin as a torch zip read by the tool's
+    weights-only reader (tensor descriptions unpickled, bytes read block by block: a full-vocabulary lm_head
+    streams); a legacy (non-zip) .bin is read whole by torch.load(weights_only=True)."""
+    from ..encodings.zipcheck import is_zip
+    if f.name.endswith(".safetensors") or is_zip(f):
         return read_tensors(f)
     try:
         sd = torch.load(f, map_location="cpu", weights_only=True)

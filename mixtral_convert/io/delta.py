@@ -108,29 +108,38 @@ class DeltaMerged(Lazy):
         self.dtype, self.name = base.dtype, name or base.name
         self.scale = torch.tensor(delta.lora.scale if delta.lora else 1.0, dtype=torch.float32)
 
-    def read(self, r0, r1, c0=None, c1=None):
+    def _rows(self, r0, r1, c0, c1) -> torch.Tensor:
+        """W (or the replacement) + scale · b·a over rows [r0, r1) and columns [c0, c1), a new float32 tensor."""
         src = self.delta.replace if self.delta.replace is not None else self.base
-        if len(self.shape) == 1:
-            return src.read(r0, r1).float().to(self.dtype)
-        if c0 is None:
-            c0, c1 = 0, self.shape[1]
-        dora = self.delta.magnitude is not None
-        a0, a1 = (0, self.shape[1]) if dora else (c0, c1)  # DoRA's norm needs the whole row
-        out = src.read(r0, r1, a0, a1).float()
+        out = src.read(r0, r1, c0, c1).float()
         if out.dtype == src.dtype:
             out = out.clone()  # never add into a view of the file or of a stored tensor
         lora = self.delta.lora
         if lora is not None:
-            k = lora.a.shape[0]
-            A = lora.a.read(0, k, a0, a1)
-            step = max(1, CHUNK_ELEMENTS // max(1, a1 - a0))
+            A = lora.a.read(0, lora.a.shape[0], c0, c1)
+            step = max(1, CHUNK_ELEMENTS // max(1, c1 - c0))
             for i in range(r0, r1, step):
                 j = min(r1, i + step)
-                p = lora_product(lora.b.read(i, j), A)
-                out[i - r0:j - r0].add_(p.mul_(self.scale))
-        if dora:
-            m = self.delta.magnitude.read(r0, r1).float()
-            out.mul_((m / row_norm(out)).unsqueeze(1))
-        if (a0, a1) != (c0, c1):
-            out = out[:, c0 - a0:c1 - a0]
-        return out.to(self.dtype)
+                out[i - r0:j - r0].add_(lora_product(lora.b.read(i, j), A).mul_(self.scale))
+        return out
+
+    def read(self, r0, r1, c0=None, c1=None):
+        if len(self.shape) == 1:
+            src = self.delta.replace if self.delta.replace is not None else self.base
+            return src.read(r0, r1).float().to(self.dtype)
+        if c0 is None:
+            c0, c1 = 0, self.shape[1]
+        if self.delta.magnitude is None:
+            return self._rows(r0, r1, c0, c1).to(self.dtype)
+        # DoRA: each row's norm needs the whole row; a few rows at a time, so that a narrow column band asked
+        # for does not hold the band's rows whole at once
+        out = torch.empty((r1 - r0, c1 - c0), dtype=self.dtype)
+        width = self.shape[1]
+        step = max(1, CHUNK_ELEMENTS // width)
+        for i in range(r0, r1, step):
+            j = min(r1, i + step)
+            v = self._rows(i, j, 0, width)
+            m = self.delta.magnitude.read(i, j).float()
+            v.mul_((m / row_norm(v)).unsqueeze(1))
+            out[i - r0:j - r0] = v[:, c0:c1]  # one rounding to the dtype
+        return out

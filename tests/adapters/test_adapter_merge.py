@@ -137,3 +137,27 @@ def test_forward_and_verify_forward_with_adapter(tmp_path, setup, capsys):
         # without the adapter, the shards are another model: the forward check fails
         code, stdout, err = cli("verify", out, "--source", bases["torrent"], "--forward", capsys=capsys)
         assert code == 1
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_adapter_model_bin_same_bytes_as_safetensors(tmp_path, setup, zipped, capsys):
+    """adapter_model.bin, a torch zip (read lazily by the tool's weights-only reader) or torch's legacy format
+    (torch.load(weights_only=True)), merges to the bytes of the same tensors in adapter_model.safetensors; a
+    pickle holding anything but tensors is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+    cfg, bases, adapters = setup
+    ref = merged_tensors(tmp_path, bases["torrent"], adapters["emb"], "st")
+    ad = tmp_path / "bin"
+    shutil.copytree(adapters["emb"], ad)
+    sd = load_file(str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_model.safetensors").unlink()
+    torch.save(sd, ad / "adapter_model.bin", _use_new_zipfile_serialization=zipped)
+    code, _, err = cli("merge", bases["torrent"], "--adapter", ad, "-o", tmp_path / "out_bin", "-q", capsys=capsys)
+    assert code == 0, err
+    got = load(tmp_path / "out_bin" / "consolidated.00.pth")
+    assert [k for k in ref if not same_bytes(got[k], ref[k])] == []
+    torch.save({"x": torch.zeros(1), "evil": {1, 2}}, ad / "adapter_model.bin", _use_new_zipfile_serialization=zipped)
+    code, _, err = cli("merge", bases["torrent"], "--adapter", ad, "-o", tmp_path / "no")
+    assert code == 2 and not (tmp_path / "no").exists()
