@@ -2,6 +2,8 @@
 `merge --adapter --to hf` output gives, in transformers, peft's unmerged PeftModel logits (docs/formats.md,
 "HF PEFT LoRA adapters"). Each adapter is made (or, for the hub layout, loaded and converted) by peft."""
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +42,7 @@ def bases(tmp_path_factory):
     return cfg, src, hf, pk.hf_logits(hf)
 
 
-def judge(tmp_path, hf, base_logits, adapter, src):
+def judge(tmp_path, hf, base_logits, adapter, src, case=None):
     """The tool's merge of `adapter` into `src`, written as HF, gives peft's logits; the adapter matters."""
     ref = pk.peft_logits(hf, adapter)
     out = tmp_path / "merged_hf"
@@ -51,6 +53,11 @@ def judge(tmp_path, hf, base_logits, adapter, src):
     scale = ref.abs().max().item()
     diff = (got - ref).abs().max().item()
     moved = (base_logits - ref).abs().max().item()
+    out_figures = os.environ.get("MIXTRAL_CONVERT_FIGURES")
+    if out_figures:  # docs/parity.md's table of adapter forms
+        with open(out_figures, "a") as f:
+            f.write(json.dumps({"case": adapter.name if case is None else case, "max_abs": diff,
+                                "max_abs_logit": scale, "base_moved": moved}) + "\n")
     assert diff <= 1e-4 * scale, (diff, scale)
     assert moved > 1e-2 * scale, moved  # the adapter changes the model, so the comparison means something
     return diff / scale
@@ -60,7 +67,7 @@ def judge(tmp_path, hf, base_logits, adapter, src):
 def test_peft_form_merged_gives_peft_logits(tmp_path, bases, form):
     cfg, src, hf, base_logits = bases
     adapter = pk.make_adapter(hf, tmp_path / "adapter", seed=list(FORMS).index(form), **FORMS[form])
-    judge(tmp_path, hf, base_logits, adapter, src)
+    judge(tmp_path, hf, base_logits, adapter, src, form)
 
 
 def test_adapter_model_bin_read_with_weights_only(tmp_path, bases):
@@ -72,7 +79,7 @@ def test_adapter_model_bin_read_with_weights_only(tmp_path, bases):
     pm.save_pretrained(str(tmp_path / "adapter"), safe_serialization=False)
     assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    judge(tmp_path, hf, base_logits, tmp_path / "adapter", src)
+    judge(tmp_path, hf, base_logits, tmp_path / "adapter", src, "adapter_model.bin")
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -84,7 +91,7 @@ def test_hub_per_expert_layout_gives_peft_logits(tmp_path, bases, rslora):
     cfg, src, hf, base_logits = bases
     experts = ("w2",) if rslora else ("w1", "w2", "w3")
     adapter = pk.hub_adapter(tmp_path / "hub", cfg, use_rslora=rslora, experts=experts)
-    judge(tmp_path, hf, base_logits, adapter, src)
+    judge(tmp_path, hf, base_logits, adapter, src, "hub" + ("-rslora-w2" if rslora else ""))
 
 
 def test_added_tokens_take_the_adapters_vocabulary_and_tokenizer(tmp_path, bases, capsys):
