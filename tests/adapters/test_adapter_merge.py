@@ -161,3 +161,30 @@ def test_adapter_model_bin_same_bytes_as_safetensors(tmp_path, setup, zipped, ca
     torch.save({"x": torch.zeros(1), "evil": {1, 2}}, ad / "adapter_model.bin", _use_new_zipfile_serialization=zipped)
     code, _, err = cli("merge", bases["torrent"], "--adapter", ad, "-o", tmp_path / "no")
     assert code == 2 and not (tmp_path / "no").exists()
+
+
+def test_hub_adapter_from_the_cache(tmp_path, setup, monkeypatch, capsys):
+    """--adapter hf://org/name[@rev] resolves through huggingface_hub (offline here, from a cache laid out as it
+    lays one out) and merges to the bytes the local directory gives."""
+    import shutil
+    cfg, bases, adapters = setup
+    ref = merged_tensors(tmp_path, bases["torrent"], adapters["hub"], "local")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "cache" / "models--org--qlora"
+    (root / "blobs").mkdir(parents=True)
+    (root / "snapshots" / sha).mkdir(parents=True)
+    for f in adapters["hub"].iterdir():
+        shutil.copy(f, root / "blobs" / f.name)
+        (root / "snapshots" / sha / f.name).symlink_to(root / "blobs" / f.name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for spec in ("hf://org/qlora", f"hf://org/qlora@{sha}"):
+        out = tmp_path / spec.replace("/", "_").replace(":", "").replace("@", "_")
+        code, _, err = cli("merge", bases["torrent"], "--adapter", spec, "-o", out, "-q", capsys=capsys)
+        assert code == 0, err
+        got = load(out / "consolidated.00.pth")
+        assert [k for k in ref if not same_bytes(got[k], ref[k])] == []
+    code, _, err = cli("merge", bases["torrent"], "--adapter", "hf://org/absent", "-o", tmp_path / "x", capsys=capsys)
+    assert code == 2 and "hf://org/absent" in err and not (tmp_path / "x").exists(), err
