@@ -229,7 +229,8 @@ class Reading:
         E, D, H = cfg.num_experts, cfg.dim, cfg.hidden_dim
         inp, out = (D, 2 * H) if param == "gate_up_proj" else (H, D)
         if A.shape[0] % E:
-            self._shape(ka, A, (E * (A.shape[0] // E + 1), inp), f"{param} of layer {L} (LoRA A, experts x rank)")
+            raise ConvertError(f"{self.f}: tensor '{ka}' has shape {list(A.shape)}: its {A.shape[0]} rows are not "
+                               f"the base's {E} experts times a rank: the adapter was made for another model")
         r = A.shape[0] // E
         self._shape(ka, A, (E * r, inp), f"{param} of layer {L} (LoRA A, {E} experts x rank {r})")
         self._shape(kb, B, (out, r * E), f"{param} of layer {L} (LoRA B, rank {r} x {E} experts)")

@@ -116,3 +116,13 @@ def test_vocabulary_resized_in_one_tensor_only(tmp_path, capsys, base):
     ad = pk.hub_adapter(tmp_path / "wrapper", cfg,
                         extra={"base_model.model.lm_head.modules_to_save.weight": torch.zeros(128, 64)})
     refused(tmp_path, capsys, src, ad, "lm_head.modules_to_save.weight", "re-save")
+
+
+def test_fused_experts_for_another_expert_count_and_verify_without_source(tmp_path, capsys, base):
+    cfg, src = base
+    extra = {"base_model.model.model.layers.0.mlp.experts.lora_A.weight": torch.zeros(3 * 4 + 1, 48),
+             "base_model.model.model.layers.0.mlp.experts.lora_B.weight": torch.zeros(64, 13)}
+    ad = pk.hub_adapter(tmp_path / "fused", cfg, extra=extra, target_parameters=["mlp.experts.down_proj"])
+    refused(tmp_path, capsys, src, ad, "mlp.experts.lora_A.weight", "[13, 48]", "4 experts")
+    code, _, err = cli("verify", tmp_path, "--adapter", ad, capsys=capsys)
+    assert code == 2 and "--adapter needs --source" in err, err
