@@ -69,6 +69,9 @@ def run(job: Job, distributed: bool = False) -> Optional[Result]:
         raise ConvertError("give exactly one of --tokens-file T.pt or --prompt TEXT")
     dtype, device = torch_dtype(job.dtype), check_device(job.device)
     if distributed:
+        if job.adapter is not None:
+            raise ConvertError("--distributed runs a converted layout's own shard files; --adapter is merged as a "
+                               "source is read: split the base with --adapter first, then run those shards")
         return run_distributed(job)
     model = open_model(job.path, dtype, device, base=job.base, adapter=job.adapter)
     return compute(job, model.cfg, model.run, model.tokenizer, model.how)

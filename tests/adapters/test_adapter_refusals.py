@@ -126,3 +126,12 @@ def test_fused_experts_for_another_expert_count_and_verify_without_source(tmp_pa
     refused(tmp_path, capsys, src, ad, "mlp.experts.lora_A.weight", "[13, 48]", "4 experts")
     code, _, err = cli("verify", tmp_path, "--adapter", ad, capsys=capsys)
     assert code == 2 and "--adapter needs --source" in err, err
+
+
+def test_forward_distributed_with_adapter_is_refused(tmp_path, capsys, base):
+    cfg, src = base
+    ad = pk.hub_adapter(tmp_path / "ad", cfg)
+    torch.save(torch.tensor([[1, 2, 3]]), tmp_path / "t.pt")
+    code, _, err = cli("forward", src, "--adapter", ad, "--distributed", "--tokens-file", tmp_path / "t.pt",
+                       "-o", tmp_path / "l.pt", capsys=capsys)
+    assert code == 2 and "split the base with --adapter first" in err and not (tmp_path / "l.pt").exists(), err
