@@ -1,6 +1,6 @@
 """The adapter merge's determinism and its commands (docs/formats.md, "HF PEFT LoRA adapters"): the merged bytes
-are the same whatever the base's format (torrent, HF, Accessory base and sparse at N=2) and whatever the block
-asked for; split / split-sparse / merge / forward / verify take --adapter."""
+are the same whatever the base's format (torrent, HF, Accessory base and sparse at N=2, Mistral's .tar) and
+whatever the block asked for; split / split-sparse / merge / forward / verify take --adapter."""
 
 import json
 import sys
@@ -21,6 +21,26 @@ from mixtral_convert.io.delta import DeltaMerged, row_norm
 pytest.importorskip("peft")
 
 
+def mistral_tar(torrent: Path, rel: Path, tar: Path) -> Path:
+    """Mistral's .tar download of the torrent's model (consolidated.safetensors, params.json, tokenizer.model.v3 in
+    a folder), written with the safetensors and tarfile libraries."""
+    import json as _json
+    import shutil
+    import tarfile
+
+    from safetensors.torch import save_file
+    rel.mkdir()
+    save_file({k: v.contiguous() for k, v in load(torrent / "consolidated.00.pth").items()},
+              str(rel / "consolidated.safetensors"))
+    p = _json.loads((torrent / "params.json").read_text())
+    (rel / "params.json").write_text(_json.dumps(dict(p, rope_theta=1e6)))  # mistral-inference's params name it
+    shutil.copy(torrent / "tokenizer.model", rel / "tokenizer.model.v3")
+    with tarfile.open(tar, "w") as tf:
+        for f in sorted(rel.iterdir()):
+            tf.add(f, arcname=f"Mixtral-tiny/{f.name}")
+    return tar
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A bfloat16 base in four layouts, and two adapters made by peft on its float32 twin: the hub layout
@@ -35,6 +55,7 @@ def setup(tmp_path_factory):
                  ("split-sparse", src, "-n", "2", "-o", bases["sparse2"])):
         code, _, err = cli(*args, "-q")
         assert code == 0, err
+    bases["tar"] = mistral_tar(src, root / "rel", root / "Mixtral-tiny.tar")
     adapters = {
         "hub": pk.hub_adapter(root / "hub", cfg),
         "dora": pk.make_adapter(hf32, root / "dora", seed=7, r=4, lora_alpha=8, use_dora=True,
@@ -60,7 +81,7 @@ def test_same_bytes_whatever_the_base_layout(tmp_path, setup, which):
     plain = load(bases["torrent"] / "consolidated.00.pth")
     changed = [k for k in ref if not same_bytes(ref[k], plain[k])]
     assert len(changed) > 4 and all(v.dtype == torch.bfloat16 for v in ref.values())
-    for kind in ("hf", "base2", "sparse2"):
+    for kind in ("hf", "base2", "sparse2", "tar"):
         got = merged_tensors(tmp_path, bases[kind], adapters[which], f"from_{kind}")
         assert set(got) == set(ref)
         bad = [k for k in ref if not same_bytes(got[k], ref[k])]
