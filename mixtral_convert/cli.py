@@ -139,12 +139,8 @@ _base_option = click.option(
     help="For a trainable-only PEFT save (only lora/bias/norm tensors): the model it was trained from, any "
          "readable source (any format, any N, hf://org/name). Its tensors are read, the save's norms and biases "
          "replace them, its LoRA is merged in.")
-_adapter_option = click.option(
-    "--adapter", default=None, metavar="PATH_OR_hf://org/name",
-    help="An HF PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as peft, axolotl, unsloth and "
-         "trl save it; a directory or hf://org/name[@rev]) merged into the source as it is read: LoRA (rsLoRA, "
-         "rank/alpha patterns, DoRA, embedding LoRA) in one fixed order of float32 arithmetic, rounded once to the "
-         "source's dtype; modules_to_save replace the source's tensors. The same bytes whatever the source's format.")
+_adapter_option = click.option("--adapter", default=None, metavar="PATH_OR_hf://org/name", help="An HF PEFT LoRA "
+                               "adapter (peft, axolotl, unsloth, trl) merged into the source as it is read.")
 _drop_biases_option = click.option(
     "--drop-biases", is_flag=True,
     help="Write a model with non-zero biases (a bias-tuned PEFT save) to an output that has none, leaving them "
@@ -349,8 +345,6 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
         from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
-    if adapter is not None and source is None:
-        raise ConvertError("--adapter needs --source BASE: the model the adapter is merged into")
     rep = verify(shards, source, quiet=quiet or as_json, base=base, adapter=adapter)
     fwd = None
     if run_forward:

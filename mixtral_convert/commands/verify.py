@@ -68,6 +68,8 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
     """With `source`: structure, then every byte against the source (a PEFT save: its merged weights,
     computed as split computes them; `base`: a trainable-only save's base). Without: structure, then
     every file's size and sha256 against the directory's manifest."""
+    if adapter is not None and source is None:  # refused before anything is hashed
+        raise ConvertError("--adapter needs --source BASE: the model the adapter is merged into")
     t0 = time.perf_counter()
     shards = Path(shards)
     if not shards.is_dir():

@@ -41,6 +41,8 @@ def manifest_path(path: Path) -> Path:
 def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, base=None, adapter=None) -> Report:
     t0 = time.perf_counter()
     path = Path(path)
+    if adapter is not None and source is None:  # refused before anything is hashed
+        raise ConvertError("--adapter needs --source BASE: the model the adapter is merged into")
     if not path.is_file():
         raise ConvertError(f"{path}: no such GGUF file")
     rep = Report(str(path), "", layout="gguf", world_size=1)
