@@ -139,6 +139,8 @@ _base_option = click.option(
     help="For a trainable-only PEFT save (only lora/bias/norm tensors): the model it was trained from, any "
          "readable source (any format, any N, hf://org/name). Its tensors are read, the save's norms and biases "
          "replace them, its LoRA is merged in.")
+_adapter_option = click.option("--adapter", default=None, metavar="PATH_OR_hf://org/name", help="An HF PEFT LoRA "
+                               "adapter (peft, axolotl, unsloth, trl) merged into the source as it is read.")
 _drop_biases_option = click.option(
     "--drop-biases", is_flag=True,
     help="Write a model with non-zero biases (a bias-tuned PEFT save) to an output that has none, leaving them "
@@ -214,12 +216,12 @@ _write_ranks_option = click.option(
 
 def _split(src: Path, out, world_size: int, force: bool, quiet: bool, layout: str, fmt: str = "pth",
            tokenizer=None, ranks=None, cast=None, dry_run=False, write_ranks="auto", base=None,
-           drop_biases=False) -> None:
+           drop_biases=False, adapter=None) -> None:
     from .commands.split import split
     try:
         res = split(src, layout, world_size, out=out, force=force, quiet=quiet, fmt=fmt, tokenizer=tokenizer,
                     ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run, write_ranks=write_ranks, base=base,
-                    drop_biases=drop_biases)
+                    drop_biases=drop_biases, adapter=adapter)
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
@@ -232,15 +234,14 @@ def _split_options(f):
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
                             _format_option, _tokenizer_option, _cast_option, _dry_run_option,
-                            _write_ranks_option, _base_option, _drop_biases_option)):
+                            _write_ranks_option, _base_option, _drop_biases_option, _adapter_option)):
         f = option(f)
     return f
 
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
-              drop_biases):
+def split_cmd(**options):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -253,14 +254,12 @@ def split_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, d
     biases in place), which Accessory's mixtral_peft loads.
     Default output: SRC/converted.
     """
-    _split(src, out, world_size, force, quiet, "base", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
-           drop_biases)
+    _split(layout="base", **options)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, cast, dry_run, write_ranks, base,
-                     drop_biases):
+def split_sparse_cmd(**options):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
@@ -268,8 +267,7 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
     Default output: SRC/converted_sparse. It has no biases: a model with non-zero ones is refused
     (use split, or --drop-biases).
     """
-    _split(src, out, world_size, force, quiet, "sparse", fmt, tokenizer, ranks, cast, dry_run, write_ranks, base,
-           drop_biases)
+    _split(layout="sparse", **options)
 
 
 @cli.command("merge")
@@ -285,13 +283,14 @@ def split_sparse_cmd(src, out, world_size, force, ranks, quiet, fmt, tokenizer, 
 @_dry_run_option
 @_base_option
 @_drop_biases_option
-def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, **target_options):
+@_adapter_option
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, adapter, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
-                base=base, drop_biases=drop_biases, **target_options)
+                base=base, drop_biases=drop_biases, adapter=adapter, **target_options)
     if dry_run:
         return click.echo("\n".join(res.lines()))
     _print_result("merged", res, quiet)
@@ -313,7 +312,8 @@ def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, dro
 @_dtype_option
 @_device_option
 @_base_option
-def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device, base):
+@_adapter_option
+def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device, base, adapter):
     """Prove SHARDS is exactly SOURCE in its layout: structure (a file per rank, meta.json,
     config.json and tokenizer consistent, every shard's keys, shapes and dtypes) and every
     byte of every tensor. Without --source: the same structure checks, then every file's size
@@ -327,10 +327,10 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
         from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
-    rep = verify(shards, source, quiet=quiet or as_json, base=base)
+    rep = verify(shards, source, quiet=quiet or as_json, base=base, adapter=adapter)
     fwd = None
     if run_forward:
-        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base)
+        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base, adapter=adapter)
     lines, problems = rep.lines(fwd, as_json)
     if as_json or not quiet:
         click.echo("\n".join(lines))
@@ -370,7 +370,8 @@ def inspect_cmd(path, as_json):
               help="With --prompt: how many next-token candidates to print.")
 @_force_option
 @_base_option
-def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force, base):
+@_adapter_option
+def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force, base, adapter):
     """Logits of PATH: a source checkpoint (reference forward) or a converted layout directory
     (sharded forward, every rank's share from its own shard file), layer by layer.
 
@@ -384,7 +385,7 @@ def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, n
     if tokens_file is not None and output is None:
         raise click.UsageError("--tokens-file needs --output L.pt for the logits")
     job = Job(str(path), str(tokens_file) if tokens_file else None, prompt, new_tokens, top, dtype, device,
-              str(base) if base is not None else None)
+              str(base) if base is not None else None, str(adapter) if adapter is not None else None)
     res = run(job, distributed=distributed)
     if res is None:  # a rank other than 0 of a torchrun group
         return

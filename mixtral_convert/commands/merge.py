@@ -31,12 +31,12 @@ from .dryrun import Planned
 
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
-          base=None, drop_biases: bool = False, **target_options: Optional[str]):
+          base=None, drop_biases: bool = False, adapter=None, **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
-    ck = open_checkpoint(shards, base=base)
+    ck = open_checkpoint(shards, base=base, adapter=adapter)
     sources = ck.sources  # checked unchanged before the output is renamed into place
     ck = use_tokenizer(ck, tokenizer)
     if ck.kind in tgt.same_kinds:
