@@ -139,6 +139,8 @@ _base_option = click.option(
     help="For a trainable-only PEFT save (only lora/bias/norm tensors): the model it was trained from, any "
          "readable source (any format, any N, hf://org/name). Its tensors are read, the save's norms and biases "
          "replace them, its LoRA is merged in.")
+_adapter_option = click.option("--adapter", default=None, metavar="PATH_OR_hf://org/name", help="An HF PEFT LoRA "
+                               "adapter (peft, axolotl, unsloth, trl) merged into the source as it is read.")
 _drop_biases_option = click.option(
     "--drop-biases", is_flag=True,
     help="Write a model with non-zero biases (a bias-tuned PEFT save) to an output that has none, leaving them "
@@ -242,7 +244,7 @@ def _split_options(f):
 
 @cli.command("split")
 @_split_options
-def split_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
+def split_cmd(**options):
     """Re-shard SRC into Accessory's base layout (llama_type "mixtral").
 
     Every rank gets whole experts (rank r holds experts r*E/N .. (r+1)*E/N-1), its chunk of the
@@ -255,12 +257,12 @@ def split_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
     biases in place), which Accessory's mixtral_peft loads.
     Default output: SRC/converted.
     """
-    _split(src, "base", world_size, quiet, ranks, cast, dry_run, **options)
+    _split(layout="base", **options)
 
 
 @cli.command("split-sparse")
 @_split_options
-def split_sparse_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
+def split_sparse_cmd(**options):
     """Re-shard SRC into Accessory's sparse layout (llama_type "mixtral_sparse").
 
     Every rank holds 1/N of every expert's FFN dim, fused per layer into feed_forward.w1, w3
@@ -268,7 +270,7 @@ def split_sparse_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
     Default output: SRC/converted_sparse. It has no biases: a model with non-zero ones is refused
     (use split, or --drop-biases).
     """
-    _split(src, "sparse", world_size, quiet, ranks, cast, dry_run, **options)
+    _split(layout="sparse", **options)
 
 
 @cli.command("merge")
@@ -286,13 +288,14 @@ def split_sparse_cmd(src, world_size, quiet, ranks, cast, dry_run, **options):
 @_drop_biases_option
 @_dequantize_option
 @_mixed_experts_option
-def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, **target_options):
+@_adapter_option
+def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, drop_biases, adapter, **target_options):
     """Reassemble an Accessory directory (base or sparse, any N), or any other source, into the
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
     res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
-                base=base, drop_biases=drop_biases, **target_options)  # (--dequantize, --convert-mixed-experts too)
+                base=base, drop_biases=drop_biases, adapter=adapter, **target_options)  # --dequantize etc. too
     if dry_run:
         return click.echo("\n".join(res.lines()))
     _print_result("merged", res, quiet)
@@ -314,7 +317,8 @@ def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, dro
 @_dtype_option
 @_device_option
 @_base_option
-def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device, base):
+@_adapter_option
+def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, device, base, adapter):
     """Prove SHARDS is exactly SOURCE in its layout: structure (a file per rank, meta.json,
     config.json and tokenizer consistent, every shard's keys, shapes and dtypes) and every
     byte of every tensor. Without --source: the same structure checks, then every file's size
@@ -328,10 +332,10 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
         from .forward.gguf_parity import gguf_parity as parity
     if run_forward and source is None:  # refused before anything is hashed
         raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
-    rep = verify(shards, source, quiet=quiet or as_json, base=base)
+    rep = verify(shards, source, quiet=quiet or as_json, base=base, adapter=adapter)
     fwd = None
     if run_forward:
-        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base)
+        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base, adapter=adapter)
     lines, problems = rep.lines(fwd, as_json)
     if as_json or not quiet:
         click.echo("\n".join(lines))
@@ -371,7 +375,8 @@ def inspect_cmd(path, as_json):
               help="With --prompt: how many next-token candidates to print.")
 @_force_option
 @_base_option
-def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force, base):
+@_adapter_option
+def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, new_tokens, top, force, base, adapter):
     """Logits of PATH: a source checkpoint (reference forward) or a converted layout directory
     (sharded forward, every rank's share from its own shard file), layer by layer.
 
@@ -385,7 +390,7 @@ def forward_cmd(path, tokens_file, prompt, output, dtype, device, distributed, n
     if tokens_file is not None and output is None:
         raise click.UsageError("--tokens-file needs --output L.pt for the logits")
     job = Job(str(path), str(tokens_file) if tokens_file else None, prompt, new_tokens, top, dtype, device,
-              str(base) if base is not None else None)
+              str(base) if base is not None else None, str(adapter) if adapter is not None else None)
     res = run(job, distributed=distributed)
     if res is None:  # a rank other than 0 of a torchrun group
         return

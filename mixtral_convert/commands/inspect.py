@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import gguf_restack, gguf_source, mistral, peft
+from ..formats import adapter_config, adapter_summary, gguf_restack, gguf_source, mistral, peft
 from ..formats.accessory import SHARD_RE
 from ..formats.checkpoint import read_tensors
 from ..formats.registry import file_reader, open_checkpoint
@@ -37,6 +37,8 @@ def inspect(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path}: no such file or directory")
+    if path.is_dir() and adapter_config.is_adapter_dir(path):
+        return adapter_summary.summary(path)
     if path.is_dir():
         return _directory(path)
     reader = file_reader(path)

@@ -34,18 +34,19 @@ from .restack import merge_old_gguf
 def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
           to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
           base=None, drop_biases: bool = False, dequantize: bool = False, convert_mixed_experts: Optional[str] = None,
-          **target_options: Optional[str]):
+          adapter=None, **target_options: Optional[str]):
     """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
     say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
     tgt = target(to)
     # issue 27 hook: an old per-expert GGUF restacked (its bytes copied), or a quantized GGUF only with --dequantize
-    restacked = merge_old_gguf(shards, to, out=out, force=force, quiet=quiet, dtype=dtype, dry_run=dry_run,
-                               dequantize=dequantize, mixed_experts=convert_mixed_experts, tokenizer=tokenizer,
-                               base=base, drop_biases=drop_biases, **target_options)
+    # (with an adapter the GGUF is read as a source instead: a restack copies bytes and would drop it)
+    restacked = None if adapter is not None else merge_old_gguf(
+        shards, to, out=out, force=force, quiet=quiet, dtype=dtype, dry_run=dry_run, dequantize=dequantize,
+        mixed_experts=convert_mixed_experts, tokenizer=tokenizer, base=base, drop_biases=drop_biases, **target_options)
     if restacked is not None:
         return restacked
-    ck = open_checkpoint(shards, base=base)
+    ck = open_checkpoint(shards, base=base, adapter=adapter)
     sources = ck.sources  # checked unchanged before the output is renamed into place
     ck, dtype = gguf_dequant.settle(ck, dequantize, dtype)  # issue 27 hook
     ck = use_tokenizer(ck, tokenizer)

@@ -171,7 +171,7 @@ def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str, dropped=None) 
 def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
           quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
           tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False, write_ranks: str = "auto",
-          base=None, drop_biases: bool = False, dequantize: bool = False):
+          base=None, drop_biases: bool = False, dequantize: bool = False, adapter=None):
     """Write `src` in `layout` for N ranks (a Result); with `dry_run`, only say what would be
     written (a dryrun.DryRun). `base`: the model a trainable-only PEFT save `src` was trained from.
     A model with non-zero biases goes to the base layout as mixtral_peft ("peft", biases in place);
@@ -179,7 +179,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
     shard_writer(fmt)  # an unknown format fails before anything is read
     if write_ranks not in WRITE_RANKS:
         raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
-    ck = open_checkpoint(src, base=base)
+    ck = open_checkpoint(src, base=base, adapter=adapter)
     sources = ck.sources  # checked unchanged before any output is renamed into place
     ck, dtype = gguf_dequant.settle(ck, dequantize, dtype)  # issue 27 hook: a quantized GGUF only with --dequantize
     ck = cast_to(use_tokenizer(ck, tokenizer), dtype)

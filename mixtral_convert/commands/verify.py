@@ -83,10 +83,12 @@ class Report:
         return out, problems
 
 
-def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
+def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, base=None, adapter=None) -> Report:
     """With `source`: structure, then every byte against the source (a PEFT save: its merged weights,
     computed as split computes them; `base`: a trainable-only save's base). Without: structure, then
     every file's size and sha256 against the directory's manifest."""
+    if adapter is not None and source is None:  # refused before anything is hashed
+        raise ConvertError("--adapter needs --source BASE: the model the adapter is merged into")
     t0 = time.perf_counter()
     shards = Path(shards)
     if not shards.is_dir():
@@ -101,7 +103,7 @@ def verify(shards: Path, source: Optional[Path] = None, quiet: bool = False, bas
         finally:
             rep.seconds = time.perf_counter() - t0
         return rep
-    src = open_checkpoint(source, base=base)  # a bad source is bad input (exit 2), not a mismatch
+    src = open_checkpoint(source, base=base, adapter=adapter)  # a bad source is bad input (exit 2), not a mismatch
     sources = src.sources
     rep = Report(str(shards), str(src.path))
     if src.kind == "peft":

@@ -40,9 +40,11 @@ def manifest_path(path: Path) -> Path:
     return path.with_name(manifest_name(Path(name)))
 
 
-def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, base=None) -> Report:
+def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, base=None, adapter=None) -> Report:
     t0 = time.perf_counter()
     path = Path(path)
+    if adapter is not None and source is None:  # refused before anything is hashed
+        raise ConvertError("--adapter needs --source BASE: the model the adapter is merged into")
     if not path.is_file():
         raise ConvertError(f"{path}: no such GGUF file")
     if source is not None and is_per_expert(source):  # issue 27 hook: a restacked file against its per-expert source
@@ -53,7 +55,7 @@ def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, 
             rep.source = f"its manifest ({manifest_path(path).name})"
             _against_manifest(path, rep, quiet)
         else:
-            src = open_checkpoint(source, base=base)
+            src = open_checkpoint(source, base=base, adapter=adapter)
             rep.source = str(src.where)
             _against_source(path, src, rep, quiet)
             unchanged_while_compared(src.sources, rep)

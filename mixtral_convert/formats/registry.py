@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, gguf_source, gguf_target, hf, mistral, peft, torrent
+from . import accessory, gguf_source, gguf_target, hf, hf_adapter, mistral, peft, torrent
 from .checkpoint import Checkpoint, Reader, Target
 
 # single-file readers first (a file they claim is read as itself), then the directory readers in order
@@ -116,10 +116,14 @@ def reader_of(path) -> tuple[Reader, Path, Optional[set[str]]]:
     return detect(path, names), path, names
 
 
-def open_checkpoint(path, base=None) -> Checkpoint:
+def open_checkpoint(path, base=None, adapter=None) -> Checkpoint:
     """A checkpoint directory (or one of its files), a single file a reader takes (Mistral's .tar
     download, a GGUF file), or hf://org/name[@rev], of any registered format. `base` (any of those):
-    the model a save that holds only what a finetune changed was trained from (Reader.on_base)."""
+    the model a save that holds only what a finetune changed was trained from (Reader.on_base).
+    `adapter`: an HF PEFT LoRA adapter (PATH or hf://org/name[@rev]) applied on top of whatever
+    `path` (with `base`) opens, whatever its reader (formats.hf_adapter)."""
+    if adapter is not None:
+        return hf_adapter.apply(open_checkpoint(path, base=base), adapter)
     if hub.is_hub(path):
         ck = open_checkpoint(hub.resolve_checkpoint(path, HUB_SMALL_FILES, hub_weight_patterns), base)
         return replace(ck, remote=hub.normalize(path))

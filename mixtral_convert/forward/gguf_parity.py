@@ -29,9 +29,9 @@ QUANTIZED = {"q8_0": Tolerance(None, 0.2, 0.75), "q6_k": Tolerance(None, 0.3, 0.
 
 
 def gguf_parity(path: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
-                device: str = "cpu", base=None) -> ParityReport:
+                device: str = "cpu", base=None, adapter=None) -> ParityReport:
     t0 = time.perf_counter()
-    rep, ref_model, tokens, ref = reference_run(source, "GGUF", tokens_file, dtype, device, base)
+    rep, ref_model, tokens, ref = reference_run(source, "GGUF", tokens_file, dtype, device, base, adapter)
     cfg, dt, device = ref_model.cfg, torch_dtype(dtype), rep.device
     path = Path(path)
     ck = open_gguf(path, dequantize=True)

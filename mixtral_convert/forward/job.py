@@ -29,6 +29,7 @@ class Job:
     dtype: str = "float32"
     device: str = "cpu"
     base: Optional[str] = None  # a trainable-only PEFT save's base (--base)
+    adapter: Optional[str] = None  # an HF PEFT LoRA adapter merged into it (--adapter)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -145,7 +145,8 @@ def compare(ref: torch.Tensor, out: torch.Tensor, rep: ParityReport, tol: Tolera
         bad(f"forward: top-1 agreement {rep.top1_agreement:.3f} is below {tol.top1} in {within}")
 
 
-def reference_run(source: Path, what: str, tokens_file: Optional[Path], dtype: str, device: str, base=None):
+def reference_run(source: Path, what: str, tokens_file: Optional[Path], dtype: str, device: str, base=None,
+                  adapter=None):
     """What every `verify --forward` starts with: (the report, the source's model computed unmerged,
     the tokens, its logits over them). `what` names the output in the message for a missing source."""
     if source is None:
@@ -153,7 +154,7 @@ def reference_run(source: Path, what: str, tokens_file: Optional[Path], dtype: s
                            "match")
     dt, device = torch_dtype(dtype), check_device(device)
     rep = ParityReport(dtype, device)
-    ref_model = open_model(source, dt, device, base=base, unmerged=True)
+    ref_model = open_model(source, dt, device, base=base, unmerged=True, adapter=adapter)
     cfg = ref_model.cfg
     tokens = load_tokens(tokens_file, cfg.vocab_size) if tokens_file else default_tokens(cfg.vocab_size)
     rep.tokens_shape, rep.reference = list(tokens.shape), ref_model.how
@@ -161,7 +162,7 @@ def reference_run(source: Path, what: str, tokens_file: Optional[Path], dtype: s
 
 
 def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dtype: str = "float32",
-           device: str = "cpu", base=None) -> ParityReport:
+           device: str = "cpu", base=None, adapter=None) -> ParityReport:
     """Reference forward on `source` vs sharded forward on `shards`, over the same tokens.
 
     Input problems (unreadable source, bad tokens) raise ConvertError; a sharded forward that
@@ -169,7 +170,7 @@ def parity(shards: Path, source: Path, *, tokens_file: Optional[Path] = None, dt
     slices) is a failed check, reported like a numerical mismatch.
     """
     t0 = time.perf_counter()
-    rep, ref_model, tokens, ref = reference_run(source, "shards", tokens_file, dtype, device, base)
+    rep, ref_model, tokens, ref = reference_run(source, "shards", tokens_file, dtype, device, base, adapter)
     cfg, dt, device = ref_model.cfg, torch_dtype(dtype), rep.device
     try:
         model = open_model(shards, dt, device)

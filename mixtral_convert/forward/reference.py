@@ -114,7 +114,7 @@ def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Ten
 
 def route(x: torch.Tensor, gate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing: (weights [T, k] float32, renormalized to sum 1; expert indices [T, k])."""
-    p = torch.softmax((x @ gate.T).float(), dim=-1)
+    p = torch.softmax(linear(x, gate).float(), dim=-1)
     top_p, top_e = torch.topk(p, k, dim=-1)
     return top_p / top_p.sum(-1, keepdim=True), top_e
 
@@ -198,7 +198,7 @@ def forward(cfg: ModelConfig, weights, tokens: torch.Tensor, *, dtype: torch.dty
         del w, x
 
     h = rms_norm(h, load("norm.weight"), cfg.norm_eps)
-    return (h @ load("output.weight").T).float()
+    return linear(h, load("output.weight")).float()
 
 
 def _expert_biases(b: list) -> list:

@@ -42,10 +42,10 @@ class Model:
     weights_dtype: Optional[torch.dtype] = None  # the dtype the checkpoint stores (None: mixed)
 
 
-def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool = False) -> Model:
+def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool = False, adapter=None) -> Model:
     """The forward of the checkpoint at `path`: sharded for an Accessory layout, else the reference
     (`base`: a trainable-only PEFT save's; `unmerged`: a PEFT save's LoRA applied unmerged, forward.peft)."""
-    ck = open_checkpoint(Path(path) if base is None else path, base=base)
+    ck = open_checkpoint(Path(path) if base is None else path, base=base, adapter=adapter)
     cfg = ck.cfg
     stored = {t.dtype for t in ck.canonical.values()}
     weights_dtype = stored.pop() if len(stored) == 1 else None
@@ -57,6 +57,8 @@ def open_model(path, dtype: torch.dtype, device: str, base=None, unmerged: bool 
     get, how = TensorGetter(ck.canonical), f"reference forward, {ck.describe()}"
     if unmerged and peft.has_lora(ck.canonical):
         get, how = peft.unmerged_getter(ck.canonical), f"reference forward, LoRA unmerged, {ck.describe()}"
+        # its weights are W + s·B·A unrounded: merged shards stored coarser differ by that rounding too
+        weights_dtype = None
     return Model(cfg, lambda t: forward(cfg, get, t, dtype=dtype, device=device), ck.tokenizer, how, False,
                  weights_dtype)
 
@@ -67,8 +69,11 @@ def run(job: Job, distributed: bool = False) -> Optional[Result]:
         raise ConvertError("give exactly one of --tokens-file T.pt or --prompt TEXT")
     dtype, device = torch_dtype(job.dtype), check_device(job.device)
     if distributed:
+        if job.adapter is not None:
+            raise ConvertError("--distributed runs a converted layout's own shard files; --adapter is merged as a "
+                               "source is read: split the base with --adapter first, then run those shards")
         return run_distributed(job)
-    model = open_model(job.path, dtype, device, base=job.base)
+    model = open_model(job.path, dtype, device, base=job.base, adapter=job.adapter)
     return compute(job, model.cfg, model.run, model.tokenizer, model.how)
 
 
