@@ -237,7 +237,8 @@ def _split_options(f):
     for option in reversed((click.argument("src", type=click.Path(path_type=Path)), _out_option,
                             _world_size_option, _force_option, _ranks_option, _quiet_option,
                             _format_option, _tokenizer_option, _cast_option, _dry_run_option,
-                            _write_ranks_option, _base_option, _drop_biases_option, _dequantize_option)):
+                            _write_ranks_option, _base_option, _drop_biases_option, _dequantize_option,
+                            _adapter_option)):
         f = option(f)
     return f
 
