@@ -55,8 +55,11 @@ def randomize_lora(model, seed: int) -> None:
 def make_adapter(hf_base: Path, out: Path, seed: int = 0, **lora_kw) -> Path:
     """peft's get_peft_model + save_pretrained of a LoraConfig(**lora_kw) on the HF base."""
     from peft import LoraConfig, get_peft_model
-    with warnings.catch_warnings():
+    # peft's random init (init_lora_weights=False) draws from torch's global generator, and a DoRA magnitude is
+    # computed from it before randomize_lora: seeded here, so an adapter does not depend on the tests run before
+    with warnings.catch_warnings(), torch.random.fork_rng():
         warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
         pm = get_peft_model(load_hf(hf_base), LoraConfig(init_lora_weights=False, **lora_kw))
         randomize_lora(pm, seed)
         pm.save_pretrained(str(out))
