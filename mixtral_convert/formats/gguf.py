@@ -239,7 +239,7 @@ def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_siz
     check_blocks(gts)
     meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
     meta.update(tokenizer_metadata(m, ck.tokenizer, chat_template))
-    groups = [gts] if not max_shard_size else _groups(gts, max_shard_size)
+    groups = [gts] if not max_shard_size else size_groups(gts, max_shard_size)
     if len(groups) == 1:
         return FilePlan([(out_name, meta, gts)], dtype)
     stem, k = out_name[:-len(".gguf")] if out_name.endswith(".gguf") else out_name, len(groups)
@@ -251,18 +251,19 @@ def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_siz
     return FilePlan(files, dtype)
 
 
-def _groups(gts: list[GTensor], max_bytes: int) -> list[list[GTensor]]:
-    """Greedy: a file takes tensors while it stays within max_bytes (a larger tensor gets its own)."""
+def size_groups(items: list, max_bytes: int, nbytes=lambda t: t.info.nbytes) -> list[list]:
+    """Greedy: a file takes items while it stays within max_bytes (a larger item gets its own); the
+    GGUF target's tensors and the restack's (formats.gguf_restack) alike."""
     if max_bytes <= 0:
         raise ConvertError(f"--max-shard-size must be positive, got {max_bytes}")
-    groups: list[list[GTensor]] = [[]]
+    groups: list[list] = [[]]
     size = 0
-    for t in gts:
-        if groups[-1] and size + t.info.nbytes > max_bytes:
+    for t in items:
+        if groups[-1] and size + nbytes(t) > max_bytes:
             groups.append([])
             size = 0
         groups[-1].append(t)
-        size += t.info.nbytes
+        size += nbytes(t)
     if len(groups) > 99999:
         raise ConvertError(f"--max-shard-size {max_bytes}: {len(groups)} pieces, more than gguf-split's 99999")
     return groups

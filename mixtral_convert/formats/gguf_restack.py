@@ -31,7 +31,7 @@ from ..encodings.gguf import Value, quantize_rows, string_bytes, value_bytes
 from ..errors import ConvertError
 from ..io.reads import SourceFile
 from . import gguf_source
-from .gguf import FILE_TYPE_NAMES
+from .gguf import FILE_TYPE_NAMES, size_groups
 from .gguf_per_expert import LAYOUT, PER_EXPERT_RE
 
 T = GGMLQuantizationType
@@ -247,7 +247,7 @@ def _kv(key: str, v: Value) -> bytes:
 
 def files(rs: Restack, out_name: str, max_shard_size: Optional[int]) -> list[tuple[str, bytes, list[OutTensor]]]:
     """(file name, header, tensors) of every output file: one, or gguf-split's pieces."""
-    groups = [rs.tensors] if not max_shard_size else _groups(rs.tensors, max_shard_size)
+    groups = [rs.tensors] if not max_shard_size else size_groups(rs.tensors, max_shard_size, lambda t: t.nbytes)
     if len(groups) == 1:
         return [(out_name, header(rs.kvs, rs.tensors, rs.alignment), rs.tensors)]
     stem, k = out_name[:-len(".gguf")] if out_name.endswith(".gguf") else out_name, len(groups)
@@ -260,22 +260,6 @@ def files(rs: Restack, out_name: str, max_shard_size: Optional[int]) -> list[tup
         kvs = rs.kvs + split if i == 0 else split + align
         out.append((f"{stem}-{i + 1:05d}-of-{k:05d}.gguf", header(kvs, g, rs.alignment), g))
     return out
-
-
-def _groups(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    if max_bytes <= 0:
-        raise ConvertError(f"--max-shard-size must be positive, got {max_bytes}")
-    groups: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    if len(groups) > 99999:
-        raise ConvertError(f"--max-shard-size {max_bytes}: {len(groups)} pieces, more than gguf-split's 99999")
-    return groups
 
 
 def chunks(t: OutTensor):
