@@ -39,6 +39,18 @@ class LlamaCrashed(LlamaError):
     """llama.cpp ended the child process abnormally (a signal, or an exit without a result)."""
 
 
+def require_llama() -> None:
+    """At a test module's top: skip it when llama_cpp is not importable (`make test` on a fresh machine),
+    unless MIXTRAL_CONVERT_LLAMA=required (`make test-llama`, which builds it first), where that fails."""
+    import importlib.util
+
+    import pytest
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("MIXTRAL_CONVERT_LLAMA") == "required":
+            raise ImportError("llama_cpp is required (MIXTRAL_CONVERT_LLAMA=required) but not installed")
+        pytest.skip("llama-cpp-python is not installed (make test-llama builds it)", allow_module_level=True)
+
+
 def _run(request: dict, what: str, read):
     """Runs one request in a child and returns read(folder of its results), or raises LlamaCrashed."""
     with tempfile.TemporaryDirectory(prefix="llama-judge-") as tmp:

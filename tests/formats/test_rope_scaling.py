@@ -7,9 +7,7 @@ multiplier), merge --to hf (transformers loads it back, and its logits are the j
 (`llama.rope.scaling.*`). Computation-changing fields this tool cannot carry are refused in one line,
 with nothing written."""
 
-import importlib.util
 import json
-import os
 import shutil
 from dataclasses import replace
 
@@ -207,9 +205,8 @@ def test_what_changes_the_model_and_cannot_be_carried_is_refused_in_one_line(sou
 def test_llama_cpp_computes_the_scaled_gguf_as_transformers_does(sources, want, tmp_path, capsys):
     """llama.cpp (in tests/llama_judge.py's child process) gives transformers' logits for the scaled model.
     Skipped without llama_cpp, unless MIXTRAL_CONVERT_LLAMA=required (make test-llama runs it)."""
-    if importlib.util.find_spec("llama_cpp") is None and os.environ.get("MIXTRAL_CONVERT_LLAMA") != "required":
-        pytest.skip("llama-cpp-python is not installed (make test-llama builds it)")
-    from llama_judge import logits
+    from llama_judge import logits, require_llama
+    require_llama()
     out = tmp_path / "m.gguf"
     assert cli("merge", sources["tf5"], "--to", "gguf", "--dtype", "float32", "-o", out, "-q", capsys=capsys)[0] == 0
     got = torch.from_numpy(logits(out, [TOKENS[0].tolist()], "float32, linear RoPE scaling")[0])

@@ -25,19 +25,14 @@ import torch
 from gguf_cases import make_source, merge_gguf, probe_strings
 from helpers import cli
 from llama_judge import logits as judge_logits
-from llama_judge import system_info
+from llama_judge import require_llama, system_info
 from llama_judge import tokenize as judge_tokenize
 
 from mixtral_convert.formats.registry import open_checkpoint
 from mixtral_convert.forward.reference import forward
 from mixtral_convert.io.lazy import materialize
 
-try:
-    import llama_cpp  # the judge runs it in a child; imported here to skip without it
-except ImportError:
-    if os.environ.get("MIXTRAL_CONVERT_LLAMA") == "required":
-        raise
-    pytest.skip("llama-cpp-python is not installed (make test-llama builds it)", allow_module_level=True)
+require_llama()
 
 # rows of 256: whole k-quant super-blocks, so llama.cpp applies the k-quant itself, not a fallback type
 SHAPE_K = dict(dim=256, n_layers=2, head_dim=32, hidden_dim=256, n_heads=8, n_kv_heads=2, vocab_size=1024,
@@ -193,6 +188,7 @@ def test_a_segfault_in_llama_cpp_is_one_failed_test_not_a_dead_run(src7, tmp_pat
 def test_the_judge_loads_without_extra_buffer_types(src7, tmp_path):
     """llama.cpp issue 20824: the AMX buffer type crashes on small Q8_0 weights, so the judge's models are
     loaded with use_extra_bufts off. The build's system info goes to the log (-s shows it)."""
+    import llama_cpp
     import llama_judge
     model = merge_gguf(src7, tmp_path / "m.gguf", "q8_0")
     llm = llama_judge._load(llama_cpp, str(model), n_ctx=16)

@@ -1,7 +1,6 @@
 """A base + an HF PEFT LoRA adapter merged to GGUF runs in llama.cpp as peft's unmerged model: llama.cpp's
 logits (in a child process, tests/llama_judge.py) equal peft's PeftModel logits in transformers, float32."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,17 +9,13 @@ import torch
 from gguf_cases import merge_gguf
 from helpers import cli
 from llama_judge import logits as judge_logits
+from llama_judge import require_llama
 from test_llama import figures, text_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
 import peft_make as pk
 
-try:
-    import llama_cpp  # noqa: F401  (the judge runs it in a child; imported here to skip without it)
-except ImportError:
-    if os.environ.get("MIXTRAL_CONVERT_LLAMA") == "required":
-        raise
-    pytest.skip("llama-cpp-python is not installed (make test-llama builds it)", allow_module_level=True)
+require_llama()
 pytest.importorskip("peft")
 
 FORMS = {

@@ -6,7 +6,6 @@ llama.cpp runs in a child process (tests/llama_judge.py). Skipped without llama_
 MIXTRAL_CONVERT_LLAMA=required, as test_llama.py."""
 
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -15,16 +14,11 @@ import torch
 from gguf import GGUFReader, quants
 from gguf_cases import make_source, merge_gguf
 from helpers import cli, load
-from llama_judge import LlamaCrashed, LlamaError
+from llama_judge import LlamaCrashed, LlamaError, require_llama
 from llama_judge import logits as judge_logits
 from old_layout import to_per_expert
 
-try:
-    import llama_cpp  # noqa: F401  (the judge runs it in a child; imported here to skip without it)
-except ImportError:
-    if os.environ.get("MIXTRAL_CONVERT_LLAMA") == "required":
-        raise
-    pytest.skip("llama-cpp-python is not installed (make test-llama builds it)", allow_module_level=True)
+require_llama()
 
 # rows of 256: whole k-quant super-blocks, so llama.cpp applies the k-quant itself (as test_llama.SHAPE_K)
 SHAPE_K = dict(dim=256, n_layers=2, head_dim=32, hidden_dim=256, n_heads=8, n_kv_heads=2, vocab_size=1024,

@@ -9,11 +9,11 @@ documented in docs/formats.md.
 Skipped when llama_cpp is not importable, unless MIXTRAL_CONVERT_LLAMA=required (make test-llama).
 """
 
-import os
 
 import pytest
 import sentencepiece as spm
 from helpers import cli
+from llama_judge import require_llama
 from llama_judge import tokenize as judge_tokenize
 from real_tokenizers import (
     CHAT_TEXT,
@@ -29,12 +29,7 @@ from real_tokenizers import (
 
 from mixtral_convert.tokenizer import hf as H
 
-try:
-    import llama_cpp  # noqa: F401  (the judge runs it in a child; imported here to skip without it)
-except ImportError:
-    if os.environ.get("MIXTRAL_CONVERT_LLAMA") == "required":
-        raise
-    pytest.skip("llama-cpp-python is not installed (make test-llama builds it)", allow_module_level=True)
+require_llama()
 
 
 @pytest.fixture(scope="module", params=["v1", "v3"])
