@@ -25,7 +25,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from mixtral_convert.encodings import q8_0
-from mixtral_convert.formats.gguf import QUANT_BLOCK_BYTES
+from mixtral_convert.formats.gguf.write import QUANT_BLOCK_BYTES
 
 
 def timed(fn, blocks: list[torch.Tensor]) -> tuple[float, float, bytes]:

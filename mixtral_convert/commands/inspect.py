@@ -17,9 +17,14 @@ from pathlib import Path
 
 from ..encodings import tar as tarball
 from ..errors import ConvertError
-from ..formats import adapter_config, adapter_summary, gguf_restack, gguf_source, mistral, peft
+from ..formats import mistral
 from ..formats.accessory import SHARD_RE
+from ..formats.adapters import accessory_peft as peft
+from ..formats.adapters import config as adapter_config
+from ..formats.adapters import summary as adapter_summary
 from ..formats.checkpoint import read_tensors
+from ..formats.gguf import restack as gguf_restack
+from ..formats.gguf import source as gguf_source
 from ..formats.registry import file_reader, open_checkpoint
 from ..io import hub
 from ..io.progress import human_bytes

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from ..formats import gguf_dequant
 from ..formats.checkpoint import dtype_name
+from ..formats.gguf import dequant as gguf_dequant
 from ..formats.registry import TARGETS, open_checkpoint, target
 from ..formats.registry import target_options as target_options_of
 from ..io import beside

@@ -1,5 +1,5 @@
 """`merge OLD.gguf --to gguf` on a GGUF in llama.cpp's first, per-expert MoE layout: restacked
-into today's layout with the quantized bytes copied (formats.gguf_restack); and `verify NEW.gguf
+into today's layout with the quantized bytes copied (formats.gguf.restack); and `verify NEW.gguf
 --source OLD.gguf`, which proves the restacked file byte for byte (docs/formats.md, "Old
 per-expert GGUFs")."""
 
@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConvertError
-from ..formats import gguf_restack as rs
-from ..formats import gguf_source
-from ..formats.gguf import SPLIT_RE
+from ..formats.gguf import restack as rs
+from ..formats.gguf import source as gguf_source
+from ..formats.gguf.write import SPLIT_RE
 from ..formats.hf import parse_size
 from ..io import beside
 from ..io import manifest as mf

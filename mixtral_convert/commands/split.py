@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConvertError
-from ..formats import gguf_dequant
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
+from ..formats.gguf import dequant as gguf_dequant
 from ..formats.registry import open_checkpoint
 from ..io.atomic import (
     MANIFEST,

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..errors import ConvertError
-from ..formats import accessory, peft
+from ..formats import accessory
+from ..formats.adapters import accessory_peft as peft
 from ..formats.checkpoint import Checkpoint, dtype_name, read_tensors
 from ..formats.registry import TARGETS, open_checkpoint
 from ..formats.torrent import TORRENT_FILE

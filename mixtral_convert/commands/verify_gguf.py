@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConvertError
-from ..formats import gguf as gguf_format
-from ..formats import gguf_source
-from ..formats.gguf_restack import is_per_expert
+from ..formats.gguf import source as gguf_source
+from ..formats.gguf import write as gguf_format
+from ..formats.gguf.restack import is_per_expert
 from ..formats.registry import open_checkpoint
 from ..io import manifest
 from ..io.beside import manifest_name

@@ -4,8 +4,10 @@ both lists (READERS, TARGETS) and is the one place that finds the reader of a pa
 
 Formats: `torrent` (and Mistral's consolidated.NN.pt, with `fused`), `mistral`
 (mistral-inference folders, and Mistral's .tar downloads read in place), `hf` (HF hub
-repositories), `accessory` (the base and sparse layouts), `peft` (Accessory's mixtral_peft saves,
-read alone or on a base), `gguf` (llama.cpp's files: `gguf` writes, `gguf_source` reads,
-`gguf_kquant` and `gguf_target` make the merge target). The byte encodings they are stored in
+repositories), `accessory` (the base and sparse layouts). Two sub-packages:
+`adapters` (what sits on a base: `accessory_peft`, Accessory's mixtral_peft saves; `hf`, `config`
+and `summary`, HF PEFT LoRA adapters) and `gguf` (llama.cpp's files: `write` writes, `source`
+reads, `kquant` and `target` make the merge target, `dequant` the --dequantize rule,
+`per_expert` and `restack` the old per-expert layout). The byte encodings they are stored in
 (torch zip, safetensors, tar members, GGUF) are in `encodings`, the tokenizers in `tokenizer`,
 and hf://org/name's transport in `io.hub`."""

@@ -15,8 +15,12 @@ from typing import Optional
 
 from ..errors import ConvertError
 from ..io import hub
-from . import accessory, gguf_source, gguf_target, hf, hf_adapter, mistral, peft, torrent
+from . import accessory, hf, mistral, torrent
+from .adapters import accessory_peft as peft
+from .adapters import hf as hf_adapter
 from .checkpoint import Checkpoint, Reader, Target
+from .gguf import source as gguf_source
+from .gguf import target as gguf_target
 
 # single-file readers first (a file they claim is read as itself), then the directory readers in order
 READERS: tuple[Reader, ...] = (mistral.ARCHIVE, gguf_source.READER, peft.READER, accessory.READER, mistral.READER,
@@ -121,7 +125,7 @@ def open_checkpoint(path, base=None, adapter=None) -> Checkpoint:
     download, a GGUF file), or hf://org/name[@rev], of any registered format. `base` (any of those):
     the model a save that holds only what a finetune changed was trained from (Reader.on_base).
     `adapter`: an HF PEFT LoRA adapter (PATH or hf://org/name[@rev]) applied on top of whatever
-    `path` (with `base`) opens, whatever its reader (formats.hf_adapter)."""
+    `path` (with `base`) opens, whatever its reader (formats.adapters.hf)."""
     if adapter is not None:
         return hf_adapter.apply(open_checkpoint(path, base=base), adapter)
     if hub.is_hub(path):

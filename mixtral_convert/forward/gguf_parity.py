@@ -1,5 +1,5 @@
 """verify OUT.gguf --forward: the reference forward on the GGUF's tensors, dequantized to float32
-(formats.gguf_source), against the reference forward on the source, over the same tokens.
+(formats.gguf.source), against the reference forward on the source, over the same tokens.
 
 The figures are parity.py's (max abs / rel, rms rel, top-1 agreement). The bound is the stored
 type's: float32, float16 and bfloat16 as parity.TOLERANCES; the quantized types by their
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConvertError
-from ..formats.gguf import FILE_TYPE_NAMES
-from ..formats.gguf_source import field, open_gguf, read
+from ..formats.gguf.source import field, open_gguf, read
+from ..formats.gguf.write import FILE_TYPE_NAMES
 from ..io.lazy import materialize
 from .inputs import torch_dtype
 from .parity import TOLERANCES, ParityReport, Tolerance, compare, reference_run

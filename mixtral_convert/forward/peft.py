@@ -2,7 +2,7 @@
 (docs/formats.md, "Accessory PEFT saves"), for `verify --forward`. It checks the merge (io.lora)
 independently: the weights are never added, each rank's rows of a column-parallel linear take that
 rank's own A, and the output compared with it is the merged model's. An HF PEFT adapter's modules
-(formats.hf_adapter) are computed as peft's forward computes them (`DeltaLinear`: scale, DoRA, the
+(formats.adapters.hf) are computed as peft's forward computes them (`DeltaLinear`: scale, DoRA, the
 embedding's rows), the router and lm_head included.
 """
 
@@ -40,7 +40,7 @@ class LoraLinear:
 
 
 class DeltaLinear:
-    """An HF PEFT adapter's module computed as peft's forward does (formats.hf_adapter): `x W^T + s (x A^T) B^T`,
+    """An HF PEFT adapter's module computed as peft's forward does (formats.adapters.hf): `x W^T + s (x A^T) B^T`,
     with DoRA that times `m / ||W + s B A||` per output row; as an embedding, rows `W[i] + s (B A)^T[i]`."""
 
     def __init__(self, w, b, a, scale: float, m=None):

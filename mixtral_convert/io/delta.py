@@ -1,6 +1,6 @@
 """A delta on a base: what a finetune changed of one canonical tensor, and the merged tensor read a block at a time.
 
-`Delta` is the data model every adapter reader fills (formats.hf_adapter for peft's LoRA): a whole
+`Delta` is the data model every adapter reader fills (formats.adapters.hf for peft's LoRA): a whole
 `replace`ment of the base's tensor (peft's `modules_to_save`), a low-rank term `scale · b·a` (b
 [out, k] and a [k, in], already in canonical names and canonical row order), and a DoRA
 `magnitude` [out]. `DeltaMerged` is the merged tensor, a pure lazy tensor like io.lora.LoraMerged,

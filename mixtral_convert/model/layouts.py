@@ -100,7 +100,8 @@ class Chunk(Rule):
 class Owned(Rule):
     """Every rank holds a whole tensor of its own: the copies differ (a column-parallel LoRA A, trained by
     each rank through its own rows of B; docs/formats.md, "Accessory PEFT saves"). There is no one
-    canonical tensor to read back: rank r's copy goes with rank r's pieces of the weight (formats.peft)."""
+    canonical tensor to read back: rank r's copy goes with rank r's pieces of the weight
+    (formats.adapters.accessory_peft)."""
 
     def pieces(self, name, shape, m, r, N, cfg):
         return [Piece(r, PREFIX + name, 0, name, None)]

@@ -18,7 +18,7 @@ from gguf_cases import CONTEXT, copy_source, merge_gguf
 from helpers import WIDE, cli, load, same_bytes
 
 from mixtral_convert.commands.merge import merge
-from mixtral_convert.formats.gguf import NAME_TABLE
+from mixtral_convert.formats.gguf.write import NAME_TABLE
 from mixtral_convert.formats.registry import open_checkpoint
 from mixtral_convert.io.lazy import materialize
 from mixtral_convert.model.config import ModelConfig
@@ -340,7 +340,7 @@ def test_k_quants_without_llama_cpp_refused_in_one_line(src7, tmp_path, capsys, 
 def test_streamed_a_block_at_a_time_with_the_same_bytes(src7, ggufs, tmp_path, monkeypatch):
     """With blocks of a few rows, no read of the source is larger than a block (so no expert and no
     layer is ever whole in memory), and the file is the same."""
-    import mixtral_convert.formats.gguf as target
+    import mixtral_convert.formats.gguf.write as target
     import mixtral_convert.io.lazy as lazy
     monkeypatch.setattr(target, "QUANT_BLOCK_BYTES", 1024)
     monkeypatch.setattr(lazy.Lazy.blocks, "__defaults__", (2048,))

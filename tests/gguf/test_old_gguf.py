@@ -16,7 +16,7 @@ from gguf_cases import merge_gguf
 from helpers import cli, load
 from old_layout import expert_bytes, to_per_expert
 
-from mixtral_convert.formats import gguf_restack
+from mixtral_convert.formats.gguf import restack as gguf_restack
 
 ORDER = [3, 1, 0, 2, 7, 6, 5, 4]  # the experts sprinkled, as the first MoE converter could write them
 

@@ -60,7 +60,7 @@ def test_gguf_names_are_a_column_of_the_table_read_and_written_through_one_op_pa
     """GGUF's names come from the table's `gguf` column, matched by the one pattern compiler; the
     writer's stacking of experts and the reader's unstacking name the same canonical tensors in
     the same order; the router is the one 2-D row GGUF keeps in F32."""
-    from mixtral_convert.formats import gguf
+    from mixtral_convert.formats.gguf import write as gguf
     from mixtral_convert.io.lazy import Stored
     from mixtral_convert.model import tensors
     from mixtral_convert.synth import tiny_config

@@ -19,11 +19,11 @@ from typing import Optional
 
 import torch
 
-from ..encodings.gguf import file_size
-from ..errors import ConvertError
-from ..io.manifest import sha256_file
-from . import gguf as target
-from .checkpoint import Checkpoint
+from ...encodings.gguf import file_size
+from ...errors import ConvertError
+from ...io.manifest import sha256_file
+from ..checkpoint import Checkpoint
+from . import write as target
 
 INSTALL = "pip install 'mixtral-convert[kquants]' (llama-cpp-python, built from source with cmake and a C++ compiler)"
 

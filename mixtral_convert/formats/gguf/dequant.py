@@ -1,8 +1,8 @@
 """A quantized GGUF as a source, on request (docs/formats.md, "Quantized GGUFs as sources").
 
-Every command opens a GGUF through the GGUF reader (formats.gguf_source.open_source): a lossless
+Every command opens a GGUF through the GGUF reader (formats.gguf.source.open_source): a lossless
 one (F32, F16, BF16 tensors only) as always; a quantized one with every tensor read as float32,
-through the gguf package's own `gguf.quants.dequantize` (formats.gguf_source.GgufTensor, a
+through the gguf package's own `gguf.quants.dequantize` (formats.gguf.source.GgufTensor, a
 block of rows at a time; F16/BF16 tensors in it widened exactly), marked lossy (`Checkpoint.lossy`).
 Reading it is fine (inspect, verify's source, the forward); writing from it (split, split-sparse, merge) needs
 `--dequantize` (`settle`), whose outputs default to bfloat16 (float32 keeps the dequantized
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..errors import ConvertError
-from .checkpoint import Checkpoint
+from ...errors import ConvertError
+from ..checkpoint import Checkpoint
 
 DEFAULT_DTYPE = "bfloat16"
 

@@ -22,14 +22,14 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConvertError, WorldSizeError
-from ..io.lazy import Cast, Lazy
-from ..io.lora import LoraMerged, Segment
-from ..model import tensors
-from ..model.config import read_json
-from ..model.layouts import PREFIX, Owned, Plan
-from . import accessory
-from .checkpoint import Checkpoint, Reader, Sharded, TokenizerRef, find_tokenizer, read_tensors
+from ...errors import ConvertError, WorldSizeError
+from ...io.lazy import Cast, Lazy
+from ...io.lora import LoraMerged, Segment
+from ...model import tensors
+from ...model.config import read_json
+from ...model.layouts import PREFIX, Owned, Plan
+from .. import accessory
+from ..checkpoint import Checkpoint, Reader, Sharded, TokenizerRef, find_tokenizer, read_tensors
 
 KEYWORDS = ("lora", "bias", "norm")  # what a trainable-only save keeps (Accessory's get_trainable_params)
 

@@ -1,17 +1,17 @@
 """`merge --to gguf`: the target (docs/formats.md, "GGUF"). float32, float16, bfloat16 and q8_0
-are written by formats.gguf; the k-quants by llama.cpp's quantizer from a temporary half-type
-GGUF (formats.gguf_kquant)."""
+are written by formats.gguf.write; the k-quants by llama.cpp's quantizer from a temporary half-type
+GGUF (formats.gguf.kquant)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from ..encodings.gguf import file_size
-from . import gguf
-from .checkpoint import Checkpoint, Target, TargetOption
-from .gguf_kquant import plan_kquant, write_kquant
-from .hf import CHAT_TEMPLATE_OPTION, CONTEXT_OPTION, parse_size
+from ...encodings.gguf import file_size
+from ..checkpoint import Checkpoint, Target, TargetOption
+from ..hf import CHAT_TEMPLATE_OPTION, CONTEXT_OPTION, parse_size
+from . import write as gguf
+from .kquant import plan_kquant, write_kquant
 
 
 def write(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],

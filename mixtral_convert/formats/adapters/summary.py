@@ -13,8 +13,9 @@ import math
 import re
 from pathlib import Path
 
-from ..errors import ConvertError
-from . import adapter_config, hf_adapter
+from ...errors import ConvertError
+from . import config as adapter_config
+from . import hf as hf_adapter
 
 # module name (peft's, without the prefix) -> its kind
 _KINDS = (

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConvertError
-from ..io.delta import Columns, Delta, DeltaMerged, Lora, Rows, Transposed
-from ..io.lazy import Lazy, Stored
-from ..model import names as hfnames
-from ..tokenizer import files as tokenizer_files
-from . import adapter_config
-from .checkpoint import Checkpoint, TokenizerRef, read_tensors
+from ...errors import ConvertError
+from ...io.delta import Columns, Delta, DeltaMerged, Lora, Rows, Transposed
+from ...io.lazy import Lazy, Stored
+from ...model import names as hfnames
+from ...tokenizer import files as tokenizer_files
+from ..checkpoint import Checkpoint, TokenizerRef, read_tensors
+from . import config as adapter_config
 
 PREFIX = "base_model.model."
 LORA_RX = re.compile(r"(?P<mod>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
@@ -51,7 +51,7 @@ def load_tensors(f: Path) -> dict[str, Lazy]:
     """The adapter's tensors, lazily: safetensors, or adapter_model.bin as a torch zip read by the tool's
     weights-only reader (tensor descriptions unpickled, bytes read block by block: a full-vocabulary lm_head
     streams); a legacy (non-zip) .bin is read whole by torch.load(weights_only=True)."""
-    from ..encodings.zipcheck import is_zip
+    from ...encodings.zipcheck import is_zip
     if f.name.endswith(".safetensors") or is_zip(f):
         return read_tensors(f)
     try:
@@ -134,7 +134,7 @@ class Reading:
         n = hfnames.qk_heads(name, self.cfg)
         if n is None:
             return t
-        from .hf import RowPermuted
+        from ..hf import RowPermuted
         gather = hfnames.qk_gather(t.shape[0], n, False, name)
         if len(t.shape) == 1:
             return Stored(t.read(0, t.shape[0]).index_select(0, gather), t.name)

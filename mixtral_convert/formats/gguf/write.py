@@ -8,7 +8,7 @@ a block of rows at a time, so no layer is ever whole in memory. Types (`--dtype`
 float16, bfloat16 and q8_0 are written here (q8_0 byte for byte as the gguf package's quantizer,
 over the cores: encodings.q8_0); 1-D tensors and the router stay F32, as llama.cpp's converter
 keeps them. The k-quants are made from a temporary F16/BF16 GGUF by llama.cpp's own quantizer
-(formats.gguf_kquant); the merge target, which picks one or the other, is formats.gguf_target.
+(formats.gguf.kquant); the merge target, which picks one or the other, is formats.gguf.target.
 
 Metadata: every hyper-parameter, the context length under the HF export's rule (the source's
 or --max-position-embeddings, never guessed), general.file_type, general.name (the source's
@@ -33,15 +33,15 @@ import torch
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, LlamaFileType
 from gguf import GGUFValueType as V
 
-from ..encodings.gguf import TensorInfo, Value, quantize_rows, write_gguf
-from ..errors import ConvertError
-from ..io.lazy import Cast, Lazy
-from ..io.prefetch import prefetched
-from ..model import tensors
-from ..model.config import ModelConfig
-from ..tokenizer import files as tokfiles
-from ..tokenizer import hf as sptok
-from .checkpoint import Checkpoint
+from ...encodings.gguf import TensorInfo, Value, quantize_rows, write_gguf
+from ...errors import ConvertError
+from ...io.lazy import Cast, Lazy
+from ...io.prefetch import prefetched
+from ...model import tensors
+from ...model.config import ModelConfig
+from ...tokenizer import files as tokfiles
+from ...tokenizer import hf as sptok
+from ..checkpoint import Checkpoint
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]  # "llama"
 T = GGMLQuantizationType
@@ -253,7 +253,7 @@ def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_siz
 
 def size_groups(items: list, max_bytes: int, nbytes=lambda t: t.info.nbytes) -> list[list]:
     """Greedy: a file takes items while it stays within max_bytes (a larger item gets its own); the
-    GGUF target's tensors and the restack's (formats.gguf_restack) alike."""
+    GGUF target's tensors and the restack's (formats.gguf.restack) alike."""
     if max_bytes <= 0:
         raise ConvertError(f"--max-shard-size must be positive, got {max_bytes}")
     groups: list[list] = [[]]

@@ -1,12 +1,12 @@
 """The names of llama.cpp's first MoE layout (docs/formats.md, "Old per-expert GGUFs"): one tensor per expert,
-`blk.L.ffn_{gate,down,up}.E.weight`, where today's layout stacks them (formats.gguf). How
-gguf_source reads such a file's experts, and what formats.gguf_restack restacks."""
+`blk.L.ffn_{gate,down,up}.E.weight`, where today's layout stacks them (formats.gguf.write). How
+formats.gguf.source reads such a file's experts, and what formats.gguf.restack restacks."""
 
 from __future__ import annotations
 
 import re
 
-from ..model import tensors
+from ...model import tensors
 
 PER_EXPERT_RE = re.compile(r"blk\.(?P<L>\d+)\.ffn_(?P<kind>gate|down|up)\.(?P<e>\d+)\.weight\Z")
 CANONICAL = {"gate": "w1", "down": "w2", "up": "w3"}  # the short name (model.tensors) of each kind

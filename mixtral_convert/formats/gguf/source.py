@@ -11,8 +11,8 @@ other (split and merge take it), its F32 norms and router given in the weights' 
 that holds them exactly (else every tensor in float32, which holds both). Quantized tensors
 are only read dequantized to float32: for the forward (`open_gguf(..., dequantize=True)`), and as
 a source marked lossy (`open_source`, the reader's), which only --dequantize writes from
-(formats.gguf_dequant). An old per-expert file's experts are read by their own names
-(formats.gguf_per_expert).
+(formats.gguf.dequant). An old per-expert file's experts are read by their own names
+(formats.gguf.per_expert).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, quants
 
-from ..encodings.gguf import TORCH_TYPES
-from ..errors import ConvertError
-from ..io.lazy import Lazy
-from ..io.reads import SourceFile
-from ..model import rope, tensors
-from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
-from .gguf import ARCH, FILE_TYPE_NAMES, SPLIT_RE, unstack
-from .gguf_per_expert import canonical_hit
+from ...encodings.gguf import TORCH_TYPES
+from ...errors import ConvertError
+from ...io.lazy import Lazy
+from ...io.reads import SourceFile
+from ...model import rope, tensors
+from ...model.config import ModelConfig
+from ..checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
+from .per_expert import canonical_hit
+from .write import ARCH, FILE_TYPE_NAMES, SPLIT_RE, unstack
 
 T = GGMLQuantizationType
 
@@ -272,7 +272,7 @@ def check_dequantizable(path, name: str, ttype: T) -> None:
 def open_source(path: Path) -> Checkpoint:
     """A GGUF file as a source (the reader's open): lossless as `open_gguf` reads it; a quantized one
     with every tensor read dequantized to float32 and marked lossy (`Checkpoint.lossy`: its file type
-    and each tensor type's count), which only --dequantize writes from (formats.gguf_dequant)."""
+    and each tensor type's count), which only --dequantize writes from (formats.gguf.dequant)."""
     path = Path(path)
     paths = pieces_of(path)
     if any(not p.is_file() for p in paths) or not quantized_types(path):

@@ -27,12 +27,12 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, Keys, quants
 from gguf import GGUFValueType as V
 
-from ..encodings.gguf import Value, quantize_rows, string_bytes, value_bytes
-from ..errors import ConvertError
-from ..io.reads import SourceFile
-from . import gguf_source
-from .gguf import FILE_TYPE_NAMES, size_groups
-from .gguf_per_expert import LAYOUT, PER_EXPERT_RE
+from ...encodings.gguf import Value, quantize_rows, string_bytes, value_bytes
+from ...errors import ConvertError
+from ...io.reads import SourceFile
+from . import source as gguf_source
+from .per_expert import LAYOUT, PER_EXPERT_RE
+from .write import FILE_TYPE_NAMES, size_groups
 
 T = GGMLQuantizationType
 MIXED_TYPES = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16, "q8_0": T.Q8_0}
