@@ -70,17 +70,18 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     total = ck.nbytes
     if tgt.output == "file":
         return _merge_to_file(ck, tgt, out, force, quiet, dry_run, options, dropped, sources)
+    planned = tgt.plan(ck, **options)  # once: what --dry-run prints is what is written
     if dry_run:
-        planned = [Planned(*p) for p in tgt.plan(ck, **options)]
+        listed = [Planned(*p) for p in planned.files]
         if ck.tokenizer is not None:
-            skip = {p.name for p in planned}
-            planned += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in
-                        carried(ck.tokenizer, skip=skip).items()]
-        return dryrun.dry_run(f"merge --to {to}", ck, out, force, planned, _manifest_info(ck, to, dropped))
+            skip = {p.name for p in listed}
+            listed += [Planned(name, p.stat().st_size, f"copied from {p}") for name, p in
+                       carried(ck.tokenizer, skip=skip).items()]
+        return dryrun.dry_run(f"merge --to {to}", ck, out, force, listed, _manifest_info(ck, to, dropped))
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         with progress_bar(f"{to} from {ck.kind} N={ck.N}", total, quiet) as prog:
-            files = tgt.write(ck, tmp, prog, **options)
+            files = planned.write(tmp, prog)
         if ck.tokenizer is not None:
             files.update(carry(ck.tokenizer, tmp, skip=files))
         write_manifest(tmp, files, **_manifest_info(ck, to, dropped))
@@ -93,7 +94,8 @@ def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, 
     """A target whose output is a file (PATH.gguf, its pieces beside it), with its manifest beside it."""
     out = Path(out)
     options = dict(options, out_name=out.name)
-    planned = [Planned(*p) for p in tgt.plan(ck, **options)]  # refusals come here, before anything is created
+    plan = tgt.plan(ck, **options)  # once; refusals come here, before anything is created
+    planned = [Planned(*p) for p in plan.files]
     names = [p.name for p in planned]
     info = _manifest_info(ck, tgt.name, dropped, options.get("dtype"))
     if dry_run:
@@ -104,7 +106,7 @@ def _merge_to_file(ck, tgt, out: Path, force: bool, quiet: bool, dry_run: bool, 
     need = sum(p.size for p in planned) + MARGIN
     with beside.atomic_output_files(out, names, force, need_bytes=need, sources=sources) as tmp:
         with progress_bar(f"{tgt.name} from {ck.kind} N={ck.N}", ck.nbytes, quiet) as prog:
-            files = tgt.write(ck, tmp, prog, **options)
+            files = plan.write(tmp, prog)
         write_manifest(tmp, files, _name=beside.manifest_name(out), **info)
     return Result(out, sorted(files), ck.nbytes, time.perf_counter() - t0,
                   notes=([dropped.note()] if dropped is not None else []) + gguf_dequant.notes(ck))

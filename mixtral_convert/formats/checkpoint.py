@@ -173,8 +173,8 @@ class Reader:
 @dataclass(frozen=True)
 class TargetOption:
     """A command-line option a target declares (`merge --to NAME --FLAG VALUE`): given, `parse(text)`
-    is passed to the target's `prepare`, `write` and `plan` as keyword `dest`; not given, `default`
-    is parsed (None: the keyword is None)."""
+    is passed to the target's `prepare` and `plan` as keyword `dest`; not given, `default` is parsed
+    (None: the keyword is None)."""
 
     flag: str  # "--max-shard-size"
     dest: str  # "max_shard_size"
@@ -188,12 +188,22 @@ CAST_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
+class TargetPlan:
+    """What a target writes, computed once per run from shapes (the tokenizer and the layout of the files
+    included): `files`, each (name, exact size, what it holds), is what --dry-run prints and the space check
+    adds up; `write(tmp, progress)` writes exactly those files into the temporary directory `tmp` and returns
+    their manifest entries {name: {size, sha256}}."""
+
+    files: list[tuple[str, int, str]]
+    write: Callable[[Path, Any], dict[str, dict]]
+
+
+@dataclass(frozen=True)
 class Target:
-    """An output format of merge. `write(ck, tmp, progress, **options)` writes every file into the
-    temporary directory `tmp` and returns their manifest entries {name: {size, sha256}};
-    `plan(ck, **options)` says what it would write, writing nothing (--dry-run). Before either,
-    `prepare(ck, options)` checks what the target needs of the source and returns the options
-    resolved (e.g. the context length from the source when not given).
+    """An output format of merge. `plan(ck, **options)` (a TargetPlan) says what it writes and how, once
+    per run, writing nothing; the plan's `write` then writes it. Before that, `prepare(ck, options)`
+    checks what the target needs of the source and returns the options resolved (e.g. the context
+    length from the source when not given).
 
     What it can hold is declared, so that a refusal is one check in one place: `dtypes` (what
     `--dtype` may name), `holds_biases` (whether the format has bias tensors on the linears), and
@@ -201,8 +211,7 @@ class Target:
 
     name: str
     suffix: str  # default output: SOURCE + suffix
-    write: Callable[..., dict[str, dict]]
-    plan: Callable[..., list[tuple[str, int, str]]]  # (name, exact size, what) of every file write writes
+    plan: Callable[..., TargetPlan]
     help: str = ""  # one line for --to's help
     options: tuple[TargetOption, ...] = ()
     prepare: Optional[Callable[[Checkpoint, dict], dict]] = None

@@ -32,7 +32,16 @@ from ..io.prefetch import stream
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
 from ..tokenizer import files as tokenizer
-from .checkpoint import Checkpoint, Reader, Target, TargetOption, TokenizerRef, check_tensors, find_tokenizer
+from .checkpoint import (
+    Checkpoint,
+    Reader,
+    Target,
+    TargetOption,
+    TargetPlan,
+    TokenizerRef,
+    check_tensors,
+    find_tokenizer,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -158,11 +167,10 @@ def _weight_files(cfg: ModelConfig, canonical: dict[str, Lazy], max_shard_size: 
     return tensors, files, index
 
 
-def write_hf_weights(tmp: Path, cfg: ModelConfig, canonical: dict[str, Lazy], stream: Callable,
-                     max_shard_size: int) -> dict[str, dict]:
-    """The safetensors files (and the index when several) into `tmp`; manifest entries back.
-    `stream(lazy)` yields a lazy tensor's bytes in blocks."""
-    tensors, files, index = _weight_files(cfg, canonical, max_shard_size)
+def write_weights(tmp: Path, tensors: dict[str, Lazy], files: list, index: Optional[bytes],
+                  stream: Callable) -> dict[str, dict]:
+    """The safetensors files (and the index when several) of `_weight_files` into `tmp`; manifest entries
+    back. `stream(lazy)` yields a lazy tensor's bytes in blocks."""
     entries: dict[str, dict] = {}
     for fname, specs in files:
         h = hashlib.sha256()
@@ -190,34 +198,28 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     return dict(options, max_position_embeddings=max_pos)
 
 
-def write(ck: Checkpoint, tmp: Path, progress, max_shard_size: int, max_position_embeddings: int,
-          chat_template: Optional[str] = None) -> dict[str, dict]:
-    """The HF hub layout into `tmp` (options prepared): the tokenizer files this target builds
-    (tokenizer.files; the caller carries tokenizer.model and the HF files the source has),
-    safetensors (q/k permuted, split at max_shard_size with an index when several) and config.json."""
-    ids = tokenizer.specials(ck.tokenizer)
-    files = tokenizer.write_hf_tokenizer(ck.tokenizer, tmp, chat_template)
-    files.update(write_hf_weights(tmp, ck.cfg, ck.canonical, lambda lazy: stream(lazy, progress), max_shard_size))
-    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id)
-    files["config.json"] = write_small(tmp / "config.json", json_bytes(cfg))
-    return files
-
-
 def plan(ck: Checkpoint, max_shard_size: int, max_position_embeddings: int,
-         chat_template: Optional[str] = None) -> list[tuple[str, int, str]]:
-    """What `write` would write: (file name, exact size, what it holds), nothing written."""
+         chat_template: Optional[str] = None) -> TargetPlan:
+    """The HF hub layout (options prepared): the tokenizer files this target builds (tokenizer.files;
+    the caller carries tokenizer.model and the HF files the source has), safetensors (q/k permuted,
+    split at max_shard_size with an index when several) and config.json."""
     ids = tokenizer.specials(ck.tokenizer)
-    out = [(name, len(data), "tokenizer file built from the tokenizer") for name, data in
-           tokenizer.built(ck.tokenizer, chat_template).items()]
-    _, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size)
-    for fname, specs in files:
-        out.append((fname, safetensors_size(specs), f"{len(specs)} tensors"))
+    built = tokenizer.built(ck.tokenizer, chat_template)
+    tensors, files, index = _weight_files(ck.cfg, ck.canonical, max_shard_size)
+    cfg = json_bytes(ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id))
+
+    def write(tmp: Path, progress) -> dict[str, dict]:
+        entries = {name: write_small(tmp / name, data) for name, data in built.items()}
+        entries.update(write_weights(tmp, tensors, files, index, lambda lazy: stream(lazy, progress)))
+        entries["config.json"] = write_small(tmp / "config.json", cfg)
+        return entries
+
+    out = [(name, len(data), "tokenizer file built from the tokenizer") for name, data in built.items()]
+    out += [(fname, safetensors_size(specs), f"{len(specs)} tensors") for fname, specs in files]
     if index is not None:
         out.append((INDEX, len(index), "which file holds each tensor"))
-    cfg = ck.cfg.to_hf_config(dtype_name(ck.dtype), max_position_embeddings, ids.bos_id, ids.eos_id)
-    out.append(("config.json", len(json_bytes(cfg)),
-                f"MixtralConfig, max_position_embeddings {max_position_embeddings}"))
-    return out
+    out.append(("config.json", len(cfg), f"MixtralConfig, max_position_embeddings {max_position_embeddings}"))
+    return TargetPlan(out, write)
 
 
 def hub_index(d: Path) -> list[str]:
@@ -267,7 +269,7 @@ CHAT_TEMPLATE_OPTION = TargetOption(
          "no template of its own.")
 
 TARGET = Target(
-    "hf", "_hf", write, plan, prepare=prepare,
+    "hf", "_hf", plan, prepare=prepare,
     help="the HF hub layout (config.json, safetensors with q/k permuted, an index when several files, the "
          "tokenizer files) that transformers loads as a hub repository",
     options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size, default="5GB",

@@ -20,7 +20,7 @@ from ..io.atomic import fsync_all, json_bytes, write_small
 from ..io.lazy import Lazy, OnDisk, Stored, TensorSpec
 from ..io.prefetch import file_producer
 from ..model.config import ModelConfig
-from .checkpoint import Checkpoint, Reader, Target, TokenizerRef, check_tensors, find_tokenizer
+from .checkpoint import Checkpoint, Reader, Target, TargetPlan, TokenizerRef, check_tensors, find_tokenizer
 from .fused import is_fused, unfuse
 
 TORRENT_FILE = "consolidated.00.pth"
@@ -89,22 +89,20 @@ def hint(path: Path, names: set[str]) -> Optional[str]:
     return None
 
 
-def write(ck: Checkpoint, tmp: Path, progress) -> dict[str, dict]:
-    """consolidated.00.pth (every canonical tensor, streamed) and params.json into `tmp`."""
+def plan(ck: Checkpoint) -> TargetPlan:
+    """consolidated.00.pth (every canonical tensor, streamed) and params.json."""
     specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
-    h = hashlib.sha256()
-    with file_producer(specs, lambda s: ck.canonical[s.name], progress) as produce:
-        size = write_checkpoint(tmp / TORRENT_FILE, specs, produce, hasher=h)
-    fsync_all([tmp / TORRENT_FILE])
-    return {TORRENT_FILE: {"size": size, "sha256": h.hexdigest()},
-            PARAMS: write_small(tmp / PARAMS, json_bytes(ck.cfg.to_params()))}
+    params = json_bytes(ck.cfg.to_params())
 
+    def write(tmp: Path, progress) -> dict[str, dict]:
+        h = hashlib.sha256()
+        with file_producer(specs, lambda s: ck.canonical[s.name], progress) as produce:
+            size = write_checkpoint(tmp / TORRENT_FILE, specs, produce, hasher=h)
+        fsync_all([tmp / TORRENT_FILE])
+        return {TORRENT_FILE: {"size": size, "sha256": h.hexdigest()}, PARAMS: write_small(tmp / PARAMS, params)}
 
-def plan(ck: Checkpoint) -> list[tuple[str, int, str]]:
-    """What `write` would write: (file name, exact size, what it holds), nothing written."""
-    specs = [TensorSpec(name, t.shape, t.dtype) for name, t in ck.canonical.items()]
-    return [(TORRENT_FILE, checkpoint_size(specs), f"{len(specs)} tensors"),
-            (PARAMS, len(json_bytes(ck.cfg.to_params())), "the model's hyper-parameters")]
+    return TargetPlan([(TORRENT_FILE, checkpoint_size(specs), f"{len(specs)} tensors"),
+                       (PARAMS, len(params), "the model's hyper-parameters")], write)
 
 
 def prepare(ck: Checkpoint, options: dict) -> dict:
@@ -113,5 +111,5 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
     return options
 
 
-TARGET = Target("torrent", "_merged", write, plan, prepare=prepare, same_kinds=("torrent",),
+TARGET = Target("torrent", "_merged", plan, prepare=prepare, same_kinds=("torrent",),
                 help="the torrent release's layout: consolidated.00.pth and params.json")

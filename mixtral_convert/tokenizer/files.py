@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..errors import ConvertError
-from ..io.atomic import atomic_file, copy_file, json_bytes, write_small
+from ..io.atomic import atomic_file, copy_file, json_bytes
 from ..model.config import read_json
 from . import hf as hf_tokenizer
 
@@ -215,11 +215,6 @@ def built(tok: Path, template: Optional[str] = None) -> dict[str, bytes]:
             files[HF_SPECIALS] = json_bytes(hf_tokenizer.special_tokens_map(sp.bos, sp.eos, sp.unk))
     files[GENERATION] = json_bytes(hf_tokenizer.generation_config(sp.bos_id, sp.eos_id))
     return files
-
-
-def write_hf_tokenizer(tok: Path, out: Path, template: Optional[str] = None) -> dict[str, dict]:
-    """`built`'s files written into `out`; their manifest entries."""
-    return {name: write_small(out / name, data) for name, data in built(tok, template).items()}
 
 
 def differences(ours: Path, theirs: Path) -> Optional[str]:

@@ -7,7 +7,7 @@ from helpers import cli
 
 from mixtral_convert.commands.merge import merge
 from mixtral_convert.formats import registry
-from mixtral_convert.formats.checkpoint import Target, TargetOption
+from mixtral_convert.formats.checkpoint import Target, TargetOption, TargetPlan
 from mixtral_convert.io.atomic import write_small
 
 
@@ -18,15 +18,17 @@ def _npy_target(calls: list) -> Target:
         calls.append(("prepare", dict(options)))
         return dict(options, level=options["level"] * 10)
 
-    def write(ck, tmp, progress, level):
-        calls.append(("write", level))
-        body = {"level": level, "tensors": {k: list(t.shape) for k, t in ck.canonical.items()}}
-        return {"model.json": write_small(tmp / "model.json", json.dumps(body).encode())}
-
     def plan(ck, level):
-        return [("model.json", 1, "made up")]
+        calls.append(("plan", level))
+        body = json.dumps({"level": level, "tensors": {k: list(t.shape) for k, t in ck.canonical.items()}}).encode()
 
-    return Target("made-up", "_made_up", write, plan, help="a test format", prepare=prepare, dtypes=("float32",),
+        def write(tmp, progress):
+            calls.append(("write", level))
+            return {"model.json": write_small(tmp / "model.json", body)}
+
+        return TargetPlan([("model.json", len(body), "made up")], write)
+
+    return Target("made-up", "_made_up", plan, help="a test format", prepare=prepare, dtypes=("float32",),
                   options=(TargetOption("--level", "level", "how hard", parse=int, default="2"),))
 
 
@@ -35,7 +37,7 @@ def test_a_made_up_target_is_one_registration(wide_src, tmp_path, monkeypatch):
     monkeypatch.setitem(registry.TARGETS, "made-up", _npy_target(calls))
     res = merge(wide_src, out=tmp_path / "o", to="made-up", quiet=True, level="3")
     body = json.loads((res.out / "model.json").read_text())
-    assert body["level"] == 30 and calls == [("prepare", {"level": 3}), ("write", 30)]
+    assert body["level"] == 30 and calls == [("prepare", {"level": 3}), ("plan", 30), ("write", 30)]
     assert body["tensors"]["layers.1.attention.wq.weight"] == [64, 64]
     manifest = json.loads((res.out / "mixtral-convert-manifest.json").read_text())
     assert manifest["layout"] == "made-up" and "model.json" in manifest["files"]

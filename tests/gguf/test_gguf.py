@@ -456,3 +456,21 @@ def test_forward_of_a_gguf_of_an_unknown_file_type_is_refused(src7, ggufs, monke
     monkeypatch.setattr(gguf_parity, "FILE_TYPE_NAMES", {})  # as a file type this tool does not write
     with pytest.raises(ConvertError, match=r"general.file_type 0 is not a type this tool writes"):
         gguf_parity.gguf_parity(ggufs["float32"], src7)
+
+
+def test_the_layout_and_the_tokenizer_are_computed_once_per_run(src22, tmp_path, monkeypatch):
+    """merge --to gguf reads the SentencePiece model and lays the files out once (formats.checkpoint.TargetPlan):
+    the plan that --dry-run prints is the one written."""
+    from mixtral_convert.formats.gguf import write as gguf_write
+    calls = {"read_model": 0, "gguf_tensors": 0}
+    for mod, fn in ((gguf_write.sptok, "read_model"), (gguf_write, "gguf_tensors")):
+        real = getattr(mod, fn)
+
+        def counted(*a, _real=real, _fn=fn, **k):
+            calls[_fn] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, fn, counted)
+    merge(src22, out=tmp_path / "m.gguf", to="gguf", dtype="q8_0", max_position_embeddings=CONTEXT, quiet=True,
+          max_shard_size=60_000)
+    assert calls == {"read_model": 1, "gguf_tensors": 1}
+    assert len(list(tmp_path.glob("m-*-of-*.gguf"))) > 1

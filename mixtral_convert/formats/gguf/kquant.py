@@ -22,7 +22,7 @@ import torch
 from ...encodings.gguf import file_size
 from ...errors import ConvertError
 from ...io.manifest import sha256_file
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, TargetPlan
 from . import write as target
 
 INSTALL = "pip install 'mixtral-convert[kquants]' (llama-cpp-python, built from source with cmake and a C++ compiler)"
@@ -52,30 +52,29 @@ def _half(ck: Checkpoint) -> str:
 
 
 def plan_kquant(ck: Checkpoint, out_name: str, dtype: str, max_shard_size: Optional[int],
-                max_position_embeddings: Optional[int], name: Optional[str],
-                chat_template: Optional[str] = None) -> list[tuple[str, int, str]]:
-    _check(dtype, max_shard_size)
-    quantizer()
-    lay = target.file_plan(ck, out_name, "q8_0", None, max_position_embeddings, name, chat_template)
-    (fname, meta, tensors), = lay.files
-    bound = file_size(meta, [t.info for t in tensors])
-    return [(fname, bound, f"{len(tensors)} tensors, {dtype} (at most this size: the k-quant mix is llama.cpp's)")]
-
-
-def write_kquant(ck: Checkpoint, tmp: Path, progress, out_name: str, dtype: str, max_shard_size: Optional[int],
-                 max_position_embeddings: Optional[int], name: Optional[str],
-                 chat_template: Optional[str] = None) -> dict[str, dict]:
+                max_position_embeddings: int, name: Optional[str], chat_template: Optional[str] = None) -> TargetPlan:
+    """The temporary half-type GGUF's layout, computed once; the size given is a bound: every quantized
+    tensor at Q8_0 (its rows must be whole Q8_0 blocks too)."""
     _check(dtype, max_shard_size)
     llama_cpp = quantizer()
     half = _half(ck)
     inter = f".{out_name}.{half}.gguf"
     lay = target.file_plan(ck, inter, half, None, max_position_embeddings, name, chat_template)
-    target.write_files(tmp, lay, progress)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(target.KQUANTS[dtype])
-    params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(tmp / inter).encode(), str(tmp / out_name).encode(), params)
-    (tmp / inter).unlink()
-    if rc != 0 or not (tmp / out_name).is_file():
-        raise ConvertError(f"{out_name}: llama.cpp's quantizer failed ({rc}) making {dtype} from the {half} GGUF")
-    return {out_name: {"size": (tmp / out_name).stat().st_size, "sha256": sha256_file(tmp / out_name)}}
+    (_, meta, tensors), = lay.files
+    bounds = target.gguf_tensors(ck.cfg, ck.canonical, "q8_0", ck.where)
+    target.check_blocks(bounds)
+    bound = file_size(meta, [t.info for t in bounds])  # general.file_type is a u32 in either file
+
+    def write(tmp: Path, progress) -> dict[str, dict]:
+        target.write_files(tmp, lay, progress)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(target.KQUANTS[dtype])
+        params.nthread = os.cpu_count() or 1
+        rc = llama_cpp.llama_model_quantize(str(tmp / inter).encode(), str(tmp / out_name).encode(), params)
+        (tmp / inter).unlink()
+        if rc != 0 or not (tmp / out_name).is_file():
+            raise ConvertError(f"{out_name}: llama.cpp's quantizer failed ({rc}) making {dtype} from the {half} GGUF")
+        return {out_name: {"size": (tmp / out_name).stat().st_size, "sha256": sha256_file(tmp / out_name)}}
+
+    return TargetPlan([(out_name, bound, f"{len(tensors)} tensors, {dtype} (at most this size: the k-quant mix is "
+                                         "llama.cpp's)")], write)

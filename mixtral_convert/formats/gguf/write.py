@@ -215,10 +215,8 @@ def source_dtype(ck: Checkpoint) -> str:
 
 
 def prepare(ck: Checkpoint, options: dict) -> dict:
-    """Checked before anything is written: the tokenizer can be carried, and the context length
-    (the option, else the source's; never guessed). Returns the options with it resolved."""
-    sentencepiece_model(ck)
-    tokfiles.check_template(ck.tokenizer, options.get("chat_template"))
+    """The context length (the option, else the source's; never guessed), before anything is written.
+    Returns the options with it resolved; the tokenizer is checked once, by `file_plan`."""
     max_pos = options.get("max_position_embeddings") or ck.cfg.max_position_embeddings
     if max_pos is None:
         raise ConvertError(f"{ck.where}: the source does not state the model's context length (llama.context_length); "
@@ -227,17 +225,17 @@ def prepare(ck: Checkpoint, options: dict) -> dict:
 
 
 def file_plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Optional[int],
-              max_position_embeddings: Optional[int], name: Optional[str],
-              chat_template: Optional[str] = None) -> FilePlan:
-    """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer)."""
+              max_position_embeddings: int, name: Optional[str], chat_template: Optional[str] = None) -> FilePlan:
+    """Every file's name, metadata and tensors, from shapes alone (nothing read but the tokenizer, which
+    is checked and turned into metadata here, once per run); the options as `prepare` resolved them."""
     dtype = dtype or source_dtype(ck)  # refuses a source that is not float32, float16 or bfloat16
     if dtype not in TYPES:
         raise ConvertError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    context = prepare(ck, {"max_position_embeddings": max_position_embeddings})["max_position_embeddings"]
     m = sentencepiece_model(ck)
+    tokfiles.check_template(ck.tokenizer, chat_template)
     gts = gguf_tensors(ck.cfg, ck.canonical, dtype, ck.where)
     check_blocks(gts)
-    meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], context)
+    meta = model_metadata(ck.cfg, name or default_name(ck), TYPES[dtype][1], max_position_embeddings)
     meta.update(tokenizer_metadata(m, ck.tokenizer, chat_template))
     groups = [gts] if not max_shard_size else size_groups(gts, max_shard_size)
     if len(groups) == 1:
