@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import ConvertError, WorldSizeError
-from .formats.registry import TARGETS, all_target_options, is_kind
+from .formats.registry import TARGETS, all_target_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,29 +78,9 @@ def concat(inputs, output, md5, sha256, checksums, hashes, force, remove_pieces,
       mixtral-convert concat p/consolidated.00.pth-split* -o /big/disk/
     """
     from .commands import concat as op
-    from .io.progress import human_bytes
-
     r = op.concat(list(inputs), output=output, md5=md5, sha256=sha256, checksums=checksums,
                   force=force, remove_pieces=remove_pieces, quiet=quiet, hashes=hashes)
-    if not quiet:
-        click.echo(f"wrote {r.output}: {r.nbytes} bytes ({human_bytes(r.nbytes)}) from "
-                   f"{len(r.pieces)} pieces in {r.seconds:.1f} s, "
-                   f"{human_bytes(r.throughput)}/s")
-    for kind, digest in (("md5", r.md5), ("sha256", r.sha256)):
-        if digest is not None:
-            click.echo(f"{kind:<8}{digest}")
-    if quiet:
-        return
-    compared = ", ".join(r.compared) if r.compared else "none given (printed above)"
-    click.echo(f"checked: {r.checked}; checksums matched: {compared}")
-    if r.removed_pieces:
-        click.echo(f"removed the {len(r.pieces)} pieces")
-    if r.split_ready:
-        click.echo(f"params.json and the tokenizer are beside it: `mixtral-convert split "
-                   f"{r.output.parent}` can now run on that directory")
-    elif r.assets_beside_pieces:
-        click.echo(f"params.json and the tokenizer are beside the pieces: copy them next to "
-                   f"{r.output.name}, then `mixtral-convert split {r.output.parent}` can run")
+    click.echo("\n".join(r.lines(quiet)))
 
 
 def _world_size_option(f):
@@ -207,7 +187,7 @@ _dry_run_option = click.option(
          "and write nothing.")
 
 
-_dequantize_option = click.option(  # issue 27 hook (also --convert-mixed-experts below)
+_dequantize_option = click.option(
     "--dequantize", is_flag=True, help="Take a quantized GGUF as the source (refused without it): gguf's own "
     "dequantize, then --dtype (default bfloat16; float32 keeps those values exactly). Lossy: said in the manifest.")
 _mixed_experts_option = click.option("--convert-mixed-experts", type=click.Choice(["float32", "float16", "bfloat16",
@@ -219,12 +199,16 @@ _write_ranks_option = click.option(
          "the memory available for the page cache. The files are the same either way.")
 
 
-def _split(src: Path, layout: str, world_size: int, quiet: bool, ranks, cast, dry_run, **options) -> None:
-    """split / split-sparse; `options`: the rest of their options, named as commands.split.split names them."""
+def _split(src: Path, layout: str, world_size: int, ranks, write_ranks, fmt, base, adapter, tokenizer, dequantize,
+           out, force, quiet, dry_run, cast, drop_biases) -> None:
+    """split / split-sparse: their options gathered into commands.options' objects."""
+    from .commands.options import OutputOptions, SourceOptions, SplitOptions
     from .commands.split import split
+    ranks = _parse_ranks(ranks)
+    opts = SplitOptions(layout, world_size, tuple(ranks) if ranks is not None else None, fmt, write_ranks)
     try:
-        res = split(src, layout, world_size, quiet=quiet, ranks=_parse_ranks(ranks), dtype=cast, dry_run=dry_run,
-                    **options)
+        res = split(src, opts, SourceOptions(base, adapter, tokenizer, dequantize),
+                    OutputOptions(out, force, quiet, dry_run, cast, drop_biases))
     except WorldSizeError as e:  # name the option (the plan does not know it)
         raise ConvertError(f"-n {world_size}: {e}; pass -n with one of them") from None
     if dry_run:
@@ -295,8 +279,11 @@ def merge_cmd(shards, out, force, quiet, to, tokenizer, cast, dry_run, base, dro
     torrent layout (consolidated.00.pth, params.json, tokenizer.model; default output
     SHARDS_merged) or another --to layout (default output SHARDS + the target's suffix, e.g. SHARDS_hf)."""
     from .commands.merge import merge
-    res = merge(shards, out=out, force=force, quiet=quiet, to=to, tokenizer=tokenizer, dtype=cast, dry_run=dry_run,
-                base=base, drop_biases=drop_biases, adapter=adapter, **target_options)  # --dequantize etc. too
+    from .commands.options import MergeOptions, OutputOptions, SourceOptions
+    mixed = target_options.pop("convert_mixed_experts")
+    res = merge(shards, MergeOptions(to, target_options, mixed),
+                SourceOptions(base, adapter, tokenizer, target_options.pop("dequantize")),
+                OutputOptions(out, force, quiet, dry_run, cast, drop_biases))
     if dry_run:
         return click.echo("\n".join(res.lines()))
     _print_result("merged", res, quiet)
@@ -326,18 +313,11 @@ def verify_cmd(shards, source, as_json, quiet, run_forward, tokens_file, dtype, 
     and sha256 against SHARDS/mixtral-convert-manifest.json (no source needed). Exit 0 when all
     is equal, 1 on the first mismatch (named), 2 on bad usage or unreadable input (or no
     manifest and no --source)."""
-    from .commands.verify import verify
-    from .forward.parity import parity
-    if is_kind(shards, "gguf"):  # a GGUF output: a file, with its own checks and forward
-        from .commands.verify_gguf import verify_gguf as verify
-        from .forward.gguf_parity import gguf_parity as parity
-    if run_forward and source is None:  # refused before anything is hashed
-        raise ConvertError("--forward needs --source SRC: the checkpoint whose reference forward the shards must match")
-    rep = verify(shards, source, quiet=quiet or as_json, base=base, adapter=adapter)
-    fwd = None
-    if run_forward:
-        fwd = parity(shards, source, tokens_file=tokens_file, dtype=dtype, device=device, base=base, adapter=adapter)
-    lines, problems = rep.lines(fwd, as_json)
+    from .commands.options import SourceOptions
+    from .commands.verdict import ForwardCheck, verify
+    check = ForwardCheck(tokens_file, dtype, device) if run_forward else None
+    verdict = verify(shards, source, SourceOptions(base, adapter), check, quiet=quiet or as_json)
+    lines, problems = verdict.lines(as_json)
     if as_json or not quiet:
         click.echo("\n".join(lines))
     if problems:

@@ -127,14 +127,14 @@ def test_short_read_is_one_line(src, tmp_path, capsys, monkeypatch):
 
 DRIVER = r"""
 import os, sys
-from mixtral_convert.commands import split
+from mixtral_convert.commands import options
 from mixtral_convert.entry import main
-real = split.open_checkpoint
+real = options.open_checkpoint
 def opened_then_truncated(path, **kw):
     ck = real(path, **kw)
     os.truncate(sys.argv[1], int(sys.argv[2]))  # as a second download or a sync tool would
     return ck
-split.open_checkpoint = opened_then_truncated
+options.open_checkpoint = opened_then_truncated
 main(sys.argv[3:])
 """
 

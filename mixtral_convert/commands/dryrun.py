@@ -16,8 +16,9 @@ from typing import Optional
 
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..io import manifest as mf
-from ..io.atomic import check_space, json_bytes, nearest_existing, preflight
+from ..io.atomic import check_space, nearest_existing, preflight
 from ..io.progress import human_bytes
+from ..io.small import json_bytes
 from .common import MARGIN
 
 

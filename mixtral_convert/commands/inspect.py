@@ -33,7 +33,7 @@ from ..model.config import ModelConfig, read_json
 from ..model.layouts import PREFIX
 from ..model.names import hf_to_canonical
 from ..tokenizer.files import tokenizer_pieces
-from .concat import piece_of
+from .concat_inputs import piece_of
 
 
 def inspect(path: Path) -> dict:
@@ -53,7 +53,7 @@ def inspect(path: Path) -> dict:
         info["files"] = tarball.listing(path)  # its members
         return info
     if reader is not None and reader.name == "gguf":
-        return gguf_restack.describe(gguf_source.describe(path))  # issue 27 hook: names an old per-expert layout
+        return gguf_restack.describe(gguf_source.describe(path))  # names an old per-expert layout
     if path.name in mistral.TOKENIZERS:
         return {"path": str(path), "what": "SentencePiece tokenizer", "pieces": tokenizer_pieces(path)}
     if path.name == mistral.TEKKEN:

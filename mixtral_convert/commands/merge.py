@@ -19,37 +19,41 @@ from typing import Optional
 from ..errors import ConvertError
 from ..formats.checkpoint import dtype_name
 from ..formats.gguf import dequant as gguf_dequant
-from ..formats.registry import TARGETS, open_checkpoint, target
+from ..formats.registry import TARGETS, target
 from ..formats.registry import target_options as target_options_of
 from ..io import beside
-from ..io.atomic import atomic_output_dir, write_manifest
+from ..io.atomic import atomic_output_dir
 from ..io.progress import progress_bar
+from ..io.small import write_manifest
 from ..tokenizer.files import carried, carry
 from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
+from .options import MergeOptions, OutputOptions, SourceOptions
 from .restack import merge_old_gguf
 
 
-def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: bool = False,
-          to: str = "torrent", tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False,
-          base=None, drop_biases: bool = False, dequantize: bool = False, convert_mixed_experts: Optional[str] = None,
-          adapter=None, **target_options: Optional[str]):
-    """Write the checkpoint at `shards` in the target layout `to` (a Result); with `dry_run`, only
-    say what would be written (a dryrun.DryRun). `target_options`: the target's own options as
+def merge(shards: Path, opts: Optional[MergeOptions] = None, source: Optional[SourceOptions] = None,
+          output: Optional[OutputOptions] = None):
+    """Write the checkpoint at `shards` in the target layout `opts.to` (a Result); with `output.dry_run`,
+    only say what would be written (a dryrun.DryRun). `opts.target_options`: the target's own options as
     the command line gives them (text, or None when not given; formats.checkpoint.TargetOption)."""
+    opts, source, output = opts or MergeOptions(), source or SourceOptions(), output or OutputOptions()
+    to = opts.to
     tgt = target(to)
-    # issue 27 hook: an old per-expert GGUF restacked (its bytes copied), or a quantized GGUF only with --dequantize
-    # (with an adapter the GGUF is read as a source instead: a restack copies bytes and would drop it)
-    restacked = None if adapter is not None else merge_old_gguf(
-        shards, to, out=out, force=force, quiet=quiet, dtype=dtype, dry_run=dry_run, dequantize=dequantize,
-        mixed_experts=convert_mixed_experts, tokenizer=tokenizer, base=base, drop_biases=drop_biases, **target_options)
+    # an old per-expert GGUF restacked (its bytes copied); with an adapter the GGUF is read as a source
+    # instead: a restack copies bytes and would drop it
+    restacked = None if source.adapter is not None else merge_old_gguf(
+        shards, to, out=output.out, force=output.force, quiet=output.quiet, dtype=output.dtype,
+        dry_run=output.dry_run, dequantize=source.dequantize, mixed_experts=opts.convert_mixed_experts,
+        tokenizer=source.tokenizer, base=source.base, drop_biases=output.drop_biases, **opts.target_options)
     if restacked is not None:
         return restacked
-    ck = open_checkpoint(shards, base=base, adapter=adapter)
+    ck = source.open(shards)
     sources = ck.sources  # checked unchanged before the output is renamed into place
-    ck, dtype = gguf_dequant.settle(ck, dequantize, dtype)  # issue 27 hook
-    ck = use_tokenizer(ck, tokenizer)
+    ck, dtype = gguf_dequant.settle(ck, source.dequantize, output.dtype)  # a quantized GGUF only with --dequantize
+    ck = use_tokenizer(ck, source.tokenizer)
+    out, force, quiet, dry_run = output.out, output.force, output.quiet, output.dry_run
     if ck.kind in tgt.same_kinds:
         raise ConvertError(f"{ck.path}: already in the {to} layout; merge reads Accessory shard directories "
                            "(or other sources); for another layout pass --to "
@@ -57,10 +61,10 @@ def merge(shards: Path, out: Optional[Path] = None, force: bool = False, quiet: 
     if ck.tokenizer is not None:
         check_tokenizer(ck)  # validated before anything is written, like split
     ck.check()  # mixed dtypes are refused before anything is written
-    ck, _, dropped = biases.settle(ck, tgt.holds_biases, drop_biases, f"--to {to}")  # before anything is written
+    ck, _, dropped = biases.settle(ck, tgt.holds_biases, output.drop_biases, f"--to {to}")  # before anything is written
     if dtype is not None and dtype not in tgt.dtypes:
         raise ConvertError(f"--dtype {dtype}: the {to} layout takes {', '.join(tgt.dtypes)}")
-    options = target_options_of(tgt, ck, target_options)
+    options = target_options_of(tgt, ck, opts.target_options)
     if tgt.applies_dtype:
         options["dtype"] = dtype
     else:

@@ -20,10 +20,10 @@ from ..formats.gguf.write import SPLIT_RE
 from ..formats.hf import parse_size
 from ..io import beside
 from ..io import manifest as mf
-from ..io.atomic import json_bytes, write_manifest
 from ..io.direct import write_file
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
+from ..io.small import json_bytes, write_manifest
 from .common import MARGIN, Result
 from .dryrun import DryRun, Planned
 from .verify import Report, unchanged_while_compared

@@ -19,32 +19,24 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.gguf import dequant as gguf_dequant
-from ..formats.registry import open_checkpoint
-from ..io.atomic import (
-    MANIFEST,
-    atomic_file,
-    atomic_output_dir,
-    check_space,
-    fsync_all,
-    json_bytes,
-    write_manifest,
-    write_small,
-)
+from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, check_space
 from ..io.direct import STAGE_BYTES
 from ..io.lazy import BLOCK_BYTES, Assembled, Cast, OnDisk, TensorSpec
 from ..io.prefetch import file_producer, release_freed_blocks
 from ..io.progress import Progress, progress_bar
+from ..io.small import fsync_all, json_bytes, write_manifest, write_small
 from ..model.layouts import Plan
 from ..tokenizer.files import carried
 from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import DryRun, Planned
+from .options import OutputOptions, SourceOptions, SplitOptions
 
 DEFAULT_OUT = {"base": "converted", "sparse": "converted_sparse"}
 _PART = ".mixtral-convert-part-{:05d}.json"
@@ -168,40 +160,40 @@ def _manifest_info(ck: Checkpoint, layout: str, N: int, fmt: str, dropped=None) 
                 dtype=dtype_name(ck.dtype), source=ck.source_info(), **extra)
 
 
-def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: bool = False,
-          quiet: bool = False, ranks: Optional[Sequence[int]] = None, fmt: str = "pth",
-          tokenizer=None, dtype: Optional[str] = None, dry_run: bool = False, write_ranks: str = "auto",
-          base=None, drop_biases: bool = False, dequantize: bool = False, adapter=None):
-    """Write `src` in `layout` for N ranks (a Result); with `dry_run`, only say what would be
-    written (a dryrun.DryRun). `base`: the model a trainable-only PEFT save `src` was trained from.
-    A model with non-zero biases goes to the base layout as mixtral_peft ("peft", biases in place);
-    the sparse layout refuses it, unless `drop_biases` (commands.biases)."""
+def split(src: Path, opts: SplitOptions, source: Optional[SourceOptions] = None,
+          output: Optional[OutputOptions] = None):
+    """Write `src` in `opts.layout` for `opts.world_size` ranks (a Result); with `output.dry_run`, only
+    say what would be written (a dryrun.DryRun). A model with non-zero biases goes to the base layout as
+    mixtral_peft ("peft", biases in place); the sparse layout refuses it, unless `output.drop_biases`
+    (commands.biases)."""
+    source, output = source or SourceOptions(), output or OutputOptions()
+    layout, N, fmt = opts.layout, opts.world_size, opts.fmt
     shard_writer(fmt)  # an unknown format fails before anything is read
-    if write_ranks not in WRITE_RANKS:
-        raise ConvertError(f"--write-ranks {write_ranks}: use one of {', '.join(WRITE_RANKS)}")
-    ck = open_checkpoint(src, base=base, adapter=adapter)
+    if opts.write_ranks not in WRITE_RANKS:
+        raise ConvertError(f"--write-ranks {opts.write_ranks}: use one of {', '.join(WRITE_RANKS)}")
+    ck = source.open(src)
     sources = ck.sources  # checked unchanged before any output is renamed into place
-    ck, dtype = gguf_dequant.settle(ck, dequantize, dtype)  # issue 27 hook: a quantized GGUF only with --dequantize
-    ck = cast_to(use_tokenizer(ck, tokenizer), dtype)
-    out = Path(out) if out is not None else output_base(ck) / DEFAULT_OUT[layout]
-    ck, keeps, dropped = biases.settle(ck, layout == "base" and not drop_biases, drop_biases,
+    ck, dtype = gguf_dequant.settle(ck, source.dequantize, output.dtype)  # a quantized GGUF only with --dequantize
+    ck = cast_to(use_tokenizer(ck, source.tokenizer), dtype)
+    out = Path(output.out) if output.out is not None else output_base(ck) / DEFAULT_OUT[layout]
+    ck, keeps, dropped = biases.settle(ck, layout == "base" and not output.drop_biases, output.drop_biases,
                                        "split-sparse (Accessory's mixtral_sparse)")
     layout = "peft" if keeps else layout
     plan = Plan(layout, ck.cfg, N, ck.dtypes)
     tokenizer = check_tokenizer(ck)
-    if ranks is None:
-        ranks = ranks_from_env(N)
-    if dry_run:
-        return _dry_run(ck, plan, tokenizer, out, sorted(set(ranks)) if ranks is not None else None, force, fmt,
-                        dropped)
+    ranks = opts.ranks if opts.ranks is not None else ranks_from_env(N)
+    ranks = sorted(set(ranks)) if ranks is not None else None
+    force, quiet = output.force, output.quiet
+    if output.dry_run:
+        return _dry_run(ck, plan, tokenizer, out, ranks, force, fmt, dropped)
     if ranks is not None:
-        return _split_ranks(ck, plan, tokenizer, out, sorted(set(ranks)), force, quiet, fmt, dropped, sources)
+        return _split_ranks(ck, plan, tokenizer, out, ranks, force, quiet, fmt, dropped, sources)
     total = sum(st.nbytes for shard in plan.ranks for st in shard.values())
     t0 = time.perf_counter()
     with atomic_output_dir(out, force, need_bytes=total + MARGIN, sources=sources) as tmp:
         files = {}
         with progress_bar(f"{layout} N={N}", total, quiet) as prog:
-            if _together(write_ranks, plan, ck):
+            if _together(opts.write_ranks, plan, ck):
                 files.update(_write_ranks_together(plan, ck, tmp, prog, fmt))
             else:
                 for r in range(N):
@@ -211,7 +203,7 @@ def split(src: Path, layout: str, N: int, out: Optional[Path] = None, force: boo
         files.update(side_files(ck.cfg, tokenizer, layout, tmp, atomic=False))
         write_manifest(tmp, files, **_manifest_info(ck, layout, N, fmt, dropped))
     return Result(Path(out), sorted(files), total, time.perf_counter() - t0,
-                  notes=_notes(layout, dropped) + gguf_dequant.notes(ck))  # issue 27 hook: the lossy source said
+                  notes=_notes(layout, dropped) + gguf_dequant.notes(ck))  # a lossy source said
 
 
 def _notes(layout: str, dropped) -> list[str]:
@@ -266,7 +258,7 @@ def _split_ranks(ck: Checkpoint, plan: Plan, tokenizer: Path, out: Path, ranks: 
     side = side_files(ck.cfg, tokenizer, layout, out, atomic=True)
     _combine_manifest(out, ck, layout, N, side, fmt, dropped)
     return Result(out, sorted(names.values()) + sorted(side), total, time.perf_counter() - t0,
-                  notes=_notes(layout, dropped) + gguf_dequant.notes(ck))  # issue 27 hook
+                  notes=_notes(layout, dropped) + gguf_dequant.notes(ck))
 
 
 def _combine_manifest(out: Path, ck: Checkpoint, layout: str, N: int, side: dict, fmt: str, dropped=None) -> None:

@@ -47,7 +47,7 @@ def verify_gguf(path: Path, source: Optional[Path] = None, quiet: bool = False, 
         raise ConvertError("--adapter needs --source BASE: the model the adapter is merged into")
     if not path.is_file():
         raise ConvertError(f"{path}: no such GGUF file")
-    if source is not None and is_per_expert(source):  # issue 27 hook: a restacked file against its per-expert source
+    if source is not None and is_per_expert(source):  # a restacked file against its per-expert source
         return verify_restacked(path, Path(source), quiet)
     rep = Report(str(path), "", layout="gguf", world_size=1)
     try:

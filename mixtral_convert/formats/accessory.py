@@ -22,8 +22,9 @@ from ..encodings.safetensors import file_size as safetensors_size
 from ..encodings.safetensors import write_safetensors
 from ..encodings.torchzip import checkpoint_size, write_checkpoint
 from ..errors import ConvertError
-from ..io.atomic import atomic_file, json_bytes, write_small
+from ..io.atomic import atomic_file
 from ..io.lazy import Lazy
+from ..io.small import json_bytes, write_small
 from ..model.config import ModelConfig, read_json
 from ..model.layouts import Plan
 from ..tokenizer.files import carry

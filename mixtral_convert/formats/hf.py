@@ -26,9 +26,9 @@ from ..encodings.safetensors import file_size as safetensors_size
 from ..encodings.safetensors import read_tensors as read_safetensors
 from ..encodings.safetensors import write_safetensors
 from ..errors import ConvertError
-from ..io.atomic import json_bytes, write_small
 from ..io.lazy import Lazy, TensorSpec, dtype_name
 from ..io.prefetch import stream
+from ..io.small import json_bytes, write_small
 from ..model import names as hfnames
 from ..model.config import ModelConfig, read_json
 from ..tokenizer import files as tokenizer

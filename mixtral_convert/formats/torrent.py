@@ -16,9 +16,9 @@ from typing import Optional
 
 from ..encodings.torchzip import checkpoint_size, read_tensors, write_checkpoint
 from ..errors import ConvertError
-from ..io.atomic import fsync_all, json_bytes, write_small
 from ..io.lazy import Lazy, OnDisk, Stored, TensorSpec
 from ..io.prefetch import file_producer
+from ..io.small import fsync_all, json_bytes, write_small
 from ..model.config import ModelConfig
 from .checkpoint import Checkpoint, Reader, Target, TargetPlan, TokenizerRef, check_tensors, find_tokenizer
 from .fused import is_fused, unfuse

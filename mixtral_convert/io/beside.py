@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import ConvertError
-from . import atomic, reads
+from . import atomic, reads, small
 from . import manifest as mf
 from .atomic import Preflight
 
@@ -89,4 +89,4 @@ def _commit(tmp: Path, out: Path, names: list[str], old: set[str]) -> None:
         if Path(name).name == name:
             (out.parent / name).unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    atomic.fsync_dir(out.parent)
+    small.fsync_dir(out.parent)

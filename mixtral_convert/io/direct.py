@@ -5,9 +5,8 @@ joined file) is written in order from its first byte to its last. `OutputFile` t
 in pieces of any size, copies them into a few page-aligned stage buffers, and a thread of its own
 writes each full buffer with `O_DIRECT` at its (aligned) offset: the disk reads the bytes from the
 buffer, and the kernel neither copies them into the page cache nor writes dirty pages back later.
-On the machine measured, a buffered write() spent more system time copying into fresh page-cache
-pages than everything else the tool does (docs/performance.md, "Direct I/O"); a direct write
-spends almost none. The last, partial block is written after the flag is cleared (a plain write
+Why (the system time a buffered write spends copying into fresh page-cache pages, with the
+figures): docs/performance.md, "Direct I/O". The last, partial block is written after the flag is cleared (a plain write
 may end anywhere).
 
 Where the filesystem refuses direct I/O (the flag cannot be set, or a direct write fails with

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..errors import ConvertError
-from ..io.atomic import atomic_file, copy_file, json_bytes
+from ..io.atomic import atomic_file
+from ..io.small import copy_file, json_bytes
 from ..model.config import read_json
 from . import hf as hf_tokenizer
 

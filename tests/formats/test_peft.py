@@ -254,14 +254,15 @@ def test_unmerged_forward_checks_the_merge(tmp_path, tok, monkeypatch):
     fail it (the check is independent of the merge)."""
     from mixtral_convert.forward.parity import parity
     d, _, _ = save(tmp_path, tok, 2)
+    from mixtral_convert.commands.options import OutputOptions, SplitOptions
     from mixtral_convert.commands.split import split
-    split(d, "base", 2, out=tmp_path / "good", quiet=True)
+    split(d, SplitOptions("base", 2), output=OutputOptions(tmp_path / "good", quiet=True))
     assert parity(tmp_path / "good", d).ok
     wrong = tuple(dataclasses.replace(lr, a_parallel="replicated") if lr.a_parallel == "owned" else lr
                   for lr in tensors.LORA)
     with monkeypatch.context() as m:
         m.setattr(tensors, "LORA", wrong)
-        split(d, "base", 2, out=tmp_path / "bad", quiet=True)
+        split(d, SplitOptions("base", 2), output=OutputOptions(tmp_path / "bad", quiet=True))
     rep = parity(tmp_path / "bad", d)
     assert not rep.ok and rep.rms_rel_diff > 1e-3
 

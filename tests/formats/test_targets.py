@@ -6,9 +6,10 @@ import json
 from helpers import cli
 
 from mixtral_convert.commands.merge import merge
+from mixtral_convert.commands.options import MergeOptions, OutputOptions
 from mixtral_convert.formats import registry
 from mixtral_convert.formats.checkpoint import Target, TargetOption, TargetPlan
-from mixtral_convert.io.atomic import write_small
+from mixtral_convert.io.small import write_small
 
 
 def _npy_target(calls: list) -> Target:
@@ -35,21 +36,22 @@ def _npy_target(calls: list) -> Target:
 def test_a_made_up_target_is_one_registration(wide_src, tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setitem(registry.TARGETS, "made-up", _npy_target(calls))
-    res = merge(wide_src, out=tmp_path / "o", to="made-up", quiet=True, level="3")
+    res = merge(wide_src, MergeOptions("made-up", {"level": "3"}), output=OutputOptions(tmp_path / "o", quiet=True))
     body = json.loads((res.out / "model.json").read_text())
     assert body["level"] == 30 and calls == [("prepare", {"level": 3}), ("plan", 30), ("write", 30)]
     assert body["tensors"]["layers.1.attention.wq.weight"] == [64, 64]
     manifest = json.loads((res.out / "mixtral-convert-manifest.json").read_text())
     assert manifest["layout"] == "made-up" and "model.json" in manifest["files"]
     calls.clear()
-    merge(wide_src, out=tmp_path / "d", to="made-up", quiet=True)  # not given: the option's default, parsed
+    # not given: the option's default, parsed
+    merge(wide_src, MergeOptions("made-up"), output=OutputOptions(tmp_path / "d", quiet=True))
     assert calls[0] == ("prepare", {"level": 2})
 
 
 def test_a_dtype_the_target_cannot_take_is_refused_before_writing(wide_src, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(registry.TARGETS, "made-up", _npy_target([]))
     try:
-        merge(wide_src, out=tmp_path / "o", to="made-up", quiet=True, dtype="bfloat16")
+        merge(wide_src, MergeOptions("made-up"), output=OutputOptions(tmp_path / "o", quiet=True, dtype="bfloat16"))
         raise AssertionError("not refused")
     except Exception as e:  # the one-line ConvertError
         assert "made-up layout takes float32" in str(e), e

@@ -147,12 +147,13 @@ def test_written_shards_on_disk(tmp_path, layout, N):
     and a greedy continuation through the sharded forward equals the reference one."""
     from helpers import greedy, load_lazy
 
+    from mixtral_convert.commands.options import OutputOptions, SplitOptions
     from mixtral_convert.commands.split import split as split_cmd
     from mixtral_convert.synth import tiny_config, write_torrent
 
     cfg = tiny_config(n_kv_heads=4)
     src = write_torrent(tmp_path / "src", cfg, seed=2, dtype=torch.float32)
-    res = split_cmd(src, layout, N, tmp_path / "out", quiet=True)
+    res = split_cmd(src, SplitOptions(layout, N), output=OutputOptions(tmp_path / "out", quiet=True))
     W = load_lazy(src / "consolidated.00.pth")
     shards = [load_lazy(res.out / f"consolidated.{r:02d}-of-{N:02d}.model.pth") for r in range(N)]
     plan = Plan(layout, cfg, N, {k: v.dtype for k, v in W.items()})

@@ -18,6 +18,7 @@ from gguf_cases import CONTEXT, copy_source, merge_gguf
 from helpers import WIDE, cli, load, same_bytes
 
 from mixtral_convert.commands.merge import merge
+from mixtral_convert.commands.options import MergeOptions, OutputOptions
 from mixtral_convert.formats.gguf.write import NAME_TABLE
 from mixtral_convert.formats.registry import open_checkpoint
 from mixtral_convert.io.lazy import materialize
@@ -143,12 +144,11 @@ def test_sources_in_bfloat16_and_accessory_layouts_give_the_same_file(src7, spar
 # ----------------------------------------------------------------------------- sizes, pieces, manifest
 @pytest.mark.parametrize("extra", [(), ("--max-shard-size", "60KB")])
 def test_dry_run_sizes_are_exact_and_pieces_are_named_as_gguf_split(src22, tmp_path, extra):
-    args = dict(to="gguf", dtype="q8_0", max_position_embeddings=CONTEXT, quiet=True,
-                max_shard_size=60_000 if extra else None)
+    opts = MergeOptions("gguf", dict(max_position_embeddings=str(CONTEXT), max_shard_size="60000" if extra else None))
     out = tmp_path / "m.gguf"
-    planned = merge(src22, out=out, dry_run=True, **args)
+    planned = merge(src22, opts, output=OutputOptions(out, quiet=True, dry_run=True, dtype="q8_0"))
     assert list(tmp_path.iterdir()) == []
-    merge(src22, out=out, **args)
+    merge(src22, opts, output=OutputOptions(out, quiet=True, dtype="q8_0"))
     written = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
     assert {f.name: f.size for f in planned.files} == written
     manifest = json.loads((tmp_path / "m.gguf.mixtral-convert-manifest.json").read_text())
@@ -470,7 +470,7 @@ def test_the_layout_and_the_tokenizer_are_computed_once_per_run(src22, tmp_path,
             calls[_fn] += 1
             return _real(*a, **k)
         monkeypatch.setattr(mod, fn, counted)
-    merge(src22, out=tmp_path / "m.gguf", to="gguf", dtype="q8_0", max_position_embeddings=CONTEXT, quiet=True,
-          max_shard_size=60_000)
+    merge(src22, MergeOptions("gguf", dict(max_position_embeddings=str(CONTEXT), max_shard_size="60000")),
+          output=OutputOptions(tmp_path / "m.gguf", quiet=True, dtype="q8_0"))
     assert calls == {"read_model": 1, "gguf_tensors": 1}
     assert len(list(tmp_path.glob("m-*-of-*.gguf"))) > 1
