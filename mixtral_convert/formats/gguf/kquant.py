@@ -23,7 +23,7 @@ from ...encodings.gguf import file_size
 from ...errors import ConvertError
 from ...io.manifest import sha256_file
 from ..checkpoint import Checkpoint, TargetPlan
-from . import write as target
+from . import write as gguf_write
 
 INSTALL = "pip install 'mixtral-convert[kquants]' (llama-cpp-python, built from source with cmake and a C++ compiler)"
 
@@ -59,16 +59,16 @@ def plan_kquant(ck: Checkpoint, out_name: str, dtype: str, max_shard_size: Optio
     llama_cpp = quantizer()
     half = _half(ck)
     inter = f".{out_name}.{half}.gguf"
-    lay = target.file_plan(ck, inter, half, None, max_position_embeddings, name, chat_template)
+    lay = gguf_write.file_plan(ck, inter, half, None, max_position_embeddings, name, chat_template)
     (_, meta, tensors), = lay.files
-    bounds = target.gguf_tensors(ck.cfg, ck.canonical, "q8_0", ck.where)
-    target.check_blocks(bounds)
+    bounds = gguf_write.gguf_tensors(ck.cfg, ck.canonical, "q8_0", ck.where)
+    gguf_write.check_blocks(bounds)
     bound = file_size(meta, [t.info for t in bounds])  # general.file_type is a u32 in either file
 
     def write(tmp: Path, progress) -> dict[str, dict]:
-        target.write_files(tmp, lay, progress)
+        gguf_write.write_files(tmp, lay, progress)
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = int(target.KQUANTS[dtype])
+        params.ftype = int(gguf_write.KQUANTS[dtype])
         params.nthread = os.cpu_count() or 1
         rc = llama_cpp.llama_model_quantize(str(tmp / inter).encode(), str(tmp / out_name).encode(), params)
         (tmp / inter).unlink()

@@ -9,7 +9,7 @@ from typing import Optional
 from ...encodings.gguf import file_size
 from ..checkpoint import Checkpoint, Target, TargetOption, TargetPlan
 from ..hf import CHAT_TEMPLATE_OPTION, CONTEXT_OPTION, parse_size
-from . import write as gguf
+from . import write as gguf_write
 from .kquant import plan_kquant
 
 
@@ -17,15 +17,16 @@ def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Op
          max_position_embeddings: int, name: Optional[str], chat_template: Optional[str] = None) -> TargetPlan:
     """The GGUF file (or its pieces): its layout, metadata and tokenizer computed once; the k-quants
     through llama.cpp's quantizer."""
-    if dtype in gguf.KQUANTS:
+    if dtype in gguf_write.KQUANTS:
         return plan_kquant(ck, out_name, dtype, max_shard_size, max_position_embeddings, name, chat_template)
-    lay = gguf.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name, chat_template)
-    return TargetPlan([(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
-                       for fname, meta, ts in lay.files], lambda tmp, progress: gguf.write_files(tmp, lay, progress))
+    lay = gguf_write.file_plan(ck, out_name, dtype, max_shard_size, max_position_embeddings, name, chat_template)
+    files = [(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
+             for fname, meta, ts in lay.files]
+    return TargetPlan(files, lambda tmp, progress: gguf_write.write_files(tmp, lay, progress))
 
 
 TARGET = Target(
-    "gguf", ".gguf", plan, prepare=gguf.prepare, dtypes=gguf.DTYPES, applies_dtype=True, output="file",
+    "gguf", ".gguf", plan, prepare=gguf_write.prepare, dtypes=gguf_write.DTYPES, applies_dtype=True, output="file",
     help="one GGUF file for llama.cpp, Ollama and LM Studio (-o PATH.gguf; --dtype q8_0 and the k-quants too)",
     options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size,
                           help="cut the file into PATH-00001-of-0000K.gguf pieces of at most SIZE, as llama.cpp's "
