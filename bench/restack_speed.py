@@ -14,6 +14,7 @@ order rotated from one repetition to the next, and then the tool, each from a co
     cat     `cat OLD > REF && sync` (the page cache's path)
     direct  bench/direct_copy.py -o REF OLD (reader and writer threads, O_DIRECT, fsync)
     tool    `mixtral-convert merge OLD --to gguf -o NEW -q` (fsync included, manifest with sha256)
+    start   `mixtral-convert --help` (context, not a reference: what starting the CLI costs, cold)
 
 Each run's wall seconds, CPU seconds and peak anonymous / max RSS are measured as bench.py does
 (bench.measure). The report gives the medians, the tool's ratio to the faster reference of the same
@@ -95,15 +96,17 @@ def main() -> None:
     size = old.stat().st_size
     refs = {"cat": ["sh", "-c", 'cat "$0" > "$1" && sync', old, ref], "direct": DIRECT_COPY + ["-o", ref, old]}
     tool = MC + ["merge", old, "--to", "gguf", "-o", new, "--force", "-q"]
+    start = MC + ["--help"]
     runs, cold, digests = [], True, set()
     for rep in range(args.runs):
         roles = list(refs)
         roles = roles[rep % len(roles):] + roles[:rep % len(roles)]
         r = {}
-        for role in roles + ["tool"]:
+        for role in roles + ["start", "tool"]:
             cold = drop_caches() and cold
             load = os.getloadavg()[0]
-            r[role] = measure([str(c) for c in (tool if role == "tool" else refs[role])]) | {"load": load}
+            cmd = {"tool": tool, "start": start}.get(role) or refs[role]
+            r[role] = measure([str(c) for c in cmd]) | {"load": load}
             ref.unlink(missing_ok=True)
         digest = sha256(new)
         listed = json.loads(manifest.read_text())["files"][new.name]["sha256"]
@@ -116,17 +119,19 @@ def main() -> None:
         r["ratio"] = r["tool"]["wall_s"] / fastest
         runs.append(r)
         print(f"  run {rep + 1}/{args.runs}: " + "  ".join(
-            f"{k} {r[k]['wall_s']:5.1f} s (load {r[k]['load']:.2f})" for k in ("cat", "direct", "tool")) +
+            f"{k} {r[k]['wall_s']:5.1f} s (load {r[k]['load']:.2f})" for k in ("cat", "direct", "start", "tool")) +
             f"  x{r['ratio']:.2f} of the faster  tool cpu {r['tool']['cpu_s']:.1f} s  "
             f"anon {r['tool']['peak_anon_bytes'] / MiB:.0f} MiB  rss {r['tool']['max_rss_bytes'] / MiB:.0f} MiB",
             flush=True)
     if len(digests) != 1:
         raise SystemExit(f"the runs' outputs differ: {sorted(digests)}")
     med = {k: statistics.median(r[k]["wall_s"] for r in runs) for k in ("cat", "direct", "tool")}
+    med_start = statistics.median(r["start"]["wall_s"] for r in runs)
     ratios = [r["ratio"] for r in runs]
     print(f"{args.layers} full-width layers, {size / 1e9:.2f} GB Q8_0, {args.runs} runs, "
           f"{'cold' if cold else 'WARM (could not drop caches)'} page cache; medians: "
           + ", ".join(f"{k} {med[k]:.1f} s ({size / med[k] / 1e6:.0f} MB/s)" for k in med)
+          + f"; CLI start (--help) {med_start:.1f} s"
           + f"; tool/faster reference x{statistics.median(ratios):.2f} (x{min(ratios):.2f}-x{max(ratios):.2f}); "
           f"tool cpu {statistics.median(r['tool']['cpu_s'] for r in runs):.1f} s, peak anon "
           f"{max(r['tool']['peak_anon_bytes'] for r in runs) / MiB:.0f} MiB, max RSS "
