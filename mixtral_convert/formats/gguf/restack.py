@@ -7,7 +7,10 @@ The old files hold one 2-D tensor per expert (`blk.L.ffn_gate.E.weight`, `ffn_do
 so each expert's bytes are one contiguous slab of the stacked tensor: restacking copies bytes,
 in expert order, with no arithmetic. Every other tensor, and every metadata key (its raw bytes,
 `general.file_type` among them), is copied as it is; the stacked tensor takes the place of the
-layer's first expert of that kind. The data is copied a bounded chunk at a time.
+layer's first expert of that kind. The headers are read by formats.gguf.header (checked, and much
+faster than gguf's GGUFReader on a large vocabulary); the data is copied a bounded chunk at a
+time, each read once by direct I/O where the file allows it (docs/performance.md, "Restacking an
+old per-expert GGUF").
 
 A layer whose experts of one kind are in different types (old quantizers could mix them) cannot
 be one tensor without converting some of them: refused, naming the layer and the types, unless
