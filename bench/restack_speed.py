@@ -1,36 +1,46 @@
 #!/usr/bin/env python3
-"""Restack speed and memory on full-width Mixtral-8x7B layers (docs/performance.md, "Restacking an
-old per-expert GGUF").
+"""Restack speed and memory on full-width Mixtral-8x7B layers against the project's references
+(docs/performance.md, "Restacking an old per-expert GGUF").
 
-    .venv/bin/python bench/restack_speed.py [--layers 2] [--keep DIR]
+    python bench/restack_speed.py [--layers 2] [--runs 3] [--dir D] [--keep]
 
 Writes a GGUF in llama.cpp's old per-expert layout with the gguf package's writer: LAYERS layers of
 8x7B's width (dim 4096, FFN 14336, 8 experts; 32/8 heads), a vocabulary of 32000, every weight
-Q8_0 with random bytes (restacking copies bytes and never looks at their values). Then it times
-`mixtral-convert merge OLD.gguf --to gguf` in a child process (its peak RSS from getrusage) against
-`cp` of the same file, both after the source was read once (page cache warm), and prints one line.
+Q8_0 with random bytes (restacking copies bytes and never looks at their values). Then, --runs
+times, it runs the two references of `make bench` (bench/bench.py) that move the same bytes, in an
+order rotated from one repetition to the next, and then the tool, each from a cold page cache
+(sync; drop_caches: needs root, otherwise the report says WARM):
+
+    cat     `cat OLD > REF && sync` (the page cache's path)
+    direct  bench/direct_copy.py -o REF OLD (reader and writer threads, O_DIRECT, fsync)
+    tool    `mixtral-convert merge OLD --to gguf -o NEW -q` (fsync included, manifest with sha256)
+    start   `mixtral-convert --help` (context, not a reference: what starting the CLI costs, cold)
+
+Each run's wall seconds, CPU seconds and peak anonymous / max RSS are measured as bench.py does
+(bench.measure). The report gives the medians, the tool's ratio to the faster reference of the same
+repetition (median and spread), the 1-minute load average before each run, and checks that every
+run's output has the same sha256, which the manifest records.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
 import shutil
-import subprocess
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import DIRECT_COPY, MC, MiB, drop_caches, measure, sha256
 
 DIM, FFN, E, V, HEADS, KV = 4096, 14336, 8, 32000, 32, 8
-CHILD = ("import resource, sys\nfrom mixtral_convert.entry import main\ntry:\n    main(sys.argv[1:])\n"
-         "except SystemExit as e:\n    assert not e.code, e.code\n"
-         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
 
 
 def q8(rng, rows: int, cols: int) -> np.ndarray:
@@ -73,42 +83,63 @@ def write_old(path: Path, layers: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--keep", type=Path, default=None)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None, help="where the files go (default: a temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated old-layout file for the next run")
     args = ap.parse_args()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="restack-"))
+    work = args.dir or Path(tempfile.mkdtemp(prefix="restack-"))
     work.mkdir(parents=True, exist_ok=True)
-    old = work / "old.gguf"
+    old, ref, new = work / f"old-L{args.layers}.gguf", work / "ref.gguf", work / "new.gguf"
+    manifest = new.with_name(new.name + ".mixtral-convert-manifest.json")
     if not old.exists():
         write_old(old, args.layers)
     size = old.stat().st_size
-    with open(old, "rb") as f:  # warm: both runs read from the page cache
-        while f.read(64 << 20):
-            pass
-    t0 = time.perf_counter()
-    shutil.copyfile(old, work / "copy.gguf")
-    os.sync()
-    cp = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", CHILD, "merge", str(old), "--to", "gguf", "-o", str(work / "new.gguf"),
-                          "--force", "-q"], check=True, capture_output=True, text=True)
-    restack = time.perf_counter() - t0
-    rss = int(run.stdout.split()[-1]) / 1024  # the child's own peak (a forked parent's pages would count in CHILDREN)
-    t0 = time.perf_counter()
-    GGUFReader(old)
-    parse = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    h = hashlib.sha256()
-    with open(old, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    digest = time.perf_counter() - t0
-    print(f"{args.layers} full-width layers, {size / 1e9:.2f} GB Q8_0: restack {restack:.1f} s "
-          f"({size / restack / 1e6:.0f} MB/s, peak RSS {rss:.0f} MiB, fsync included), "
-          f"copyfile {cp:.1f} s ({size / cp / 1e6:.0f} MB/s, sync included); of the restack's parts: "
-          f"gguf's GGUFReader on the header {parse:.1f} s, sha256 of the bytes (the manifest's) {digest:.1f} s")
-    for p in ("copy.gguf", "new.gguf", "new.gguf.mixtral-convert-manifest.json"):
-        (work / p).unlink(missing_ok=True)
-    if args.keep is None:
+    refs = {"cat": ["sh", "-c", 'cat "$0" > "$1" && sync', old, ref], "direct": DIRECT_COPY + ["-o", ref, old]}
+    tool = MC + ["merge", old, "--to", "gguf", "-o", new, "--force", "-q"]
+    start = MC + ["--help"]
+    runs, cold, digests = [], True, set()
+    for rep in range(args.runs):
+        roles = list(refs)
+        roles = roles[rep % len(roles):] + roles[:rep % len(roles)]
+        r = {}
+        for role in roles + ["start", "tool"]:
+            cold = drop_caches() and cold
+            load = os.getloadavg()[0]
+            cmd = {"tool": tool, "start": start}.get(role) or refs[role]
+            r[role] = measure([str(c) for c in cmd]) | {"load": load}
+            ref.unlink(missing_ok=True)
+        digest = sha256(new)
+        listed = json.loads(manifest.read_text())["files"][new.name]["sha256"]
+        if listed != digest:
+            raise SystemExit(f"run {rep + 1}: the manifest's sha256 {listed} is not the file's {digest}")
+        digests.add(digest)
+        new.unlink()
+        manifest.unlink()
+        fastest = min(r["cat"]["wall_s"], r["direct"]["wall_s"])
+        r["ratio"] = r["tool"]["wall_s"] / fastest
+        runs.append(r)
+        print(f"  run {rep + 1}/{args.runs}: " + "  ".join(
+            f"{k} {r[k]['wall_s']:5.1f} s (load {r[k]['load']:.2f})" for k in ("cat", "direct", "start", "tool")) +
+            f"  x{r['ratio']:.2f} of the faster  tool cpu {r['tool']['cpu_s']:.1f} s  "
+            f"anon {r['tool']['peak_anon_bytes'] / MiB:.0f} MiB  rss {r['tool']['max_rss_bytes'] / MiB:.0f} MiB",
+            flush=True)
+    if len(digests) != 1:
+        raise SystemExit(f"the runs' outputs differ: {sorted(digests)}")
+    med = {k: statistics.median(r[k]["wall_s"] for r in runs) for k in ("cat", "direct", "tool")}
+    med_start = statistics.median(r["start"]["wall_s"] for r in runs)
+    ratios = [r["ratio"] for r in runs]
+    print(f"{args.layers} full-width layers, {size / 1e9:.2f} GB Q8_0, {args.runs} runs, "
+          f"{'cold' if cold else 'WARM (could not drop caches)'} page cache; medians: "
+          + ", ".join(f"{k} {med[k]:.1f} s ({size / med[k] / 1e6:.0f} MB/s)" for k in med)
+          + f"; CLI start (--help) {med_start:.1f} s"
+          + f"; tool/faster reference x{statistics.median(ratios):.2f} (x{min(ratios):.2f}-x{max(ratios):.2f}); "
+          f"tool cpu {statistics.median(r['tool']['cpu_s'] for r in runs):.1f} s, peak anon "
+          f"{max(r['tool']['peak_anon_bytes'] for r in runs) / MiB:.0f} MiB, max RSS "
+          f"{max(r['tool']['max_rss_bytes'] for r in runs) / MiB:.0f} MiB; load before runs "
+          f"{min(r[k]['load'] for r in runs for k in med):.2f}-{max(r[k]['load'] for r in runs for k in med):.2f}")
+    if not args.keep:
+        old.unlink()
+    if args.dir is None and not args.keep:
         shutil.rmtree(work)
 
 

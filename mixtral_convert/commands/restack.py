@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConvertError
+from ..formats.gguf import header as gguf_header
 from ..formats.gguf import restack as rs
 from ..formats.gguf import source as gguf_source
 from ..formats.gguf.write import SPLIT_RE
@@ -21,6 +22,7 @@ from ..formats.hf import parse_size
 from ..io import beside
 from ..io import manifest as mf
 from ..io.direct import write_file
+from ..io.pipeline import HashBeside
 from ..io.prefetch import prefetched
 from ..io.progress import progress_bar
 from ..io.small import json_bytes, write_manifest
@@ -80,11 +82,12 @@ def merge_old_gguf(src, to: str, out=None, force: bool = False, quiet: bool = Fa
                                     sources=sources) as tmp:
         with progress_bar(f"restack {src.name}", total, quiet) as prog:
             for name, head, tensors in files:
-                h = hashlib.sha256()
-                with closing(prefetched((t.name, c) for t in tensors for c in rs.chunks(t))) as stream:
+                # read a few chunks ahead on one thread, hashed on another while the writers write them
+                with closing(prefetched(((t.name, c) for t in tensors for c in rs.chunks(t)), depth=2)) as stream, \
+                        HashBeside(hashlib.sha256()) as h:
                     n = write_file(tmp / name, head, tensors, _taker(stream, prog), hasher=h,
                                    pad=lambda k: rs.pad(k, plan.alignment))
-                entries[name] = {"size": n, "sha256": h.hexdigest()}
+                    entries[name] = {"size": n, "sha256": h.hexdigest()}
         write_manifest(tmp, entries, _name=beside.manifest_name(out), **info)
     return Result(out, sorted(entries), total, time.perf_counter() - t0, notes=notes(plan))
 
@@ -171,32 +174,31 @@ def _plan_of(path: Path, source: Path) -> rs.Restack:
 
 def _verify(path: Path, source: Path, plan: rs.Restack, rep: Report, quiet: bool) -> None:
     bad = rep.problems.append
-    paths = gguf_source.pieces_of(path)
-    readers = [gguf_source.read(p) for p in paths]
-    if b"".join(rs.raw_fields(readers[0], path)) != b"".join(plan.kvs):
+    headers = [gguf_header.parse(p) for p in gguf_source.pieces_of(path)]
+    if b"".join(headers[0].kvs) != b"".join(plan.kvs):
         return bad(f"{path}: its metadata differs from {source}'s (every key is carried byte for byte)")
     rep.checks.append(f"metadata: every key's bytes equal {source.name}'s (general.file_type {plan.file_type})")
-    have = {t.name: (p, t) for p, r in zip(paths, readers, strict=True) for t in r.tensors}
+    have = {t.name: (h.file, t) for h in headers for t in h.tensors}
     if list(have) != [t.name for t in plan.tensors]:
         return bad(f"{path}: holds other tensors (or another order) than restacking {source.name} gives")
     total = sum(t.nbytes for t in plan.tensors)
     with progress_bar("verify restack", total, quiet) as prog:
         for t in plan.tensors:
-            p, got = have[t.name]
-            shape = tuple(int(x) for x in reversed(got.shape.tolist()))
-            if got.tensor_type != t.ggml_type or shape != t.shape:
-                return bad(f"{path}: tensor '{t.name}' is {got.tensor_type.name} {list(shape)}, restacking gives "
-                           f"{t.ggml_type.name} {list(t.shape)}")
-            data = np.ascontiguousarray(got.data).reshape(-1).view(np.uint8)
+            f, got = have[t.name]
+            if got.tensor_type != t.ggml_type or got.shape != t.shape:
+                return bad(f"{path}: tensor '{t.name}' is {got.tensor_type.name} {list(got.shape)}, restacking "
+                           f"gives {t.ggml_type.name} {list(t.shape)}")
             pos = 0
             for chunk in rs.chunks(t):
-                n = chunk.nbytes
-                if not np.array_equal(data[pos:pos + n], chunk.reshape(-1)):
-                    off = pos + int(np.flatnonzero(data[pos:pos + n] != chunk.reshape(-1))[0])
+                want = chunk.reshape(-1)
+                data = np.empty(want.nbytes, dtype=np.uint8)
+                f.read_into(got.data_offset + pos, data)
+                if not np.array_equal(data, want):
+                    off = pos + int(np.flatnonzero(data != want)[0])
                     return bad(f"{path}: tensor '{t.name}' differs from {source.name}'s at byte {off} of its data")
-                pos += n
-                rep.bytes_compared += n
-                prog.advance(n)
+                pos += want.nbytes
+                rep.bytes_compared += want.nbytes
+                prog.advance(want.nbytes)
     how = "their experts' slabs in order" if not plan.converted else \
         f"the {len(plan.converted)} tensor(s) of mixed types converted again the same way"
     rep.checks.append(f"{len(plan.tensors)} tensors byte for byte equal {source.name}'s restacked ({how}; "

@@ -8,6 +8,6 @@ repositories), `accessory` (the base and sparse layouts). Two sub-packages:
 `adapters` (what sits on a base: `accessory_peft`, Accessory's mixtral_peft saves; `hf`, `config`
 and `summary`, HF PEFT LoRA adapters) and `gguf` (llama.cpp's files: `write` writes, `source`
 reads, `kquant` and `target` make the merge target, `dequant` the --dequantize rule,
-`per_expert` and `restack` the old per-expert layout). The byte encodings they are stored in
+`per_expert`, `restack` and `header` the old per-expert layout). The byte encodings they are stored in
 (torch zip, safetensors, tar members, GGUF) are in `encodings`, the tokenizers in `tokenizer`,
 and hf://org/name's transport in `io.hub`."""

@@ -1,7 +1,8 @@
-"""The byte pipeline's two pieces, shared by every writer: `write_all` (the one loop that writes a
+"""The byte pipeline's pieces, shared by every writer: `write_all` (the one loop that writes a
 buffer to a file descriptor, however short the kernel's writes) and `Worker` (a thread applying
 `work` to each buffer it is handed, in order: a hash, a CRC, a write, so that they run beside the
-thread producing the bytes; zlib, hashlib and os.write release the GIL on large buffers)."""
+thread producing the bytes; zlib, hashlib and os.write release the GIL on large buffers), and
+`HashBeside` (a hash fed through such a thread, for a writer that takes a `hasher`)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,32 @@ class Worker(threading.Thread):
     def close(self, timeout: Optional[float] = None) -> None:
         self.q.put(None)
         self.join(timeout)
+
+
+class HashBeside:
+    """A hashlib object (`h`) fed on a `Worker` thread of its own: `update` queues the buffer and
+    returns, so that hashing (SHA-256, for the manifest) runs beside the thread that writes the
+    same bytes instead of before it; at most `depth` buffers wait. The caller leaves each buffer
+    unchanged until it is hashed (a fresh block, as the writers hand over). `hexdigest` waits for
+    every queued buffer (and raises a failure of the thread); `close` stops the thread."""
+
+    def __init__(self, h, depth: int = 4):
+        self.h = h
+        self._worker = Worker(h.update, f"hash-{h.name}", maxsize=depth)
+
+    def update(self, data) -> None:
+        self._worker.put(data)
+
+    def hexdigest(self) -> str:
+        self._worker.wait()
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        self._worker.halt()
+        self._worker.close()
+
+    def __enter__(self) -> "HashBeside":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -7,7 +7,10 @@ The old files hold one 2-D tensor per expert (`blk.L.ffn_gate.E.weight`, `ffn_do
 so each expert's bytes are one contiguous slab of the stacked tensor: restacking copies bytes,
 in expert order, with no arithmetic. Every other tensor, and every metadata key (its raw bytes,
 `general.file_type` among them), is copied as it is; the stacked tensor takes the place of the
-layer's first expert of that kind. The data is copied a bounded chunk at a time.
+layer's first expert of that kind. The headers are read by formats.gguf.header (checked, and much
+faster than gguf's GGUFReader on a large vocabulary); the data is copied a bounded chunk at a
+time, each read once by direct I/O where the file allows it (docs/performance.md, "Restacking an
+old per-expert GGUF").
 
 A layer whose experts of one kind are in different types (old quantizers could mix them) cannot
 be one tensor without converting some of them: refused, naming the layer and the types, unless
@@ -30,7 +33,9 @@ from gguf import GGUFValueType as V
 from ...encodings.gguf import Value, quantize_rows, string_bytes, value_bytes
 from ...errors import ConvertError
 from ...io.reads import SourceFile
+from . import header as gguf_header
 from . import source as gguf_source
+from .header import Header
 from .per_expert import LAYOUT, PER_EXPERT_RE
 from .write import FILE_TYPE_NAMES, size_groups
 
@@ -40,15 +45,15 @@ COPY_BYTES = 16 << 20  # bytes read and written at a time
 CONVERT_BYTES = 4 << 20  # source bytes of a mixed expert dequantized at a time
 
 
-_last: list = []  # [(key, reader)]: the last file's reader (gguf's GGUFReader takes seconds on a 32000 vocabulary)
+_last: list = []  # [(key, header)]: the last file's header (merge asks whether it is per-expert, then plans it)
 
 
-def read(path: Path):
-    """gguf_source.read(path), kept for the next call on the same unchanged file."""
+def read(path: Path) -> Header:
+    """The header of `path` (formats.gguf.header), kept for the next call on the same unchanged file."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if not (_last and _last[0][0] == key):
-        _last[:] = [(key, gguf_source.read(path))]
+        _last[:] = [(key, gguf_header.parse(path))]
     return _last[0][1]
 
 
@@ -111,18 +116,6 @@ class Restack:
         return tuple(dict.fromkeys(s.file for t in self.tensors for s in t.slabs))
 
 
-def raw_fields(r, path: Path) -> list[bytes]:
-    out = []
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name.startswith("split."):
-            continue  # the header's counts (the reader's pseudo-fields), and gguf-split's keys (rewritten)
-        n = sum(int(p.nbytes) for p in f.parts)
-        out.append(bytes(r.data[f.offset:f.offset + n]))
-    if r.byte_order != "I":
-        raise ConvertError(f"{path}: a big-endian GGUF; llama.cpp on this machine reads little-endian files")
-    return out
-
-
 def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
     """What restacking `path` (a per-expert GGUF, or the first of its pieces) writes; refusals here,
     before anything is written."""
@@ -131,20 +124,19 @@ def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ConvertError(f"{missing[0]}: a piece of {path.name}'s model is missing ({len(missing)} of {len(paths)})")
-    readers = [read(p) if i == 0 else gguf_source.read(p) for i, p in enumerate(paths)]
-    r0 = readers[0]
+    headers = [read(p) if i == 0 else gguf_header.parse(p) for i, p in enumerate(paths)]
+    r0 = headers[0]
     cfg = gguf_source.config_of(r0, path)
     ft = int(gguf_source.field(r0, "general.file_type", path, -1))
     E = cfg.num_experts
     groups: dict[tuple[int, str], dict[int, tuple]] = {}
     order: list = []  # tensor names and (L, kind) groups, in the source's order
-    for p, r in zip(paths, readers, strict=True):
-        src = SourceFile(p)
+    for p, r in zip(paths, headers, strict=True):
         for t in r.tensors:
-            slab = Slab(src, int(t.data_offset), int(t.n_bytes))
+            slab = Slab(r.file, t.data_offset, t.n_bytes)
             m = PER_EXPERT_RE.match(t.name)
             if m is None:
-                order.append(OutTensor(t.name, _shape(t), t.tensor_type, [slab]))
+                order.append(OutTensor(t.name, t.shape, t.tensor_type, [slab]))
                 continue
             key = (int(m["L"]), m["kind"])
             if key not in groups:
@@ -172,7 +164,7 @@ def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
             raise ConvertError(f"{path}: 'blk.{L}.ffn_{kind}.{lack}.weight' is missing ({len(experts)} of {E} "
                                "experts); the file is damaged")
         tensors = [experts[e][0] for e in range(E)]
-        shapes = {_shape(t) for t in tensors}
+        shapes = {t.shape for t in tensors}
         if len(shapes) != 1:
             raise ConvertError(f"{path}: layer {L}'s ffn_{kind} experts have different shapes "
                                f"({', '.join(str(list(s)) for s in sorted(shapes))}); the file is damaged")
@@ -185,12 +177,8 @@ def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
         if len(types) > 1:
             ttype, slabs = _mixed(path, stacked, L, kind, types, tensors, slabs, shape, mixed_to, converted)
         out.append(OutTensor(stacked, (E,) + shape, ttype, slabs))
-    return Restack(paths, raw_fields(r0, path), r0.alignment, out, FILE_TYPE_NAMES.get(ft, f"file type {ft}"), E,
+    return Restack(paths, r0.kvs, r0.alignment, out, FILE_TYPE_NAMES.get(ft, f"file type {ft}"), E,
                    converted)
-
-
-def _shape(t) -> tuple[int, ...]:
-    return tuple(int(x) for x in reversed(t.shape.tolist()))
 
 
 def _types_text(types: dict) -> str:
@@ -268,9 +256,7 @@ def chunks(t: OutTensor):
     for s in t.slabs:
         if s.src_type is None:
             for pos in range(0, s.nbytes, COPY_BYTES):
-                buf = np.empty(min(COPY_BYTES, s.nbytes - pos), dtype=np.uint8)
-                s.file.read_into(s.offset + pos, buf)
-                yield buf
+                yield read_once(s.file, s.offset + pos, min(COPY_BYTES, s.nbytes - pos))
             continue
         rows = s.rows[0]
         row_bytes = s.nbytes // rows
@@ -281,6 +267,17 @@ def chunks(t: OutTensor):
             s.file.read_into(s.offset + r0 * row_bytes, buf.reshape(-1))
             values = torch.from_numpy(quants.dequantize(buf, s.src_type).astype(np.float32, copy=False))
             yield quantize_rows(values, t.ggml_type)
+
+
+def read_once(f: SourceFile, offset: int, n: int) -> np.ndarray:
+    """`n` bytes at `offset` of `f`, read once: by direct I/O into a reused buffer (io.reads), past
+    the page cache, where the file allows it; else a plain positioned read."""
+    got = f.read_direct(offset, n)
+    if got is not None:
+        return got.numpy()
+    buf = np.empty(n, dtype=np.uint8)
+    f.read_into(offset, buf)
+    return buf
 
 
 def describe(info: dict) -> dict:
