@@ -53,6 +53,7 @@ class Row:
     gguf: Optional[str] = None  # GGUF name (llama.cpp's); a per-expert row's experts are stacked into it
     gguf_pos: int = 0  # where a layer's tensor comes among the layer's tensors in a GGUF file
     keep_f32: bool = False  # GGUF stores it in F32 whatever the type of the weights (as llama.cpp's converter)
+    gguf_per_expert: Optional[str] = None  # llama.cpp's first MoE layout: one GGUF tensor per expert, read only
 
     def __post_init__(self):
         if self.parallel not in PARALLEL:
@@ -94,14 +95,17 @@ _WEIGHTS: tuple[Row, ...] = (
         gguf="blk.{L}.ffn_gate_inp.weight", gguf_pos=6, keep_f32=True),
     Row("layers.{L}.feed_forward.experts.{e}.w1.weight", lambda c: (c.hidden_dim, c.dim), "expert", "w1",
         hf="model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight", fused="layers.{L}.block_sparse_moe.w1",
-        sparse="layers.{L}.feed_forward.w1", sparse_dim=0, gguf="blk.{L}.ffn_gate_exps.weight", gguf_pos=7),
+        sparse="layers.{L}.feed_forward.w1", sparse_dim=0, gguf="blk.{L}.ffn_gate_exps.weight",
+        gguf_per_expert="blk.{L}.ffn_gate.{e}.weight", gguf_pos=7),
     Row("layers.{L}.feed_forward.experts.{e}.w2.weight", lambda c: (c.dim, c.hidden_dim), "expert", "w2",
         hf="model.layers.{L}.block_sparse_moe.experts.{e}.w2.weight", fused="layers.{L}.block_sparse_moe.w2",
         fused_transposed=True, sparse="layers.{L}.feed_forward.w2", sparse_dim=1, gguf="blk.{L}.ffn_down_exps.weight",
+        gguf_per_expert="blk.{L}.ffn_down.{e}.weight",
         gguf_pos=8),
     Row("layers.{L}.feed_forward.experts.{e}.w3.weight", lambda c: (c.hidden_dim, c.dim), "expert", "w3",
         hf="model.layers.{L}.block_sparse_moe.experts.{e}.w3.weight", fused="layers.{L}.block_sparse_moe.w3",
-        sparse="layers.{L}.feed_forward.w3", sparse_dim=0, gguf="blk.{L}.ffn_up_exps.weight", gguf_pos=9),
+        sparse="layers.{L}.feed_forward.w3", sparse_dim=0, gguf="blk.{L}.ffn_up_exps.weight",
+        gguf_per_expert="blk.{L}.ffn_up.{e}.weight", gguf_pos=9),
     Row("layers.{L}.attention_norm.weight", lambda c: (c.dim,), "replicated", "attention_norm",
         hf="model.layers.{L}.input_layernorm.weight", gguf="blk.{L}.attn_norm.weight", gguf_pos=0),
     Row("layers.{L}.ffn_norm.weight", lambda c: (c.dim,), "replicated", "ffn_norm",

@@ -34,9 +34,10 @@ from ...encodings.gguf import Value, quantize_rows, string_bytes, value_bytes
 from ...errors import ConvertError
 from ...io.reads import SourceFile
 from . import header as gguf_header
+from . import per_expert
 from . import source as gguf_source
 from .header import Header
-from .per_expert import LAYOUT, PER_EXPERT_RE
+from .per_expert import LAYOUT
 from .write import FILE_TYPE_NAMES, size_groups
 
 T = GGMLQuantizationType
@@ -62,7 +63,7 @@ def is_per_expert(path) -> bool:
     path = Path(path)
     if not (path.name.endswith(".gguf") and path.is_file()):
         return False
-    return any(PER_EXPERT_RE.match(t.name) for t in read(path).tensors)
+    return any(per_expert.match(t.name) for t in read(path).tensors)
 
 
 def fix_command(path) -> str:
@@ -130,19 +131,19 @@ def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
     ft = int(gguf_source.field(r0, "general.file_type", path, -1))
     E = cfg.num_experts
     groups: dict[tuple[int, str], dict[int, tuple]] = {}
-    order: list = []  # tensor names and (L, kind) groups, in the source's order
+    order: list = []  # tensors, and (L, table row) groups of per-expert tensors, in the source's order
     for p, r in zip(paths, headers, strict=True):
         for t in r.tensors:
             slab = Slab(r.file, t.data_offset, t.n_bytes)
-            m = PER_EXPERT_RE.match(t.name)
-            if m is None:
+            hit = per_expert.match(t.name)
+            if hit is None:
                 order.append(OutTensor(t.name, t.shape, t.tensor_type, [slab]))
                 continue
-            key = (int(m["L"]), m["kind"])
+            row, L, e = hit
+            key = (L, row)
             if key not in groups:
                 groups[key] = {}
                 order.append(key)
-            e = int(m["e"])
             if e in groups[key] or e >= E:
                 raise ConvertError(f"{p}: tensor '{t.name}': expert {e} {'again' if e < E else f'of {E}'}; "
                                    "the file is damaged or not a Mixtral GGUF")
@@ -153,20 +154,21 @@ def plan(path: Path, mixed_to: Optional[str] = None) -> Restack:
         if isinstance(item, OutTensor):
             out.append(item)
             continue
-        L, kind = item
-        stacked = f"blk.{L}.ffn_{kind}_exps.weight"
+        L, row = item
+        stacked = row.gguf.format(L=L)
+        kind = row.gguf_per_expert.split(".")[2]  # "ffn_gate": the per-expert names' kind, for messages
         if stacked in names:
-            raise ConvertError(f"{path}: layer {L} holds both '{stacked}' and per-expert ffn_{kind} tensors; "
+            raise ConvertError(f"{path}: layer {L} holds both '{stacked}' and per-expert {kind} tensors; "
                                "the file is damaged")
         experts = groups[item]
         if len(experts) != E:
             lack = next(e for e in range(E) if e not in experts)
-            raise ConvertError(f"{path}: 'blk.{L}.ffn_{kind}.{lack}.weight' is missing ({len(experts)} of {E} "
+            raise ConvertError(f"{path}: '{row.gguf_per_expert.format(L=L, e=lack)}' is missing ({len(experts)} of {E} "
                                "experts); the file is damaged")
         tensors = [experts[e][0] for e in range(E)]
         shapes = {t.shape for t in tensors}
         if len(shapes) != 1:
-            raise ConvertError(f"{path}: layer {L}'s ffn_{kind} experts have different shapes "
+            raise ConvertError(f"{path}: layer {L}'s {kind} experts have different shapes "
                                f"({', '.join(str(list(s)) for s in sorted(shapes))}); the file is damaged")
         shape = shapes.pop()
         types = {}
@@ -189,7 +191,7 @@ def _mixed(path, stacked, L, kind, types, tensors, slabs, shape, mixed_to, conve
     """A layer's experts of one kind in several types: refused, or (mixed_to) those not in that type
     converted to it."""
     if mixed_to is None:
-        raise ConvertError(f"{path}: layer {L}'s ffn_{kind} experts are in several types ({_types_text(types)}); "
+        raise ConvertError(f"{path}: layer {L}'s {kind} experts are in several types ({_types_text(types)}); "
                            f"today's '{stacked}' holds one type and restacking converts nothing on its own: pass "
                            f"--convert-mixed-experts {'|'.join(MIXED_TYPES)} to convert those experts to one type")
     if mixed_to not in MIXED_TYPES:
@@ -283,7 +285,7 @@ def read_once(f: SourceFile, offset: int, n: int) -> np.ndarray:
 def describe(info: dict) -> dict:
     """inspect's description of a GGUF (gguf_source.describe), with an old per-expert layout named:
     what it is, the types of its experts, and the command that restacks it."""
-    old = [n for n in info.get("shapes", {}) if PER_EXPERT_RE.match(n)]
+    old = [n for n in info.get("shapes", {}) if per_expert.match(n)]
     if not old:
         return info
     info = dict(info)
