@@ -571,7 +571,15 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench.json")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--tool-tree", type=Path, default=None,
+                    help="run the mixtral_convert package of this source tree (e.g. `git archive` of an older commit, "
+                         "for a before/after under the same harness) instead of this one's")
     a = ap.parse_args()
+    if a.tool_tree is not None:
+        if not (a.tool_tree / "mixtral_convert" / "entry.py").is_file():
+            ap.error(f"--tool-tree {a.tool_tree}: no mixtral_convert/entry.py there")
+        MC[:] = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(a.tool_tree.resolve())!r}); "
+                 "from mixtral_convert.entry import entry; entry()"]
     a.steps = [s.strip() for s in a.steps.split(",") if s.strip()]
     unknown = sorted(set(a.steps) - set(STEPS))
     if unknown or not a.steps:
@@ -594,7 +602,8 @@ def main() -> None:
     print(f"\n{info['date']}: {m['cpus']} CPUs, {m['mem_bytes'] / 2**30:.1f} GiB memory, disk {m['disk_device']} "
           f"({m['disk_fstype']}) for {a.dir}; {'cold' if cold else 'WARM (could not drop caches)'} page cache "
           f"before every run; load average {m['loadavg_at_start'][0]:.1f} at the start, {m['loadavg_at_end'][0]:.1f} "
-          f"at the end; {a.runs} runs of each pair, N={a.world_size}; tree {m['git']}\n")
+          f"at the end; {a.runs} runs of each pair, N={a.world_size}; tree {m['git']}"
+          f"{f', the tool from {a.tool_tree}' if a.tool_tree else ''}\n")
     print(tables(info["results"]))
     print()
     print(text)
