@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""An HF PEFT adapter merged as the base streams (docs/performance.md, "HF PEFT adapter merge"): wall time against
+"""An HF PEFT adapter merged as the base streams (docs/performance.md, "Adapter merges"): wall time against
 `cp` of the base, and peak anonymous memory, at two depths to show whether memory is flat in model size.
+`make bench`'s `adapter` step uses this file's `write_adapter` and times the same merge against cat + sync and the
+direct copy as well (bench/bench.py); this script is the quick look without the references.
 
 Generates a bf16 torrent checkpoint of the given width (default: Mixtral-8x7B's D 4096, H 14336, E 8, V 32000) at
 each of --layers depths, and a hub-layout adapter of rank --rank on every linear (q/k/v/o_proj, the router, every

@@ -18,6 +18,9 @@ two references that move the same bytes, and cp as context where there is a cp f
     merge         SHARDS (split's output) to a directory               cp -r SHARDS DST && sync
     verify        SRC and SHARDS read, nothing written                 -
     concat        PIECES (SRC cut in --pieces byte pieces) joined      -
+    adapter       SRC to one file (merge SRC --adapter A: rank --rank  cp SRC DST && sync
+                  LoRA on every linear, a full-vocabulary float32 lm_head in modules_to_save;
+                  bench/adapter_merge.py writes A)
 
 The references of a repetition run in turn (their order rotates from one repetition to the next),
 then the tool. Ratios are taken per repetition against the faster of cat and direct in that
@@ -66,6 +69,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 # The benchmark's subject: every tensor exactly Mixtral-8x7B's size (docs/formats.md, "Torrent release").
 MIXTRAL_8X7B = dict(dim=4096, hidden_dim=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
@@ -76,8 +80,9 @@ PROJECT = {"Mixtral-8x7B": (MIXTRAL_8X7B, 32), "Mixtral-8x22B": (MIXTRAL_8X22B, 
 
 BASE = "consolidated.00.pth"
 MANIFEST = "mixtral-convert-manifest.json"
-ORDER = ("split-sparse", "split", "gguf-bf16", "gguf-q8_0", "merge", "verify", "concat")  # within a repetition
-STEPS = ("split", "split-sparse", "merge", "verify", "concat", "baseline", "gguf-bf16", "gguf-q8_0")
+# the order within a repetition
+ORDER = ("split-sparse", "split", "gguf-bf16", "gguf-q8_0", "adapter", "merge", "verify", "concat")
+STEPS = ("split", "split-sparse", "merge", "verify", "concat", "baseline", "gguf-bf16", "gguf-q8_0", "adapter")
 REFS = ("cat", "direct", "cp")  # the references (cp: context, not in the ratio to the faster)
 DIRECT_COPY = [sys.executable, str(Path(__file__).resolve().parent / "direct_copy.py")]
 GGUF_STEPS = {"gguf-bf16": "bfloat16", "gguf-q8_0": "q8_0"}  # merge SRC --to gguf --dtype X
@@ -265,6 +270,7 @@ class Layers:
         self.L, self.a, self.n = L, a, str(a.world_size)
         w = a.dir
         self.src_dir = w / f"src-L{L}"
+        self.adapter, self.adapted = w / f"adapter-L{L}", w / f"adapted-L{L}"
         self.src = self.src_dir / BASE
         self.tmp, self.sparse, self.base, self.merged, self.bl, self.pieces = (
             w / f"{k}-L{L}" for k in ("ref", "sparse", "base", "merged", "baseline", "pieces"))
@@ -300,6 +306,12 @@ class Layers:
             self.tokenizer = self.a.dir / "tokenizer-llama.model"
             if not self.tokenizer.exists():
                 self.tokenizer.write_bytes(train_tokenizer(MIXTRAL_8X7B["vocab_size"], llama=True))
+        if "adapter" in self.a.steps and not self.adapter.exists():
+            from adapter_merge import write_adapter
+
+            from mixtral_convert.synth import tiny_config
+            print(f"writing a rank-{self.a.rank} adapter on every linear in {self.adapter} ...", flush=True)
+            write_adapter(self.adapter, tiny_config(n_layers=self.L, **MIXTRAL_8X7B), self.a.rank)
         self.size = self.src.stat().st_size
         self.src_sha = sha256(self.src)
 
@@ -394,6 +406,12 @@ class Layers:
                     self.problems.setdefault(f"{step}: the manifest's sha256 is the file's", []).append(
                         f"run {rep + 1}")
                 rm(out, manifest)
+        if "adapter" in st:
+            self.group(rep, "adapter", self.one_file(self.src),
+                       MC + ["merge", self.src_dir, "--adapter", self.adapter, "-o", self.adapted, "-q"],
+                       cleanup=self.tmp)
+            self.record(rep, "adapter", hash_dir(self.adapted), self.adapted)
+            rm(self.adapted)
         if "merge" in st:
             self.src.unlink()  # merge's output takes its place: two copies on disk, not three
             shards = sorted(p for p in self.base.iterdir() if p.is_file())
@@ -427,9 +445,9 @@ class Layers:
             for rep in range(self.a.runs):
                 self.repetition(rep)
         finally:
-            rm(self.tmp, self.sparse, self.base, self.merged, self.bl, self.pieces)
+            rm(self.tmp, self.sparse, self.base, self.merged, self.bl, self.pieces, self.adapted)
             if not self.a.keep or not self.src.exists():
-                rm(self.src_dir)
+                rm(self.src_dir, self.adapter)
         for k, probs in self.problems.items():
             n = len(self.hashes[k.split(":")[0]][0])
             self.checks[k] = ("NO: " + "; ".join(probs)) if probs else f"yes ({n} file(s) x {self.a.runs} runs)"
@@ -565,8 +583,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2])
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="repetitions of every pair (medians and spreads reported)")
-    ap.add_argument("--steps", default="split,split-sparse,gguf-bf16,gguf-q8_0,merge,verify,concat",
+    ap.add_argument("--steps", default="split,split-sparse,gguf-bf16,gguf-q8_0,adapter,merge,verify,concat",
                     help=f"comma-separated, from {','.join(STEPS)} (default: all but baseline)")
+    ap.add_argument("--rank", type=int, default=16, help="the adapter step's LoRA rank")
     ap.add_argument("--pieces", type=int, default=10, help="byte pieces the checkpoint is cut in for concat")
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-out" / "bench.json")

@@ -7,7 +7,7 @@
 and computes it in one fixed order of IEEE-754 float32 operations, rounded once to the base's dtype:
 
     V = W.float()  (or the replacement's values)
-    P = Σ_k b[:, k] · a[k, :]        summed elementwise over k in order (io.lora.lora_product)
+    P = Σ_k b[:, k] · a[k, :]        summed elementwise over k in order (io.lora.add_lora)
     V = V + P · scale                (scale a float32 number)
     DoRA: n = sqrt(Σ_j V[:, j]²)     a pairwise sum over the full row in a fixed tree (`row_norm`)
           V = V · (magnitude / n)
@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 
 from .lazy import Lazy
-from .lora import CHUNK_ELEMENTS, lora_product
+from .lora import add_lora
+
+DORA_ELEMENTS = 1 << 20  # DoRA: whole rows per step, about this many float32 values (4 MiB)
 
 
 @dataclass(frozen=True)
@@ -134,11 +136,7 @@ class DeltaMerged(Lazy):
             out = out.clone()  # never add into a view of the file or of a stored tensor
         lora = self.delta.lora
         if lora is not None:
-            A = lora.a.read(0, lora.a.shape[0], c0, c1)
-            step = max(1, CHUNK_ELEMENTS // max(1, c1 - c0))
-            for i in range(r0, r1, step):
-                j = min(r1, i + step)
-                out[i - r0:j - r0].add_(lora_product(lora.b.read(i, j), A).mul_(self.scale))
+            add_lora(out, lora.b.read(r0, r1), lora.a.read(0, lora.a.shape[0], c0, c1), self.scale)
         return out
 
     def read(self, r0, r1, c0=None, c1=None):
@@ -153,7 +151,7 @@ class DeltaMerged(Lazy):
         # for does not hold the band's rows whole at once
         out = torch.empty((r1 - r0, c1 - c0), dtype=self.dtype)
         width = self.shape[1]
-        step = max(1, CHUNK_ELEMENTS // width)
+        step = max(1, DORA_ELEMENTS // width)
         for i in range(r0, r1, step):
             j = min(r1, i + step)
             v = self._rows(i, j, 0, width)

@@ -12,18 +12,31 @@ and add per term (no fused multiply-add), then `W.float() + acc`, then one round
 Every output element is then a function of its own row of B, column of A and W element only, each
 step an IEEE-754 float32 operation, exactly rounded on every machine. Its cost is in
 docs/performance.md ("LoRA merge").
+
+`add_lora` computes it over the cores: a block's rows are cut into tiles of about CHUNK_ELEMENTS
+float32 values (two 1 MiB buffers, the product and one term, stay in a core's cache while the r
+terms are added), and contiguous runs of tiles go to a pool of `workers()` threads. Each tile is
+numpy's separate float32 multiply and add (ufuncs, never fused, single-threaded, the GIL released
+while they run), so a row's arithmetic is the same whichever thread and tile it falls in: the bytes
+do not depend on the thread count (tests/adapters/test_merge_threads.py).
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .lazy import Lazy
 
-CHUNK_ELEMENTS = 1 << 20  # rows per step of the product: about this many float32 elements (4 MiB) per buffer
+CHUNK_ELEMENTS = 1 << 18  # rows per tile of the product: about this many float32 elements (1 MiB) per buffer
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -36,15 +49,61 @@ class Segment:
     a: Lazy
 
 
-def lora_product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """b·a in float32, summed over k in a fixed order, elementwise (see the module's docstring)."""
-    b, a = b.float(), a.float()
-    acc = torch.zeros((b.shape[0], a.shape[1]), dtype=torch.float32)
-    term = torch.empty_like(acc)
-    for k in range(b.shape[1]):
-        torch.mul(b[:, k:k + 1], a[k:k + 1, :], out=term)
-        acc.add_(term)
-    return acc
+def workers() -> int:
+    """Threads the product is spread over: torch's intra-op thread count (the cores, or OMP_NUM_THREADS)."""
+    return max(1, torch.get_num_threads())
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    """A pool of at least n threads (one, kept for the process; a larger one replaces it)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its submitted work still runs
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lora"), n
+        return _pool
+
+
+def _tiles(out: np.ndarray, b: np.ndarray, a: np.ndarray, scale: Optional[np.ndarray], r0: int, r1: int) -> None:
+    """Rows [r0, r1) of out += (Σ_k b[:, k]·a[k, :]) [· scale], a tile of rows at a time (the module's docstring)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, out.shape[1]))
+    acc = np.empty((min(step, r1 - r0), out.shape[1]), dtype=np.float32)
+    term = np.empty_like(acc)
+    cols = [a[k:k + 1] for k in range(a.shape[0])]
+    for i in range(r0, r1, step):
+        j = min(r1, i + step)
+        p, t, bk = acc[:j - i], term[:j - i], b[i:j].T[:, :, None]
+        p.fill(0)
+        for k, ak in enumerate(cols):
+            np.multiply(bk[k], ak, out=t)  # [rows, 1] · [1, cols]: one float32 product per element
+            np.add(p, t, out=p)
+        if scale is not None:
+            np.multiply(p, scale, out=p)
+        np.add(out[i:j], p, out=out[i:j])
+
+
+def add_lora(out: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: Optional[torch.Tensor] = None,
+             threads: Optional[int] = None) -> None:
+    """out += b·a (times `scale`, a float32 scalar tensor, when given), in place: out a float32 [n, c] tensor,
+    b [n, k], a [k, c] in any float dtype (widened to float32, exactly). The sum over k is the fixed order of
+    the module's docstring, its tiles spread over `threads` (default `workers()`) threads."""
+    bn = b.float().contiguous().numpy()
+    an = a.float().contiguous().numpy()
+    sn = None if scale is None else scale.to(torch.float32).numpy()
+    on = out.numpy()
+    rows = on.shape[0]
+    tiles = -(-rows // max(1, CHUNK_ELEMENTS // max(1, on.shape[1])))
+    k = max(1, min(threads or workers(), tiles))
+    if k == 1:
+        _tiles(on, bn, an, sn, 0, rows)
+        return
+    bounds = [rows * i // k for i in range(k + 1)]
+    futures = [_executor(k).submit(_tiles, on, bn, an, sn, bounds[i], bounds[i + 1]) for i in range(k)]
+    errors = [f.exception() for f in futures]  # every span finishes before an error is raised
+    for err in errors:
+        if err is not None:
+            raise err
 
 
 class LoraMerged(Lazy):
@@ -66,14 +125,9 @@ class LoraMerged(Lazy):
         out = self.weight.read(r0, r1, c0, c1).float()  # a new float32 tensor (never a view of the file)
         if out.dtype == self.weight.dtype:
             out = out.clone()
-        step = max(1, CHUNK_ELEMENTS // max(1, c1 - c0))
         for s in self.segments:
             a, b = max(r0, s.r0), min(r1, s.r1)
             if a >= b:
                 continue
-            k = s.a.shape[0]
-            A = s.a.read(0, k, c0, c1)
-            for i in range(a, b, step):
-                j = min(b, i + step)
-                out[i - r0:j - r0].add_(lora_product(s.b.read(i - s.r0, j - s.r0), A))
+            add_lora(out[a - r0:b - r0], s.b.read(a - s.r0, b - s.r0), s.a.read(0, s.a.shape[0], c0, c1))
         return out.to(self.dtype)
