@@ -19,7 +19,7 @@ from typing import Optional
 from ..errors import ConvertError
 from ..formats.checkpoint import dtype_name
 from ..formats.gguf import dequant as gguf_dequant
-from ..formats.registry import TARGETS, target
+from ..formats.registry import TARGETS, is_kind, target
 from ..formats.registry import target_options as target_options_of
 from ..io import beside
 from ..io.atomic import atomic_output_dir
@@ -30,7 +30,6 @@ from . import biases, dryrun
 from .common import MARGIN, Result, cast_to, check_tokenizer, output_base, use_tokenizer
 from .dryrun import Planned
 from .options import MergeOptions, OutputOptions, SourceOptions
-from .restack import merge_old_gguf
 
 
 def merge(shards: Path, opts: Optional[MergeOptions] = None, source: Optional[SourceOptions] = None,
@@ -43,10 +42,16 @@ def merge(shards: Path, opts: Optional[MergeOptions] = None, source: Optional[So
     tgt = target(to)
     # an old per-expert GGUF restacked (its bytes copied); with an adapter the GGUF is read as a source
     # instead: a restack copies bytes and would drop it
-    restacked = None if source.adapter is not None else merge_old_gguf(
-        shards, to, out=output.out, force=output.force, quiet=output.quiet, dtype=output.dtype,
-        dry_run=output.dry_run, dequantize=source.dequantize, mixed_experts=opts.convert_mixed_experts,
-        tokenizer=source.tokenizer, base=source.base, drop_biases=output.drop_biases, **opts.target_options)
+    restacked = None
+    if source.adapter is None and is_kind(shards, "gguf"):
+        from .restack import merge_old_gguf  # (the gguf package is imported only for a GGUF)
+        restacked = merge_old_gguf(
+            shards, to, out=output.out, force=output.force, quiet=output.quiet, dtype=output.dtype,
+            dry_run=output.dry_run, dequantize=source.dequantize, mixed_experts=opts.convert_mixed_experts,
+            tokenizer=source.tokenizer, base=source.base, drop_biases=output.drop_biases, **opts.target_options)
+    elif opts.convert_mixed_experts is not None:
+        raise ConvertError("--convert-mixed-experts is for restacking a GGUF in llama.cpp's per-expert layout (merge "
+                           "OLD.gguf --to gguf, without --dtype or --dequantize): leave it out")
     if restacked is not None:
         return restacked
     ck = source.open(shards)

@@ -19,13 +19,12 @@ from . import accessory, hf, mistral, torrent
 from .adapters import accessory_peft as peft
 from .adapters import hf as hf_adapter
 from .checkpoint import Checkpoint, Reader, Target
-from .gguf import source as gguf_source
-from .gguf import target as gguf_target
+from .gguf import registration as gguf
 
 # single-file readers first (a file they claim is read as itself), then the directory readers in order
-READERS: tuple[Reader, ...] = (mistral.ARCHIVE, gguf_source.READER, peft.READER, accessory.READER, mistral.READER,
+READERS: tuple[Reader, ...] = (mistral.ARCHIVE, gguf.READER, peft.READER, accessory.READER, mistral.READER,
                                torrent.TORRENT, hf.READER, torrent.CONSOLIDATED)
-TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf_target.TARGET)}
+TARGETS: dict[str, Target] = {t.name: t for t in (torrent.TARGET, hf.TARGET, gguf.TARGET)}
 # hf://: the small files that say what a repository holds, and who names its weight files, in order
 HUB_SMALL_FILES = ["config.json", torrent.PARAMS, accessory.META, hf.INDEX]
 HUB_PROBES = (hf.hub_index, accessory.hub_weights, hf.hub_single, torrent.hub_weights)

@@ -474,3 +474,23 @@ def test_the_layout_and_the_tokenizer_are_computed_once_per_run(src22, tmp_path,
           output=OutputOptions(tmp_path / "m.gguf", quiet=True, dtype="q8_0"))
     assert calls == {"read_model": 1, "gguf_tensors": 1}
     assert len(list(tmp_path.glob("m-*-of-*.gguf"))) > 1
+
+
+def test_the_registration_declares_the_writers_dtypes_without_importing_gguf():
+    """formats.gguf.registration names --dtype's GGUF choices without the gguf package; they are the
+    writer's, in its order."""
+    from mixtral_convert.formats.gguf import registration
+    from mixtral_convert.formats.gguf import write as gguf_write
+    assert registration.DTYPES == gguf_write.DTYPES
+    import subprocess
+    import sys
+    code = ("import importlib.abc, sys\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'gguf': raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import mixtral_convert.cli, mixtral_convert.commands.merge, mixtral_convert.commands.verdict\n"
+            "from mixtral_convert.formats.registry import TARGETS\n"
+            "print(TARGETS['gguf'].dtypes)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert r.returncode == 0 and "q8_0" in r.stdout, r.stderr[-2000:]

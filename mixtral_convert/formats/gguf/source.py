@@ -31,7 +31,7 @@ from ...io.lazy import Lazy
 from ...io.reads import SourceFile
 from ...model import rope, tensors
 from ...model.config import ModelConfig
-from ..checkpoint import Checkpoint, Reader, TokenizerRef, check_tensors
+from ..checkpoint import Checkpoint, TokenizerRef, check_tensors
 from .per_expert import canonical_hit
 from .write import ARCH, FILE_TYPE_NAMES, SPLIT_RE, unstack
 
@@ -294,8 +294,3 @@ def open_source(path: Path) -> Checkpoint:
 def _no_tokenizer(path: Path) -> TokenizerRef:
     return TokenizerRef(missing=f"{path}: a GGUF holds its vocabulary but no tokenizer.model; pass --tokenizer "
                                 "PATH (the model's tokenizer.model)")
-
-
-READER = Reader("gguf", "a .gguf file (and its gguf-split pieces)", single_file=True,
-                claims=lambda path, _: path.name.endswith(".gguf"),
-                open=lambda path, _: open_source(path))

@@ -1,14 +1,13 @@
-"""`merge --to gguf`: the target (docs/formats.md, "GGUF"). float32, float16, bfloat16 and q8_0
-are written by formats.gguf.write; the k-quants by llama.cpp's quantizer from a temporary half-type
-GGUF (formats.gguf.kquant)."""
+"""`merge --to gguf`: the target's plan (docs/formats.md, "GGUF"; declared to the registry by
+formats.gguf.registration). float32, float16, bfloat16 and q8_0 are written by formats.gguf.write;
+the k-quants by llama.cpp's quantizer from a temporary half-type GGUF (formats.gguf.kquant)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from ...encodings.gguf import file_size
-from ..checkpoint import Checkpoint, Target, TargetOption, TargetPlan
-from ..hf import CHAT_TEMPLATE_OPTION, CONTEXT_OPTION, parse_size
+from ..checkpoint import Checkpoint, TargetPlan
 from . import write as gguf_write
 from .kquant import plan_kquant
 
@@ -23,15 +22,3 @@ def plan(ck: Checkpoint, out_name: str, dtype: Optional[str], max_shard_size: Op
     files = [(fname, file_size(meta, [t.info for t in ts]), f"{len(ts)} tensors, {lay.dtype}")
              for fname, meta, ts in lay.files]
     return TargetPlan(files, lambda tmp, progress: gguf_write.write_files(tmp, lay, progress))
-
-
-TARGET = Target(
-    "gguf", ".gguf", plan, prepare=gguf_write.prepare, dtypes=gguf_write.DTYPES, applies_dtype=True, output="file",
-    help="one GGUF file for llama.cpp, Ollama and LM Studio (-o PATH.gguf; --dtype q8_0 and the k-quants too)",
-    options=(TargetOption("--max-shard-size", "max_shard_size", metavar="SIZE", parse=parse_size,
-                          help="cut the file into PATH-00001-of-0000K.gguf pieces of at most SIZE, as llama.cpp's "
-                               "gguf-split does (default: one file)."),
-             CONTEXT_OPTION,
-             TargetOption("--name", "name", metavar="NAME",
-                          help="general.name (default: the source's directory or hub repository)."),
-             CHAT_TEMPLATE_OPTION))
