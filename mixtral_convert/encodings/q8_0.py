@@ -24,23 +24,18 @@ NaN have no Q8_0 form (the scale would be inf or NaN): `NonFiniteValues` refuses
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
 from ..errors import ConvertError
+from ..io.workers import executor, workers
 
 QK = 32  # values per block
 BLOCK_BYTES = 2 + QK  # float16 scale + 32 int8
 SPAN_BLOCKS = 1000  # blocks per torch call: 32,000 values, under torch's parallel grain (32,768), 125 KiB float32
 CHUNK_SPANS = 4  # spans whose scales are computed together (500 KiB of float32)
 _HALF_DOWN = torch.tensor(0.5 - 2.0**-25, dtype=torch.float32)  # the largest float32 below 0.5
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
 
 
 class NonFiniteValues(ConvertError):
@@ -49,22 +44,6 @@ class NonFiniteValues(ConvertError):
     def __init__(self, label: str):
         super().__init__(f"{label} holds inf or NaN, which Q8_0 cannot hold (a block's scale would be inf or "
                          "NaN); fix the source, or use --dtype bfloat16 or float32, which keep them")
-
-
-def workers() -> int:
-    """Threads used: torch's intra-op thread count (the cores, or OMP_NUM_THREADS)."""
-    return max(1, torch.get_num_threads())
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    """A pool of at least n threads (one, kept for the process; a larger one replaces it)."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)  # its submitted work still runs
-            _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="q8_0"), n
-        return _pool
 
 
 def _scales(amax: np.ndarray, out: np.ndarray, label: str) -> np.ndarray:
@@ -113,7 +92,7 @@ def _spread(x: torch.Tensor, out: np.ndarray, k: int, label: str) -> None:
         _range(x, out, 0, n, label)
         return
     bounds = [n * i // k for i in range(k + 1)]
-    futures = [_executor(k).submit(_range, x, out, bounds[i], bounds[i + 1], label) for i in range(k)]
+    futures = [executor(k).submit(_range, x, out, bounds[i], bounds[i + 1], label) for i in range(k)]
     errors = [f.exception() for f in futures]
     for err in errors:
         if err is not None:

@@ -23,8 +23,6 @@ do not depend on the thread count (tests/adapters/test_merge_threads.py).
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,11 +30,9 @@ import numpy as np
 import torch
 
 from .lazy import Lazy
+from .workers import executor, workers
 
 CHUNK_ELEMENTS = 1 << 18  # rows per tile of the product: about this many float32 elements (1 MiB) per buffer
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
-_pool_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -47,22 +43,6 @@ class Segment:
     r1: int
     b: Lazy
     a: Lazy
-
-
-def workers() -> int:
-    """Threads the product is spread over: torch's intra-op thread count (the cores, or OMP_NUM_THREADS)."""
-    return max(1, torch.get_num_threads())
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    """A pool of at least n threads (one, kept for the process; a larger one replaces it)."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)  # its submitted work still runs
-            _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lora"), n
-        return _pool
 
 
 def _tiles(out: np.ndarray, b: np.ndarray, a: np.ndarray, scale: Optional[np.ndarray], r0: int, r1: int) -> None:
@@ -99,7 +79,7 @@ def add_lora(out: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: Optiona
         _tiles(on, bn, an, sn, 0, rows)
         return
     bounds = [rows * i // k for i in range(k + 1)]
-    futures = [_executor(k).submit(_tiles, on, bn, an, sn, bounds[i], bounds[i + 1]) for i in range(k)]
+    futures = [executor(k).submit(_tiles, on, bn, an, sn, bounds[i], bounds[i + 1]) for i in range(k)]
     errors = [f.exception() for f in futures]  # every span finishes before an error is raised
     for err in errors:
         if err is not None:
