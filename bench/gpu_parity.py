@@ -33,21 +33,13 @@ import torch  # noqa: E402
 
 from mixtral_convert.forward.parity import TOLERANCES, ParityReport, compare  # noqa: E402
 from mixtral_convert.forward.reference import forward  # noqa: E402
-from mixtral_convert.forward.sharded import sharded_forward  # noqa: E402
-from mixtral_convert.io.lazy import Stored  # noqa: E402
+from mixtral_convert.forward.sharded import shard_tensors, sharded_forward  # noqa: E402
 from mixtral_convert.model.layouts import Plan  # noqa: E402
 from mixtral_convert.synth import materialize, tiny_config, write_torrent  # noqa: E402
 
 WIDE = dict(dim=64, hidden_dim=48, n_heads=16, n_kv_heads=8, head_dim=4, num_experts=8, vocab_size=128, n_layers=2)
 FULL_WIDTH = dict(dim=4096, hidden_dim=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
                   num_experts=8, experts_per_tok=2, n_layers=1)
-
-
-def shards_of(plan: Plan, W: dict) -> list[dict]:
-    """Every rank's shard, assembled from the canonical tensors through the plan (as split writes it)."""
-    lazy = {k: Stored(v, k) for k, v in W.items()}
-    return [{key: plan.shard_tensor(r, key, lazy).read(0, st.shape[0]).contiguous().reshape(st.shape)
-             for key, st in plan.ranks[r].items()} for r in range(plan.N)]
 
 
 def sharded_cases(device: str = "cuda") -> list[dict]:
@@ -65,7 +57,7 @@ def sharded_cases(device: str = "cuda") -> list[dict]:
         for layout in ("base", "sparse"):
             for N in (1, 2, 4, 8):
                 plan = Plan(layout, cfg, N, {k: v.dtype for k, v in W.items()})
-                out = sharded_forward(plan, shards_of(plan, W), toks, dtype=dt, device=device)
+                out = sharded_forward(plan, shard_tensors(plan, W), toks, dtype=dt, device=device)
                 rep = ParityReport(dtype, device)
                 compare(ref, out, rep, TOLERANCES[dtype])
                 ok = rep.ok and out.device.type == torch.device(device).type and (cpu_gap is None or cpu_gap <= 1e-4)

@@ -82,3 +82,22 @@ def greedy(cfg, weights, tokenizer, text: str, k: int, forward_fn=None):
     run = forward_fn or (lambda t: forward(cfg, weights, t))
     res = compute(Job("", prompt=text, new_tokens=k), cfg, run, Path(tokenizer))
     return res.new, res.text
+
+
+HUB_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_repo(cache, repo, files: dict, sha=HUB_SHA, ref="main"):
+    """A repository in huggingface_hub's cache layout: blobs, snapshots/SHA/... symlinks, refs/REF."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for name, path in files.items():
+        blob = root / "blobs" / f"{sha[:8]}-{name}"
+        blob.write_bytes(path.read_bytes())
+        (snap / name).symlink_to(blob)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / ref).write_text(sha)
+    return snap
+

@@ -222,6 +222,15 @@ def combine(parts: list[Collective]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def shard_tensors(plan: Plan, W: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Every rank's shard of the in-memory canonical tensors `W`, assembled through the plan as split
+    writes them (for checks that need no files: the tests, bench/gpu_parity.py)."""
+    from ..io.lazy import Stored
+    lazy = {k: Stored(v, k) for k, v in W.items()}
+    return [{key: plan.shard_tensor(r, key, lazy).read(0, st.shape[0]).contiguous().reshape(st.shape)
+             for key, st in plan.ranks[r].items()} for r in range(plan.N)]
+
+
 def sharded_forward(plan: Plan, rank_weights, tokens: torch.Tensor, *, dtype: torch.dtype = torch.float32,
                     device="cpu") -> torch.Tensor:
     """float32 logits [B, S, V], computed as plan.N ranks would from their shards, in one process.

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peft_make as pk
-from helpers import cli, load, same_bytes
+from helpers import HUB_SHA, cli, hub_repo, load, same_bytes
 
 from mixtral_convert import synth
 from mixtral_convert.formats.registry import open_checkpoint
@@ -187,18 +187,10 @@ def test_adapter_model_bin_same_bytes_as_safetensors(tmp_path, setup, zipped, ca
 def test_hub_adapter_from_the_cache(tmp_path, setup, monkeypatch, capsys):
     """--adapter hf://org/name[@rev] resolves through huggingface_hub (offline here, from a cache laid out as it
     lays one out) and merges to the bytes the local directory gives."""
-    import shutil
     cfg, bases, adapters = setup
     ref = merged_tensors(tmp_path, bases["torrent"], adapters["hub"], "local")
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    root = tmp_path / "cache" / "models--org--qlora"
-    (root / "blobs").mkdir(parents=True)
-    (root / "snapshots" / sha).mkdir(parents=True)
-    for f in adapters["hub"].iterdir():
-        shutil.copy(f, root / "blobs" / f.name)
-        (root / "snapshots" / sha / f.name).symlink_to(root / "blobs" / f.name)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(sha)
+    sha = HUB_SHA
+    hub_repo(tmp_path / "cache", "org/qlora", {f.name: f for f in adapters["hub"].iterdir()})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for spec in ("hf://org/qlora", f"hf://org/qlora@{sha}"):

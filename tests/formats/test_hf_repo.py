@@ -14,7 +14,7 @@ import shutil
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import WIDE, cli, greedy, load
+from helpers import WIDE, cli, greedy, hub_repo, load
 
 from mixtral_convert.forward.reference import forward
 from mixtral_convert.model.config import ModelConfig
@@ -275,15 +275,7 @@ def test_sources_with_only_tokenizer_model_get_no_new_files(wide_src, tmp_path, 
 def test_hf_uri_with_hf_tokenizer_files(repo, tmp_path, monkeypatch, capsys):
     """hf://org/name fetches the HF tokenizer files with the other small files (offline, from the cache)."""
     hf = hf_only_source(repo, tmp_path / "hf")
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    root = tmp_path / "cache" / "models--org--tiny"
-    (root / "blobs").mkdir(parents=True)
-    (root / "snapshots" / sha).mkdir(parents=True)
-    for f in hf.iterdir():
-        shutil.copy(f, root / "blobs" / f.name)
-        (root / "snapshots" / sha / f.name).symlink_to(root / "blobs" / f.name)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(sha)
+    hub_repo(tmp_path / "cache", "org/tiny", {f.name: f for f in hf.iterdir()})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = cli("split", "hf://org/tiny", "-n", 2, "-o", tmp_path / "b2", "-q", capsys=capsys)

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 import torch
-from helpers import ODD, cli, load, same_bytes
+from helpers import HUB_SHA, ODD, cli, hub_repo, load, same_bytes
 from safetensors.torch import load_file, save_file
 
 from mixtral_convert.model import names as hfnames
@@ -277,23 +277,8 @@ def test_source_without_tokenizer(wide_src, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- hf:// offline
-SHA = "0123456789abcdef0123456789abcdef01234567"
+SHA = HUB_SHA
 SHA2 = "fedcba9876543210fedcba9876543210fedcba98"
-
-
-def hub_repo(cache, repo, files: dict, sha=SHA, ref="main"):
-    """A repository in huggingface_hub's cache layout: blobs, snapshots/SHA/... symlinks, refs/REF."""
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snap = root / "snapshots" / sha
-    snap.mkdir(parents=True)
-    (root / "blobs").mkdir(exist_ok=True)
-    for name, path in files.items():
-        blob = root / "blobs" / f"{sha[:8]}-{name}"
-        blob.write_bytes(path.read_bytes())
-        (snap / name).symlink_to(blob)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / ref).write_text(sha)
-    return snap
 
 
 @pytest.fixture

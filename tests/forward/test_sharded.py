@@ -8,8 +8,7 @@ import torch
 
 from mixtral_convert.errors import ConvertError
 from mixtral_convert.forward.reference import forward
-from mixtral_convert.forward.sharded import sharded_forward
-from mixtral_convert.io.lazy import Stored
+from mixtral_convert.forward.sharded import shard_tensors, sharded_forward
 from mixtral_convert.model.config import ModelConfig
 from mixtral_convert.model.layouts import Plan, valid_world_sizes
 
@@ -42,17 +41,7 @@ def random_canonical(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]
     return W
 
 
-def split(plan: Plan, W: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Every rank's shard, assembled from the canonical tensors by the plan (as split writes it)."""
-    lazy = {k: Stored(v, k) for k, v in W.items()}
-    shards = []
-    for r in range(plan.N):
-        shard = {}
-        for key, st in plan.ranks[r].items():
-            t = plan.shard_tensor(r, key, lazy).read(0, st.shape[0])
-            shard[key] = t.contiguous().reshape(st.shape)
-        shards.append(shard)
-    return shards
+split = shard_tensors  # the tests' name for it
 
 
 CASES = [(name, layout, N) for name, cfg in CONFIGS.items() for layout in ("base", "sparse")
