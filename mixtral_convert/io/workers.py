@@ -1,4 +1,4 @@
-"""The threads the CPU-bound arithmetic is spread over (Q8_0 quantization, LoRA merges): as many as
+"""The threads the CPU-bound arithmetic is spread over (LoRA merges; Q8_0 only reads the count): as many as
 torch's intra-op thread count (the cores, or OMP_NUM_THREADS), from one pool kept for the process.
 torch and numpy release the GIL in the work they are given, so the threads run in parallel."""
 

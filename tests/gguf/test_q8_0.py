@@ -1,8 +1,8 @@
 """Q8_0 over the cores (`encodings.q8_0`): byte for byte the gguf package's quantizer, on random
 rows and on the blocks where a reimplementation would slip (zeros, the float32 and float16
 extremes, exact halves after scaling, subnormals, scales float16 cannot hold, scales whose
-reciprocal overflows), however the rows are cut between threads and spans; inf and NaN refused,
-naming the tensor, by the quantizer and by `merge --to gguf --dtype q8_0`."""
+reciprocal overflows), however the rows are cut into spans (and whichever span the machine's
+cores choose); inf and NaN refused, naming the tensor, by the quantizer and by `merge --to gguf --dtype q8_0`."""
 
 import numpy as np
 import pytest
@@ -42,23 +42,26 @@ def blocks(*rows) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_random_rows_equal_gguf_for_any_split(dtype, threads, monkeypatch):
-    """2503 blocks: not a multiple of the threads nor of the spans (shrunk to 97 blocks)."""
-    monkeypatch.setattr(q8_0, "SPAN_BLOCKS", 97)
-    g = torch.Generator().manual_seed(threads)
+@pytest.mark.parametrize("span", [1, 97, 1000, 16384])
+def test_random_rows_equal_gguf_for_any_span(dtype, span):
+    """2503 blocks (5006 as rows of 32): a multiple of none of the spans."""
+    g = torch.Generator().manual_seed(span)
     x = torch.randn(2503, 64, generator=g) * torch.logspace(-6, 4, 2503).unsqueeze(1)
-    same(x.reshape(2503 * 2, 32).to(dtype), threads=threads)
-    same(x.to(dtype).reshape(-1), threads=threads)  # flat rows are blocks too
-    same(x.to(dtype)[:, :32].t().contiguous().t(), threads=threads)  # a non-contiguous source
+    same(x.reshape(2503 * 2, 32).to(dtype), span=span)
+    same(x.to(dtype).reshape(-1), span=span)  # flat rows are blocks too
+    same(x.to(dtype)[:, :32].t().contiguous().t(), span=span)  # a non-contiguous source
 
 
-def test_default_spans_and_threads_on_a_large_block():
-    x = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+@pytest.mark.parametrize("cores", [1, 2, 16])
+def test_the_spans_each_core_count_chooses_on_a_large_block(cores, monkeypatch):
+    """Up to two cores: small spans, several to a chunk; more: wide ones, which torch spreads over its threads."""
+    monkeypatch.setattr(q8_0, "workers", lambda: cores)
+    assert q8_0.spans() == ((q8_0.SPAN_BLOCKS, q8_0.CHUNK_SPANS) if cores <= 2 else (q8_0.WIDE_SPAN_BLOCKS, 1))
+    x = torch.randn(4096, 16384, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)  # 2 wide spans
     same(x)
 
 
-def test_adversarial_blocks_equal_gguf(monkeypatch):
+def test_adversarial_blocks_equal_gguf():
     k = np.arange(-127, 127, dtype=F32)
     rows = [
         [],  # all zeros
@@ -80,9 +83,8 @@ def test_adversarial_blocks_equal_gguf(monkeypatch):
     ]
     same(blocks(*rows))
     shuffled = blocks(*rows)[np.random.default_rng(0).permutation(len(rows))]
-    same(shuffled, threads=2)
-    monkeypatch.setattr(q8_0, "SPAN_BLOCKS", 2)  # chunks of 8 blocks: the special ones in later chunks too
-    same(shuffled, threads=3)
+    same(shuffled, span=3)
+    same(shuffled, span=2)  # chunks of 8 blocks: the special ones in later chunks too
 
 
 def test_rounding_of_every_float_near_each_integer_and_half_and_in_the_quarter_to_one():
@@ -121,7 +123,7 @@ def test_inf_and_nan_are_refused_naming_the_tensor():
         x[17, 5] = bad
         x[30, 40] = bad
         with pytest.raises(ConvertError) as e:
-            q8_0.quantize(x.to(torch.bfloat16), "model.pth: tensor 'layers.0.attention.wq.weight'", threads=2)
+            q8_0.quantize(x.to(torch.bfloat16), "model.pth: tensor 'layers.0.attention.wq.weight'", span=7)
         msg = str(e.value)
         assert "\n" not in msg and "'layers.0.attention.wq.weight'" in msg, msg
         assert "inf or NaN" in msg and "--dtype bfloat16" in msg, msg
