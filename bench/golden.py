@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
-from mixtral_convert.synth import tiny_config, write_torrent  # noqa: E402
+from mixtral_convert.synth import tiny_config, train_tokenizer, write_torrent  # noqa: E402
 
 WIDE = dict(dim=64, n_heads=8, n_kv_heads=8, head_dim=8, hidden_dim=96, num_experts=8, vocab_size=128, n_layers=2)
 
@@ -41,6 +41,9 @@ def main() -> None:
     src, src32 = root / "src", root / "src32"
     write_torrent(src, tiny_config(**WIDE))
     write_torrent(src32, tiny_config(**WIDE), dtype=torch.float32)
+    src384 = root / "src384"  # a vocabulary that holds the byte pieces llama.cpp's GGUF needs
+    write_torrent(src384, tiny_config(**dict(WIDE, vocab_size=384)), tokenizer=False)
+    (src384 / "tokenizer.model").write_bytes(train_tokenizer(384, llama=True))
     steps = [
         ("split", src, "-n", 4, "-o", root / "base4"),
         ("split-sparse", src, "-n", 2, "-o", root / "sparse2"),
@@ -54,6 +57,11 @@ def main() -> None:
         ("split-sparse", root / "hf", "-n", 4, "-o", root / "hf-sparse4"),
         ("split", root / "sparse2", "-n", 8, "-o", root / "sparse2-base8"),
         ("merge", root / "base2st", "--dtype", "float16", "-o", root / "base2st-f16"),
+        ("merge", src384, "--to", "gguf", "--dtype", "bfloat16", "--max-position-embeddings", 4096,
+         "-o", root / "gguf" / "bf16.gguf"),
+        ("split-sparse", src384, "-n", 2, "-o", root / "sparse2-384"),
+        ("merge", root / "sparse2-384", "--to", "gguf", "--dtype", "q8_0", "--max-position-embeddings", 4096,
+         "-o", root / "gguf" / "q8_0.gguf"),
     ]
     for step in steps:
         run(*step)
