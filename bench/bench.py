@@ -128,7 +128,9 @@ def _status(pid: int) -> dict[str, int]:
 
 def measure(cmd: list[str]) -> dict:
     """Run cmd: wall time, CPU time (user + sys of it and every descendant it waited for, from wait4),
-    peak anonymous RSS and max RSS of its process tree (sampled every 10 ms)."""
+    peak anonymous RSS and max RSS of its process tree (sampled every 10 ms). Anonymous memory counts
+    RssShmem too: the tool's block pool (io/buffers.py) maps shared anonymous memory, which the kernel
+    reports there and not under RssAnon (before 2026-12-03 it was missed, so the peaks were low)."""
     peak = {"anon": 0, "rss": 0, "hwm": 0}
     done = threading.Event()
 
@@ -137,7 +139,7 @@ def measure(cmd: list[str]) -> dict:
             anon = rss = 0
             for p in _tree(pid):
                 s = _status(p)
-                anon += s.get("RssAnon", 0)
+                anon += s.get("RssAnon", 0) + s.get("RssShmem", 0)
                 rss += s.get("VmRSS", 0)
                 peak["hwm"] = max(peak["hwm"], s.get("VmHWM", 0))
             peak["anon"], peak["rss"] = max(peak["anon"], anon), max(peak["rss"], rss)

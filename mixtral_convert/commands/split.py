@@ -25,7 +25,9 @@ from ..errors import ConvertError
 from ..formats.accessory import LLAMA_TYPE, shard_file_name, shard_size, shard_writer, side_contents, side_files
 from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.gguf import dequant as gguf_dequant
+from ..io import bandshare
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, check_space
+from ..io.bandshare import BandShare
 from ..io.direct import STAGE_BYTES
 from ..io.lazy import BLOCK_BYTES, Assembled, Cast, OnDisk, TensorSpec
 from ..io.prefetch import file_producer, release_freed_blocks
@@ -52,11 +54,11 @@ def ranks_from_env(N: int) -> Optional[list[int]]:
 
 
 def _write_rank(plan: Plan, r: int, ck: Checkpoint, path: Path, prog: Progress, fmt: str, gate=None,
-                block_bytes: int = BLOCK_BYTES) -> dict:
+                block_bytes: int = BLOCK_BYTES, share=None) -> dict:
     specs = [TensorSpec(k, st.shape, st.dtype) for k, st in plan.ranks[r].items()]
     h = hashlib.sha256()
     with file_producer(specs, lambda s: plan.shard_tensor(r, s.name, ck.canonical), prog, gate,
-                       block_bytes) as produce:
+                       block_bytes, share) as produce:
         size = shard_writer(fmt)(path, specs, produce, hasher=h, stage_bytes=min(STAGE_BYTES, block_bytes))
     return {"size": size, "sha256": h.hexdigest(), "rank": r}
 
@@ -65,11 +67,22 @@ WRITE_RANKS = ("auto", "together", "in-turn")
 
 
 def _together(mode: str, plan: Plan, ck: Checkpoint) -> bool:
-    """Whether to write the ranks' files together: asked for, or (auto) when what the ranks read
-    through the page cache would not stay there while they are written one after another."""
+    """Whether to write the ranks' files together: asked for, or (auto) when the ranks can share
+    reads of full source rows (a sparse w2: `io.bandshare`, measured faster than in turn, and than
+    together without the share, docs/performance.md), or when what the ranks read through the page
+    cache would not stay there while they are written one after another."""
     if plan.N == 1 or len({len(shard) for shard in plan.ranks}) != 1 or mode == "in-turn":
         return False
-    return mode == "together" or cached_bytes(plan, ck) > _available_memory() // 2
+    if mode == "together":
+        return True
+    shared = _share_bands() and any(getattr(plan.shard_tensor(0, name, ck.canonical), "band_keys", list)()
+                                    for name in plan.ranks[0])
+    return shared or cached_bytes(plan, ck) > _available_memory() // 2
+
+
+def _share_bands() -> bool:
+    """MIXTRAL_CONVERT_SHARE_BANDS=0 turns the shared band reads off (to measure them)."""
+    return os.environ.get("MIXTRAL_CONVERT_SHARE_BANDS", "1") != "0"
 
 
 def cached_bytes(plan: Plan, ck: Checkpoint) -> int:
@@ -116,6 +129,8 @@ def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress,
     (docs/performance.md). Smaller blocks keep the memory of N writers within the bound of one."""
     N = plan.N
     stop, barrier, results, errors = threading.Event(), threading.Barrier(N), {}, []
+    share = None if not _share_bands() else BandShare.count(
+        (plan.shard_tensor(r, name, ck.canonical) for r in range(N) for name in plan.ranks[r]), stop)
 
     def gate(i: int) -> None:
         if stop.is_set():
@@ -129,8 +144,8 @@ def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress,
     def job(r: int) -> None:
         try:
             results[r] = _write_rank(plan, r, ck, tmp / shard_file_name(r, N, fmt), prog, fmt, gate,
-                                     max(1 << 20, BLOCK_BYTES // N))
-        except _Stopped:
+                                     max(1 << 20, BLOCK_BYTES // N), share)
+        except (_Stopped, bandshare.Stopped):
             pass
         except BaseException as e:  # re-raised by the caller's thread
             errors.append(e)

@@ -136,24 +136,27 @@ def stream(lazy: Lazy, progress: Progress):
 
 
 def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy],
-                 gate: Optional[Callable[[int], None]], block_bytes: int):
+                 gate: Optional[Callable[[int], None]], block_bytes: int, share=None):
     lazies = [lazy_of(s) for s in specs]
     for i, s in enumerate(specs):
         if gate is not None:
             gate(i)  # e.g. wait until the other files' producers reach their tensor i too
         for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
-            warm(ahead)  # the disk reads the next tensor's source while this one is written
-        for block in lazies[i].blocks(block_bytes):
+            if share is None or not any(share.serves(k) for k in getattr(ahead, "band_keys", list)()):
+                warm(ahead)  # the disk reads the next tensor's source while this one is written
+        for block in lazies[i].blocks(block_bytes, share):
             yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread
 
 
 @contextmanager
 def file_producer(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], Lazy], progress: Progress,
-                  gate: Optional[Callable[[int], None]] = None, block_bytes: int = BLOCK_BYTES):
+                  gate: Optional[Callable[[int], None]] = None, block_bytes: int = BLOCK_BYTES, share=None):
     """`produce(spec)` for a writer that asks for `specs` in order: every tensor's blocks, computed
     ahead on one worker thread for the whole file (not one per tensor: see docs/performance.md),
-    which is joined on any exit. `gate(i)`, when given, runs on that thread before tensor i."""
-    with closing(prefetched(_file_blocks(specs, lazy_of, gate, block_bytes))) as blocks:  # joined on any exit
+    which is joined on any exit. `gate(i)`, when given, runs on that thread before tensor i; `share`
+    (an `io.bandshare.BandShare`) serves the transposed bands the ranks written together read (a
+    tensor read through it is not warmed: its chunks are read past the page cache)."""
+    with closing(prefetched(_file_blocks(specs, lazy_of, gate, block_bytes, share))) as blocks:  # joined on any exit
         def produce(spec: TensorSpec):
             left = spec.nbytes
             while left > 0:
