@@ -2,7 +2,7 @@
 """How fast a rank's w2 band is transposed for the sparse layout, by tile height.
 
 The band: columns r*Hs:(r+1)*Hs of a 4096 x 14336 bf16 expert w2 (Mixtral-8x7B, N=8), copied
-transposed into a contiguous [Hs, 4096] block, as `io.lazy._transpose_into` does it (a few
+transposed into a contiguous [Hs, 4096] block, as `io.lazy.transpose_into` does it (a few
 source rows at a time). One thread; the tile heights are interleaved over 15 repetitions and
 the median throughput is printed (GB/s of output).
 

@@ -75,7 +75,7 @@ def _together(mode: str, plan: Plan, ck: Checkpoint) -> bool:
         return False
     if mode == "together":
         return True
-    shared = _share_bands() and any(getattr(plan.shard_tensor(0, name, ck.canonical), "band_keys", list)()
+    shared = _share_bands() and any(bandshare.band_keys(plan.shard_tensor(0, name, ck.canonical))
                                     for name in plan.ranks[0])
     return shared or cached_bytes(plan, ck) > _available_memory() // 2
 

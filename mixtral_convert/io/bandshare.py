@@ -9,7 +9,7 @@ the file allows it) and hands each chunk to every rank; a rank transposes its ow
 (`io.lazy.Assembled`), and the chunk is dropped when the last of its consumers is done with it.
 
 The consumers of each source region are counted before any thread starts (`count`), from the same
-test the readers apply (`Assembled.band_keys`), so a chunk is freed exactly when every rank that
+test the readers apply (`band_keys`), so a chunk is freed exactly when every rank that
 will read it has. At most `window` chunks are alive at once: a rank that runs ahead waits for the
 slowest to finish the oldest one. The slowest never waits (its next chunk exists or may be made),
 so the wait ends unless a rank has stopped, which `stop` (set by the writers on any error) ends too.
@@ -22,8 +22,30 @@ from typing import Callable, Hashable, Iterable, Iterator, Optional
 
 import torch
 
+from . import buffers, reads
+from .lazy import Assembled, Lazy, OnDisk, Placement, transpose_into
+
 CHUNK_BYTES = 8 << 20  # full source rows per chunk: about this many bytes
 WINDOW = 2  # chunks alive at once
+
+
+def _shareable(src: Lazy) -> bool:
+    """A source whose full rows are one contiguous range each (a row-major 2-D tensor on disk)."""
+    return isinstance(src, OnDisk) and len(src.shape) == 2 and src.strides == reads.contiguous_strides(src.shape)
+
+
+def _key(p: Placement) -> tuple:
+    """What identifies the source rows a transposed placement reads, across the ranks' placements."""
+    s = p.src
+    return (id(s.file), s.offset, s.shape, s.dtype, p.src_region[0], p.src_region[1])
+
+
+def band_keys(lz) -> list:
+    """The source regions `Assembled.blocks` reads through a share when given one: each transposed
+    placement of whole rows whose source is a row-major tensor on disk (a sparse rank's w2 band)."""
+    if not isinstance(lz, Assembled) or len(lz.shape) != 2 or not lz.full_rows():
+        return []
+    return [_key(p) for p in lz.placements if p.transpose and _shareable(p.src)]
 
 
 class Stopped(Exception):
@@ -54,12 +76,30 @@ class BandShare:
         """A share for the band keys of these lazy tensors (every rank's), or None when none has any."""
         consumers: dict[Hashable, int] = {}
         for lz in lazies:
-            for key in getattr(lz, "band_keys", lambda: [])():
+            for key in band_keys(lz):
                 consumers[key] = consumers.get(key, 0) + 1
         return cls(consumers, stop, **kw) if consumers else None
 
-    def serves(self, key: Hashable) -> bool:
-        return key in self.consumers
+    def serves(self, lz) -> bool:
+        """Whether any placement of this lazy tensor is read through the share."""
+        return any(k in self.consumers for k in band_keys(lz))
+
+    def serves_placement(self, p: Placement) -> bool:
+        return _shareable(p.src) and _key(p) in self.consumers
+
+    def transposed_blocks(self, lz: Assembled, p: Placement, step: int):
+        """A transposed placement of `lz` from the shared chunks of full source rows: this rank's columns
+        of each chunk transposed into its band (cache-sized tiles), then the band handed out in blocks of
+        `step` rows (views: no further copy)."""
+        dr0, dr1, _, _ = p.dst
+        sr0, _, sc0, _ = p.src_region
+        width, src = lz.shape[1], p.src
+        band = buffers.empty((dr1 - dr0, width), lz.dtype)
+        row_bytes = src.shape[1] * src.dtype.itemsize
+        for a, rows in self.rows(_key(p), sr0, sr0 + width, row_bytes, src.read):
+            transpose_into(band[:, a - sr0:a - sr0 + rows.shape[0]], rows[:, sc0:sc0 + dr1 - dr0])
+        for a in range(0, dr1 - dr0, step):
+            yield band[a:a + step]
 
     def rows(self, key: Hashable, r0: int, r1: int, row_bytes: int,
              read: Callable[[int, int], torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:

@@ -31,7 +31,6 @@ from . import buffers, reads, tiles
 
 BLOCK_BYTES = 16 << 20  # bytes per block handed to the writer or the comparer
 GROUP_BLOCKS = 2  # blocks of an all-transposed tensor assembled at once (Assembled._grouped_blocks)
-KEEP_BANDS = True
 BAND_BLOCKS = 4  # blocks of a transposed placement read in one band (Assembled._transposed_blocks)
 
 
@@ -178,7 +177,7 @@ class Stored(Lazy):
         return block if c0 is None else block[:, c0:c1]
 
 
-def _transpose_into(dst: torch.Tensor, src: torch.Tensor, tile: int = 16) -> None:
+def transpose_into(dst: torch.Tensor, src: torch.Tensor, tile: int = 16) -> None:
     """dst[:] = src.t(), a few source rows at a time: each step reads a few contiguous runs of
     the source and writes narrow columns of dst, which stays in cache; several times faster
     than one strided copy of a large matrix, and needs no staging buffer."""
@@ -230,7 +229,7 @@ class Assembled(Lazy):
                 out = buffers.empty((r1 - r0, c1 - c0) if two_d else (r1 - r0,), self.dtype)
             if p.transpose:  # dst rows are src columns
                 src = p.src.read(sr0 + c - dc0, sr0 + d - dc0, sc0 + a - dr0, sc0 + b - dr0)
-                _transpose_into(out[a - r0:b - r0, c - c0:d - c0], src)
+                transpose_into(out[a - r0:b - r0, c - c0:d - c0], src)
                 continue
             if two_d:
                 data = p.src.read(sr0 + a - dr0, sr0 + b - dr0, sc0 + c - dc0, sc0 + d - dc0)
@@ -246,18 +245,10 @@ class Assembled(Lazy):
             raise AssertionError(f"{self.name}: rows {r0}:{r1} are covered by no placement")
         return out
 
-    def _full_rows(self) -> bool:
+    def full_rows(self) -> bool:
         """Whether every placement spans whole rows (whole tensors, row chunks, expert slices, a
         sparse rank's transposed w2 band)."""
         return len(self.shape) != 2 or all((p.dst[2], p.dst[3]) == (0, self.shape[1]) for p in self.placements)
-
-    def band_keys(self) -> list:
-        """The source regions `blocks` reads through a `BandShare` when given one: each transposed
-        placement of whole rows whose source is a row-major tensor on disk (a sparse rank's w2
-        band); what `BandShare.count` counts, so that every consumer it counts reads."""
-        if len(self.shape) != 2 or not self._full_rows():
-            return []
-        return [_band_key(p) for p in self.placements if p.transpose and _shareable(p.src)]
 
     def blocks(self, block_bytes: int = BLOCK_BYTES, share=None) -> Iterator[torch.Tensor]:
         """Rows in order. Where placements span whole rows (whole tensors, row chunks, expert
@@ -266,7 +257,7 @@ class Assembled(Lazy):
         placement that `share` serves is transposed out of full source rows read once for every
         rank (`io.bandshare`)."""
         two_d = len(self.shape) == 2
-        if not self._full_rows():
+        if not self.full_rows():
             if two_d and all(p.transpose for p in self.placements):
                 yield from self._grouped_blocks(block_bytes)  # merge of a sparse w2: column bands of the ranks
             else:
@@ -275,27 +266,13 @@ class Assembled(Lazy):
         row_bytes = max(1, self.nbytes // max(self.shape[0], 1))
         step = max(1, block_bytes // row_bytes)
         for p in sorted(self.placements, key=lambda p: p.dst[0]):
-            if p.transpose and share is not None and _shareable(p.src) and share.serves(_band_key(p)):
-                yield from self._shared_transposed_blocks(p, step, share)
+            if p.transpose and share is not None and share.serves_placement(p):
+                yield from share.transposed_blocks(self, p, step)
             elif p.transpose:
                 yield from self._transposed_blocks(p, step, row_bytes, block_bytes)
             else:
                 for a in range(p.dst[0], p.dst[1], step):
                     yield self.read(a, min(a + step, p.dst[1]))
-
-    def _shared_transposed_blocks(self, p: Placement, step: int, share):
-        """A transposed placement from chunks of full source rows that `share` reads once for all the
-        ranks: this rank's columns of each chunk transposed into its band (cache-sized tiles), then the
-        band handed out in blocks of `step` rows (views: no further copy)."""
-        dr0, dr1, _, _ = p.dst
-        sr0, _, sc0, _ = p.src_region
-        width, src = self.shape[1], p.src
-        band = buffers.empty((dr1 - dr0, width), self.dtype, keep=KEEP_BANDS)
-        row_bytes = src.shape[1] * src.dtype.itemsize
-        for a, rows in share.rows(_band_key(p), sr0, sr0 + width, row_bytes, src.read):
-            _transpose_into(band[:, a - sr0:a - sr0 + rows.shape[0]], rows[:, sc0:sc0 + dr1 - dr0])
-        for a in range(0, dr1 - dr0, step):
-            yield band[a:a + step]
 
     def _grouped_blocks(self, block_bytes: int):
         """The usual blocks of rows, assembled GROUP_BLOCKS at a time and handed out as views: a
@@ -324,20 +301,9 @@ class Assembled(Lazy):
             for a in range(g, ge, step):
                 b = min(a + step, ge)
                 out = buffers.empty((b - a, width), self.dtype)
-                _transpose_into(out, band[:, a - g:b - g])
+                transpose_into(out, band[:, a - g:b - g])
                 yield out
             del band
-
-
-def _shareable(src: Lazy) -> bool:
-    """A source whose full rows are one contiguous range each (a row-major 2-D tensor on disk)."""
-    return isinstance(src, OnDisk) and len(src.shape) == 2 and src.strides == reads.contiguous_strides(src.shape)
-
-
-def _band_key(p: Placement) -> tuple:
-    """What identifies the source rows a transposed placement reads, across the ranks' placements."""
-    s = p.src
-    return (id(s.file), s.offset, s.shape, s.dtype, p.src_region[0], p.src_region[1])
 
 
 def files_of(tensors) -> tuple["reads.SourceFile", ...]:

@@ -142,7 +142,7 @@ def _file_blocks(specs: Sequence[TensorSpec], lazy_of: Callable[[TensorSpec], La
         if gate is not None:
             gate(i)  # e.g. wait until the other files' producers reach their tensor i too
         for ahead in lazies[i:i + 2] if i == 0 else lazies[i + 1:i + 2]:
-            if share is None or not any(share.serves(k) for k in getattr(ahead, "band_keys", list)()):
+            if share is None or not share.serves(ahead):
                 warm(ahead)  # the disk reads the next tensor's source while this one is written
         for block in lazies[i].blocks(block_bytes, share):
             yield s.name, tensor_bytes(block)  # strided blocks are gathered here, off the writer's thread

@@ -343,7 +343,7 @@ def test_streamed_a_block_at_a_time_with_the_same_bytes(src7, ggufs, tmp_path, m
     import mixtral_convert.formats.gguf.write as target
     import mixtral_convert.io.lazy as lazy
     monkeypatch.setattr(target, "QUANT_BLOCK_BYTES", 1024)
-    monkeypatch.setattr(lazy.Lazy.blocks, "__defaults__", (2048,))
+    monkeypatch.setattr(lazy.Lazy.blocks, "__defaults__", (2048, None))
     biggest = {"n": 0}
     real = lazy.OnDisk.read  # every source tensor's bytes come off the disk here
 
