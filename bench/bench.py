@@ -118,7 +118,7 @@ def _status(pid: int) -> dict[str, int]:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("RssAnon:", "VmRSS:", "VmHWM:")):
+                if line.startswith(("RssAnon:", "RssShmem:", "VmRSS:", "VmHWM:")):
                     k, v = line.split(":")
                     vals[k] = int(v.split()[0]) * 1024
     except OSError:
