@@ -13,6 +13,9 @@ test the readers apply (`band_keys`), so a chunk is freed exactly when every ran
 will read it has. At most `window` chunks are alive at once: a rank that runs ahead waits for the
 slowest to finish the oldest one. The slowest never waits (its next chunk exists or may be made),
 so the wait ends unless a rank has stopped, which `stop` (set by the writers on any error) ends too.
+
+The ranks hold their bands of one source region at once (together, the whole region), so a region
+larger than `MAX_SHARED_BYTES` is not shared: each rank reads its band row by row, as before.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from .lazy import Assembled, Lazy, OnDisk, Placement, transpose_into
 
 CHUNK_BYTES = 8 << 20  # full source rows per chunk: about this many bytes
 WINDOW = 2  # chunks alive at once
+MAX_SHARED_BYTES = 128 << 20  # a source region larger than this is not shared: the ranks' bands of it
+# are held at once (one whole w2: 117 MiB for 8x7B; 8x22B's 201 MiB would pass the 512 MiB bound)
 
 
 def _shareable(src: Lazy) -> bool:
@@ -45,7 +50,14 @@ def band_keys(lz) -> list:
     placement of whole rows whose source is a row-major tensor on disk (a sparse rank's w2 band)."""
     if not isinstance(lz, Assembled) or len(lz.shape) != 2 or not lz.full_rows():
         return []
-    return [_key(p) for p in lz.placements if p.transpose and _shareable(p.src)]
+    return [_key(p) for p in lz.placements if p.transpose and _shareable(p.src) and _small(p)]
+
+
+def _small(p: Placement) -> bool:
+    """Whether the source rows a transposed placement reads (all the ranks' bands together) fit
+    MAX_SHARED_BYTES."""
+    r0, r1 = p.src_region[0], p.src_region[1]
+    return (r1 - r0) * p.src.shape[1] * p.src.dtype.itemsize <= MAX_SHARED_BYTES
 
 
 class Stopped(Exception):
@@ -85,7 +97,7 @@ class BandShare:
         return any(k in self.consumers for k in band_keys(lz))
 
     def serves_placement(self, p: Placement) -> bool:
-        return _shareable(p.src) and _key(p) in self.consumers
+        return _shareable(p.src) and _small(p) and _key(p) in self.consumers
 
     def transposed_blocks(self, lz: Assembled, p: Placement, step: int):
         """A transposed placement of `lz` from the shared chunks of full source rows: this rank's columns
