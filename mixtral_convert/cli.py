@@ -195,9 +195,9 @@ _mixed_experts_option = click.option("--convert-mixed-experts", type=click.Choic
 _write_ranks_option = click.option(
     "--write-ranks", type=click.Choice(["auto", "together", "in-turn"]), default="auto", show_default=True,
     help="Write the N files together (a thread each, in step, so that a source region several ranks read is "
-         "read from the disk once) or one after another. auto: together for the sparse layout (the ranks share one "
-         "read of each expert's w2 rows), and for the base layout when the source is larger than half the memory "
-         "available for the page cache. The files are the same either way.")
+         "read from the disk once; sparse ranks share one read of each expert's w2 rows) or one after another. "
+         "auto: together when the source is larger than half the memory available for the page cache. The files "
+         "are the same either way.")
 
 
 def _split(src: Path, layout: str, world_size: int, ranks, write_ranks, fmt, base, adapter, tokenizer, dequantize,

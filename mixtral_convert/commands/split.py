@@ -67,17 +67,14 @@ WRITE_RANKS = ("auto", "together", "in-turn")
 
 
 def _together(mode: str, plan: Plan, ck: Checkpoint) -> bool:
-    """Whether to write the ranks' files together: asked for, or (auto) when the ranks can share
-    reads of full source rows (a sparse w2: `io.bandshare`, measured faster than in turn, and than
-    together without the share, docs/performance.md), or when what the ranks read through the page
-    cache would not stay there while they are written one after another."""
+    """Whether to write the ranks' files together: asked for, or (auto) when what the ranks read
+    through the page cache would not stay there while they are written one after another. (Sparse
+    ranks written together share one read of each w2's full rows, `io.bandshare`; on a source the
+    page cache holds, that measured no faster than the ranks in turn, with more CPU and memory:
+    docs/performance.md, "Shared w2 rows".)"""
     if plan.N == 1 or len({len(shard) for shard in plan.ranks}) != 1 or mode == "in-turn":
         return False
-    if mode == "together":
-        return True
-    shared = _share_bands() and any(bandshare.band_keys(plan.shard_tensor(0, name, ck.canonical))
-                                    for name in plan.ranks[0])
-    return shared or cached_bytes(plan, ck) > _available_memory() // 2
+    return mode == "together" or cached_bytes(plan, ck) > _available_memory() // 2
 
 
 def _share_bands() -> bool:

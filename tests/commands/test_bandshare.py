@@ -56,8 +56,7 @@ def test_without_the_share_the_files_are_the_same(wide_src, tmp_path, capsys, mo
 
 
 def test_a_w2_larger_than_the_share_bound_is_read_by_each_rank(wide_src, tmp_path, capsys, monkeypatch):
-    """Past MAX_SHARED_BYTES nothing is shared (no share is made), auto writes the ranks in turn again
-    (the source is small), and the files are the same."""
+    """Past MAX_SHARED_BYTES nothing is shared (no share is made) and the files are the same."""
     made = []
     real = BandShare.count.__func__
     monkeypatch.setattr(BandShare, "count", classmethod(lambda cls, *a, **k: made.append(real(cls, *a, **k))
@@ -66,9 +65,10 @@ def test_a_w2_larger_than_the_share_bound_is_read_by_each_rank(wide_src, tmp_pat
     for limit in (1 << 30, WIDE["dim"] * WIDE["hidden_dim"] * 2 - 1):  # one w2's bytes, less one
         monkeypatch.setattr(bandshare, "MAX_SHARED_BYTES", limit)
         out = tmp_path / str(limit)
-        assert cli("split-sparse", wide_src, "-n", 4, "-o", out, "-q", capsys=capsys)[0] == 0
+        assert cli("split-sparse", wide_src, "-n", 4, "-o", out, "--write-ranks", "together", "-q",
+                   capsys=capsys)[0] == 0
         want[limit] = digests(out)
-    assert len(made) == 1 and made[0] is not None  # auto: together with the share, then in turn without
+    assert len(made) == 2 and made[0] is not None and made[1] is None
     assert len(set(map(str, want.values()))) == 1
 
 
