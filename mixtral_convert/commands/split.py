@@ -27,7 +27,6 @@ from ..formats.checkpoint import Checkpoint, dtype_name
 from ..formats.gguf import dequant as gguf_dequant
 from ..io import bandshare
 from ..io.atomic import MANIFEST, atomic_file, atomic_output_dir, check_space
-from ..io.bandshare import BandShare
 from ..io.direct import STAGE_BYTES
 from ..io.lazy import BLOCK_BYTES, Assembled, Cast, OnDisk, TensorSpec
 from ..io.prefetch import file_producer, release_freed_blocks
@@ -126,7 +125,7 @@ def _write_ranks_together(plan: Plan, ck: Checkpoint, tmp: Path, prog: Progress,
     (docs/performance.md). Smaller blocks keep the memory of N writers within the bound of one."""
     N = plan.N
     stop, barrier, results, errors = threading.Event(), threading.Barrier(N), {}, []
-    share = None if not _share_bands() else BandShare.count(
+    share = None if not _share_bands() else bandshare.BandShare.count(
         (plan.shard_tensor(r, name, ck.canonical) for r in range(N) for name in plan.ranks[r]), stop)
 
     def gate(i: int) -> None:

@@ -97,7 +97,7 @@ class BandShare:
         return any(k in self.consumers for k in band_keys(lz))
 
     def serves_placement(self, p: Placement) -> bool:
-        return _shareable(p.src) and _small(p) and _key(p) in self.consumers
+        return _shareable(p.src) and _key(p) in self.consumers  # counted keys are of small regions only
 
     def transposed_blocks(self, lz: Assembled, p: Placement, step: int):
         """A transposed placement of `lz` from the shared chunks of full source rows: this rank's columns

@@ -18,27 +18,25 @@ _pool: list[tuple[int, mmap.mmap]] = []  # free buffers, oldest first
 _kept = 0
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype, keep: bool = True) -> torch.Tensor:
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous tensor, as torch.empty; one of a megabyte or more lies in a
-    reused page-aligned buffer, which goes back to the pool when the last view of it is gone
-    (unless not `keep`: then it is unmapped then, for a large buffer the pool should not hold)."""
+    reused page-aligned buffer, which goes back to the pool when the last view of it is gone."""
     count = 1
     for n in shape:
         count *= n
     nbytes = count * dtype.itemsize
     if nbytes < POOLED:
         return torch.empty(shape, dtype=dtype)
-    return from_pool(nbytes, keep).view(dtype).view(shape)
+    return from_pool(nbytes).view(dtype).view(shape)
 
 
-def from_pool(nbytes: int, keep: bool = True) -> torch.Tensor:
-    """`nbytes` (a uint8 tensor) at the start of a page-aligned reused buffer (one of the pool's, and
-    given back to it, when `keep`)."""
+def from_pool(nbytes: int) -> torch.Tensor:
+    """`nbytes` (a uint8 tensor) at the start of a page-aligned reused buffer."""
     size = -(-nbytes // POOLED) * POOLED
     global _kept
     buf = None
     with _pool_lock:
-        for i, (n, b) in enumerate(_pool if keep else ()):
+        for i, (n, b) in enumerate(_pool):
             if n == size:
                 buf = b
                 del _pool[i]
@@ -48,8 +46,7 @@ def from_pool(nbytes: int, keep: bool = True) -> torch.Tensor:
         buf = mmap.mmap(-1, size)
     view = memoryview(buf)
     t = torch.frombuffer(view, dtype=torch.uint8, count=nbytes)  # keeps `view` alive as long as it lives
-    if keep:
-        weakref.finalize(view, _give_back, buf, size)
+    weakref.finalize(view, _give_back, buf, size)
     del view
     return t
 
